@@ -1,0 +1,42 @@
+# Every target sets itself up: it creates or reuses .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
+export RAY_USAGE_STATS_ENABLED = 0
+export RAY_AUTH_MODE = disabled
+export MLFLOW_DISABLE_TELEMETRY = true
+export AWS_EC2_METADATA_DISABLED = true
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m medisee.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check platform jobs serve tests benchmarks
+	$(BIN)/ruff format --check platform jobs serve tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) .medisee build *.egg-info
