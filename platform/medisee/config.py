@@ -1,0 +1,186 @@
+"""Typed configuration: YAML presets plus dotted command-line overrides.
+
+    cfg = load_config("tiny", ["trainer.num_workers=4", "data.batch_size=8"])
+
+Unknown keys and wrong types raise ConfigError naming the dotted key.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class StorageConfig(Section):
+    """Where object storage lives. Credentials come from the environment only."""
+
+    endpoint: str | None = None
+    region: str = "us-east-1"
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///.medisee/mlflow.db"
+    artifact_location: str | None = None
+    experiment: str = "medisee"
+    registered_model: str = "medisee"
+
+
+class PrepareConfig(Section):
+    shard_max_bytes: int = Field(128 * 1024 * 1024, gt=0)
+    false_queries_per_image: int = Field(1, ge=0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+    num_cpus_per_task: float = Field(0.5, gt=0)
+    # NIfTI / DICOM intensity window (CT Hounsfield units) used when the file carries none.
+    ct_window: tuple[float, float] = (-160.0, 240.0)
+    slice_axis: int = Field(2, ge=0, le=2)
+    # phantom generator
+    phantom_images: int = Field(200, ge=1)
+    phantom_size: int = Field(128, ge=32)
+
+
+class DataConfig(Section):
+    """What the training/scoring readers stream and how they preprocess it."""
+
+    sources: dict[str, str] = Field(default_factory=dict)  # source name -> shard URI
+    mix: dict[str, float] = Field(default_factory=lambda: {"sa-med2d": 7.0, "mlmr-sd": 3.0})
+    val_uri: str | None = None
+    batch_size: int = Field(2, ge=1)
+    sam_image_size: int = Field(1024, ge=16)
+    clip_image_size: int = Field(336, ge=16)
+    preprocess_concurrency: int = Field(2, ge=1)
+    preprocess_num_cpus: float = Field(0.5, gt=0)
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    preset: Literal["tiny", "medisee-7b"] = "tiny"
+    llava_path: str | None = None
+    sam_checkpoint: str | None = None
+    medisee_checkpoint: str | None = None
+    num_candidate_tokens: int = Field(2, ge=1)
+    box_loss_weight: float = 2.0
+    similarity_loss: bool = False
+
+
+class TrainerConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    lr: float = 3e-4
+    warmup_steps: int = Field(100, ge=0)
+    max_steps: int = Field(1000, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: float = 1.0
+    finetune: Literal["lora", "full"] = "lora"
+
+
+class RunConfig(Section):
+    name: str = "medisee-run"
+    storage_uri: str = ".medisee/runs"
+    seed: int = 42
+
+
+class MediSeeConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("medisee.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.exists():
+        if str(source) not in preset_names():
+            raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
+        text = resources.files("medisee.presets").joinpath(f"{source}.yaml").read_text()
+    else:
+        text = path.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source}: top level must be a mapping")
+    return data
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    model: type[BaseModel] | None = MediSeeConfig
+    node = tree
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        if model is not None:
+            if part not in model.model_fields:
+                raise ConfigError(f"unknown config key {here!r}")
+            annotation = model.model_fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key {here!r} is not a section")
+            node = child
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def build_config(data: dict[str, Any]) -> MediSeeConfig:
+    try:
+        return MediSeeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            msg = "unknown config key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{key}: {msg}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> MediSeeConfig:
+    """Load a preset name or YAML file, then apply `a.b=c` overrides in order."""
+    data = _read_yaml(source) if source is not None else {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value)
+    return build_config(data)
+
+
+def config_to_yaml(cfg: MediSeeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: MediSeeConfig | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten to dotted keys (for MLflow params)."""
+    tree = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out

@@ -1,0 +1,1 @@
+"""Shards, converters and Ray Data readers."""

@@ -1,0 +1,42 @@
+"""Starting or joining Ray with the settings this platform needs."""
+
+from __future__ import annotations
+
+import os
+
+RAY_ENV_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # binds 127.0.0.1 for a local cluster
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_env_defaults() -> None:
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS if set (a cluster, `ray job submit`), else start a local Ray."""
+    apply_env_defaults()
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in RAY_ENV_DEFAULTS if k in os.environ}
+    for key in ("MEDISEE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        if os.environ.get(key):
+            env_vars[key] = os.environ[key]
+    ray.init(
+        address=address or None,
+        num_cpus=None if address else num_cpus,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        logging_level="WARNING",
+        runtime_env={"env_vars": env_vars},
+    )

@@ -1,0 +1,152 @@
+"""MLflow helpers: one run per run name, flattened params, metrics, artifacts, registry aliases.
+
+Only rank 0 of a distributed job calls these. Telemetry is always off.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medisee.storage import StorageSettings
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+MAX_PARAM_CHARS = 500
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make the default local SQLite store work from any working directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :]).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def configure(tracking_cfg, settings: StorageSettings | None = None):
+    """Point MLflow at the configured server and object storage; return an MlflowClient."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    if settings and settings.endpoint:
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = settings.endpoint
+    uri = resolve_tracking_uri(tracking_cfg.uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def find_run(client, experiment_id: str, run_name: str):
+    """The newest run with this name, or None (a resumed job continues in it)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def start_or_resume_run(client, tracking_cfg, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """Run id for `run_name`: the existing one if any, otherwise a new run."""
+    exp_id = get_or_create_experiment(client, tracking_cfg.experiment, tracking_cfg.artifact_location)
+    existing = find_run(client, exp_id, run_name)
+    if existing is not None:
+        if existing.info.status != "RUNNING":
+            client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags or {}))
+    return run.info.run_id
+
+
+def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log flattened params; values are stringified and truncated to MLflow's limit.
+
+    Params are immutable in MLflow, so on a resumed run only new keys are logged.
+    """
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    batch = [
+        Param(key, str(value)[:MAX_PARAM_CHARS])
+        for key, value in params.items()
+        if key not in existing
+    ]
+    for i in range(0, len(batch), 100):
+        client.log_batch(run_id, params=batch[i : i + 100])
+
+
+def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def log_text(client, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_artifact_dir(client, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def log_uri(client, run_id: str, key: str, uri: str) -> None:
+    """Record where something lives (a checkpoint on object storage) without copying it."""
+    client.set_tag(run_id, key, uri)
+
+
+def end_run(client, run_id: str, status: str = "FINISHED") -> None:
+    client.set_terminated(run_id, status=status)
+
+
+def register_model(client, run_id: str, artifact_path: str, name: str, alias: str | None = None) -> str:
+    """Register `runs:/<run_id>/<artifact_path>` under `name`; optionally set an alias. Returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def download_model(client, model_uri: str, dst: str | Path | None = None) -> Path:
+    """Download `models:/name@alias`, `models:/name/3` or `runs:/id/path` to a local folder."""
+    import mlflow
+
+    dst = Path(dst or tempfile.mkdtemp(prefix="medisee-model-"))
+    if model_uri.startswith("models:/"):
+        ref = model_uri[len("models:/") :]
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = ref.split("/", 1)
+            version = client.get_model_version(name, number)
+        source = client.get_model_version_download_uri(version.name, version.version)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst))
+    else:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))
+    return Path(local)
