@@ -1,0 +1,135 @@
+"""The `medisee` command."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import typer
+
+from medisee.raylib import apply_env_defaults
+
+apply_env_defaults()
+
+app = typer.Typer(help="MediSee platform: prepare data, train, batch-score and serve on Ray.", no_args_is_help=True)
+
+CONFIG_HELP = "Preset name (tiny, medisee-7b) or YAML file."
+OVERRIDE_HELP = "Dotted overrides, e.g. trainer.num_workers=4."
+
+
+def _config(config: str | None, overrides: list[str] | None):
+    from medisee.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        typer.secho(f"config error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def doctor(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """Print versions, Ray / MLflow / storage settings and what could be reached."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from medisee import storage, tracking
+
+    cfg = _config(config, overrides)
+    report: dict = {"versions": {}, "settings": {}, "reachable": {}}
+    for pkg in ("medisee", "ray", "torch", "torchvision", "transformers", "peft", "segment-anything", "mlflow",
+                "pyarrow", "boto3", "pydicom", "nibabel", "pycocotools"):
+        try:
+            report["versions"][pkg] = version(pkg)
+        except PackageNotFoundError:
+            report["versions"][pkg] = "missing"
+    settings = storage.StorageSettings.from_config(cfg.storage)
+    report["settings"] = {
+        "ray_address": os.environ.get("RAY_ADDRESS", "local (started on demand)"),
+        "mlflow_tracking_uri": tracking.resolve_tracking_uri(cfg.tracking.uri),
+        "storage_endpoint": settings.endpoint or "AWS default / local paths",
+        "storage_region": settings.region,
+        "run_storage": cfg.run.storage_uri,
+        "aws_credentials_in_env": bool(os.environ.get("AWS_ACCESS_KEY_ID")),
+    }
+    try:
+        import torch
+
+        report["settings"]["cuda"] = torch.cuda.is_available()
+    except Exception as exc:  # torch import problems are what doctor is for
+        report["settings"]["cuda"] = f"torch import failed: {exc}"
+    try:
+        fs, path = storage.filesystem(cfg.run.storage_uri, settings)
+        fs.get_file_info(path)
+        report["reachable"]["storage"] = "ok"
+    except Exception as exc:
+        report["reachable"]["storage"] = f"failed: {str(exc)[:200]}"
+    try:
+        client = tracking.configure(cfg.tracking, settings)
+        client.search_experiments(max_results=1)
+        report["reachable"]["mlflow"] = "ok"
+    except Exception as exc:
+        report["reachable"]["mlflow"] = f"failed: {str(exc)[:200]}"
+    if os.environ.get("RAY_ADDRESS"):
+        try:
+            import ray
+
+            ray.init(address=os.environ["RAY_ADDRESS"], include_dashboard=False, logging_level="ERROR")
+            report["reachable"]["ray"] = f"ok ({ray.cluster_resources()})"
+            ray.shutdown()
+        except Exception as exc:
+            report["reachable"]["ray"] = f"failed: {str(exc)[:200]}"
+    else:
+        report["reachable"]["ray"] = "local Ray starts on demand"
+    typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def prepare(
+    fmt: str = typer.Argument(..., metavar="FORMAT",
+                              help="sa-med2d | mlmr-sd | sam-med2d-demo | image-folder | nifti | dicom | phantom"),
+    input_uri: str = typer.Option("-", "--input", "-i", help="Input URI (local path or s3://); ignored by phantom."),
+    output_uri: str = typer.Option(..., "--output", "-o", help="Output URI for shards and manifest."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    modality: str = typer.Option("unknown", help="Modality for layouts that do not carry one."),
+    mask_format: str = typer.Option("png", help="png or rle"),
+    executor: str = typer.Option("ray", help="ray (default) or local (in-process, for debugging)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """Convert a dataset layout into Parquet shards with a manifest and a quarantine table."""
+    from medisee.data.prepare import FORMAT_NAMES
+    from medisee.data.prepare import prepare as run_prepare
+    from medisee.storage import StorageSettings
+
+    if fmt not in FORMAT_NAMES:
+        typer.secho(f"unknown format {fmt!r}; choose one of {', '.join(FORMAT_NAMES)}", fg="red", err=True)
+        raise typer.Exit(2)
+    if fmt != "phantom" and input_uri == "-":
+        typer.secho("--input is required for this format", fg="red", err=True)
+        raise typer.Exit(2)
+    cfg = _config(config, overrides)
+    manifest = run_prepare(
+        fmt, input_uri, output_uri, cfg.prepare, StorageSettings.from_config(cfg.storage),
+        executor=executor, mask_format=mask_format, modality=modality,
+    )
+    summary = {k: v for k, v in manifest.items() if k not in ("shards", "schema", "prepare")}
+    summary["shards"] = len(manifest["shards"])
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("config")
+def show_config(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """Print the resolved configuration as YAML."""
+    from medisee.config import config_to_yaml
+
+    typer.echo(config_to_yaml(_config(config, overrides)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,59 @@
+"""Model-side inputs built from uint8 images; normalisation stays next to the model.
+
+SAM side: resize the longest side to `sam_size`, pad bottom/right to a square.
+CLIP side: resize the shortest side to `clip_size`, centre crop (CLIPImageProcessor's way);
+the crop is recorded so the verifier can map the token grid back onto the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SamFrame:
+    """How an original H×W image sits in the padded square SAM frame."""
+
+    height: int
+    width: int
+    size: int
+
+    @property
+    def scale(self) -> float:
+        return self.size / max(self.height, self.width)
+
+    @property
+    def resized_hw(self) -> tuple[int, int]:
+        return int(self.height * self.scale + 0.5), int(self.width * self.scale + 0.5)
+
+
+def sam_input(image: np.ndarray, size: int) -> tuple[np.ndarray, SamFrame]:
+    frame = SamFrame(image.shape[0], image.shape[1], size)
+    h, w = frame.resized_hw
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    out[:h, :w] = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return out, frame
+
+
+def sam_mask(mask: np.ndarray, frame: SamFrame) -> np.ndarray:
+    h, w = frame.resized_hw
+    out = np.zeros((frame.size, frame.size), dtype=np.uint8)
+    out[:h, :w] = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.NEAREST))
+    return out
+
+
+def clip_crop(height: int, width: int, size: int) -> tuple[float, int, int]:
+    """(scale, top, left) of the shortest-side resize + centre crop."""
+    scale = size / min(height, width)
+    rh, rw = max(size, round(height * scale)), max(size, round(width * scale))
+    return scale, (rh - size) // 2, (rw - size) // 2
+
+
+def clip_input(image: np.ndarray, size: int) -> np.ndarray:
+    scale, top, left = clip_crop(image.shape[0], image.shape[1], size)
+    rh, rw = max(size, round(image.shape[0] * scale)), max(size, round(image.shape[1] * scale))
+    resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BICUBIC))
+    return np.ascontiguousarray(resized[top : top + size, left : left + size])

@@ -1,0 +1,46 @@
+import pytest
+
+from medisee.config import ConfigError, flatten, load_config, preset_names
+
+
+def test_presets_load():
+    assert {"tiny", "medisee-7b"} <= set(preset_names())
+    assert load_config("tiny").model.preset == "tiny"
+    assert load_config("medisee-7b").data.sam_image_size == 1024
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("tiny", ["trainer.num_workers=4", "data.mix={a: 1, b: 2}", "storage.endpoint=http://x:1"])
+    assert cfg.trainer.num_workers == 4
+    assert cfg.data.mix == {"a": 1.0, "b": 2.0}
+    assert cfg.storage.endpoint == "http://x:1"
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigError, match="trainer.num_wrkers"):
+        load_config("tiny", ["trainer.num_wrkers=4"])
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config("tiny", ["bogus.key=1"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"trainer\.num_workers"):
+        load_config("tiny", ["trainer.num_workers=many"])
+
+
+def test_unknown_key_in_yaml_file_names_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  lr: 0.1\n  nope: 3\n")
+    with pytest.raises(ConfigError, match=r"trainer\.nope"):
+        load_config(path)
+
+
+def test_missing_preset_is_a_clear_error():
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config("no-such-preset")
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(load_config("tiny"))
+    assert flat["trainer.num_workers"] == 2
+    assert "data.mix.sa-med2d" in flat

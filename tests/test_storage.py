@@ -1,0 +1,40 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medisee import storage
+
+
+def test_local_round_trip(tmp_path):
+    uri = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(uri, b"hello")
+    assert storage.read_bytes(uri) == b"hello"
+    assert storage.exists(uri)
+    assert storage.list_files(str(tmp_path)) == [uri]
+    assert not list((tmp_path / "a").glob("*.tmp-*"))
+
+
+def test_file_scheme(tmp_path):
+    storage.write_bytes(f"file://{tmp_path}/x.txt", b"1")
+    assert (tmp_path / "x.txt").read_bytes() == b"1"
+
+
+@pytest.mark.integration
+def test_s3_round_trip_through_pyarrow_and_boto3(s3_bucket):
+    settings, root = s3_bucket
+    uri = storage.join(root, "dir", "t.parquet")
+    table = pa.table({"x": [1, 2, 3]})
+    fs, path = storage.filesystem(uri, settings)
+    assert isinstance(fs, pa.fs.S3FileSystem)
+    pq.write_table(table, path, filesystem=fs)
+    assert storage.exists(uri, settings)
+    assert storage.list_files(root, (".parquet",), settings) == [uri]
+    body = storage.boto3_client(settings).get_object(Bucket=root[5:], Key="dir/t.parquet")["Body"].read()
+    assert body == storage.read_bytes(uri, settings)
+    assert pq.read_table(path, filesystem=fs).equals(table)
+
+
+def test_endpoint_from_environment(monkeypatch):
+    monkeypatch.setenv("MEDISEE_S3_ENDPOINT", "http://127.0.0.1:9")
+    assert storage.StorageSettings.resolve().endpoint == "http://127.0.0.1:9"
+    assert storage.StorageSettings.resolve("http://other:1").endpoint == "http://other:1"
