@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -27,6 +28,8 @@ os.environ.update(
 )
 for var in ("MEDISEE_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "RAY_ADDRESS"):
     os.environ.pop(var, None)
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
