@@ -8,7 +8,7 @@ import pytest
 from medisee import storage
 from medisee.config import DataConfig, PrepareConfig
 from medisee.data.prepare import prepare
-from medisee.data.reader import mix_fractions, shard_dataset, shard_files
+from medisee.data.reader import mix_fractions, shard_dataset, shard_files, unpack_masks
 from tests.data.layouts import sa_med2d_layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -47,7 +47,7 @@ def test_prepare_on_ray_to_s3_and_stream_back(ray_local, s3_bucket, tmp_path):
     for i in range(len(batch["record_id"])):
         if batch["has_target"][i]:
             x1, y1, x2, y2 = batch["box_sam"][i]
-            m = batch["mask"][i]
+            m = unpack_masks(batch["mask_bits"][i : i + 1], 64)[0]
             ys, xs = np.nonzero(m)
             assert abs(xs.min() - x1) <= 2 and abs(ys.max() + 1 - y2) <= 2
 

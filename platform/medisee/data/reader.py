@@ -40,7 +40,10 @@ def read_shards(uris: list[str], settings: StorageSettings, columns=PREPROCESS_C
 
     fs, _ = storage.filesystem(uris[0], settings)
     paths = [storage.filesystem(u, settings)[1] for u in uris]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=list(columns) if columns else None)
+    # one block per shard at least, so that every preprocessing actor gets work
+    return ray.data.read_parquet(
+        paths, filesystem=fs, columns=list(columns) if columns else None, override_num_blocks=max(len(paths), 2)
+    )
 
 
 def mix_fractions(rows: dict[str, int], ratio: dict[str, float]) -> dict[str, float]:
@@ -68,7 +71,11 @@ def _row_count(uris: list[str], settings: StorageSettings) -> int:
 
 
 class Preprocess:
-    """Shard rows -> model inputs (uint8 images, SAM-frame masks and boxes, text)."""
+    """Shard rows -> model inputs (uint8 images, SAM-frame masks and boxes, text).
+
+    Masks travel bit-packed (`mask_bits`, 8x smaller than uint8); `unpack_masks` restores them
+    next to the model.
+    """
 
     def __init__(self, sam_size: int, clip_size: int, tokenize: Callable | None = None):
         self.sam_size, self.clip_size, self.tokenize = sam_size, clip_size, tokenize
@@ -80,7 +87,7 @@ class Preprocess:
         out = {
             "sam_image": np.zeros((n, s, s, 3), np.uint8),
             "clip_image": np.zeros((n, c, c, 3), np.uint8),
-            "mask": np.zeros((n, s, s), np.uint8),
+            "mask_bits": np.zeros((n, s * s // 8 + (s * s % 8 > 0)), np.uint8),
             "box_sam": np.zeros((n, 4), np.float32),
             "has_target": np.zeros((n,), np.bool_),
             "resized_hw": np.zeros((n, 2), np.int32),
@@ -94,7 +101,7 @@ class Preprocess:
             out["original_hw"][i] = image.shape[:2]
             mask = row_mask(row)
             if mask is not None and row.get("box") is not None:
-                out["mask"][i] = sam_mask(mask, frame)
+                out["mask_bits"][i] = np.packbits(sam_mask(mask, frame))
                 out["box_sam"][i] = np.asarray(row["box"], np.float32) * frame.scale
                 out["has_target"][i] = True
         for key in ("record_id", "image_id", "query", "answer", "query_kind", "class_name", "modality"):
@@ -102,6 +109,46 @@ class Preprocess:
         if self.tokenize is not None:
             out.update(self.tokenize(rows))
         return out
+
+
+class ShardPreprocess:
+    """Reads whole shards (one per input row) and yields preprocessed batches from them.
+
+    Reading inside the preprocessing actor keeps one shard's I/O and decode on one CPU,
+    needs no driver-side file listing, and streams: one batch at a time is held in memory.
+    """
+
+    def __init__(self, settings: StorageSettings, sam_size: int, clip_size: int, batch_size: int,
+                 tokenize: Callable | None = None, seed: int = 0):
+        self.settings, self.batch_size, self.seed = settings, batch_size, seed
+        self.preprocess = Preprocess(sam_size, clip_size, tokenize)
+
+    def __call__(self, batch: dict):
+        import pyarrow.parquet as pq
+
+        for uri, fraction in zip(batch["uri"], batch["fraction"], strict=True):
+            fs, path = storage.filesystem(str(uri), self.settings)
+            with fs.open_input_file(path) as f:
+                for record_batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size, columns=list(PREPROCESS_COLUMNS)):
+                    table = pa.Table.from_batches([record_batch])
+                    if fraction < 1.0:
+                        keep = [keep_row(rid, fraction, self.seed) for rid in table.column("record_id").to_pylist()]
+                        table = table.filter(pa.array(keep))
+                    if table.num_rows:
+                        yield self.preprocess(table)
+
+
+def unpack_masks(mask_bits: np.ndarray, size: int) -> np.ndarray:
+    """(N, ceil(size²/8)) packed bits -> (N, size, size) uint8 {0, 1}."""
+    return np.unpackbits(mask_bits, axis=1, count=size * size).reshape(len(mask_bits), size, size)
+
+
+def keep_row(record_id: str, fraction: float, seed: int) -> bool:
+    """Deterministic per-row sampling: the same rows are kept for the same seed."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}/{record_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
 
 
 def shard_dataset(
@@ -112,7 +159,13 @@ def shard_dataset(
     uris: dict[str, str] | None = None,
     seed: int | None = None,
 ):
-    """A streaming Ray Dataset of preprocessed rows mixing `data_cfg.sources` at `data_cfg.mix`."""
+    """A streaming Ray Dataset of preprocessed rows mixing `data_cfg.sources` at `data_cfg.mix`.
+
+    The training split is mixed by per-source sampling fractions and its shard order is
+    shuffled by `seed`; other splits are read whole, in order.
+    """
+    import random
+
     import ray
 
     from medisee.raylib import ensure_ray
@@ -126,24 +179,19 @@ def shard_dataset(
     if not files:
         raise FileNotFoundError(f"no {split} shards under {sources}")
     seed = data_cfg.seed if seed is None else seed
-    parts = []
     if len(files) > 1 and split == "train":
         fractions = mix_fractions({n: _row_count(f, settings) for n, f in files.items()}, _named_mix(data_cfg.mix, files))
     else:
         fractions = {n: 1.0 for n in files}
-    for name, f in files.items():
-        ds = read_shards(f, settings)
-        if fractions[name] < 1.0:
-            ds = ds.random_sample(fractions[name], seed=seed)
-        parts.append(ds)
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    items = [{"uri": uri, "fraction": fractions[name]} for name, f in files.items() for uri in f if fractions[name] > 0]
     if split == "train":
-        ds = ds.randomize_block_order(seed=seed)
+        random.Random(seed).shuffle(items)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
-        Preprocess,
-        fn_constructor_args=(data_cfg.sam_image_size, data_cfg.clip_image_size, tokenize),
-        batch_size=data_cfg.batch_size,
-        batch_format="pyarrow",
+        ShardPreprocess,
+        fn_constructor_args=(settings, data_cfg.sam_image_size, data_cfg.clip_image_size, data_cfg.batch_size,
+                             tokenize, seed),
+        batch_size=1,
         num_cpus=data_cfg.preprocess_num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.preprocess_concurrency),
     )
