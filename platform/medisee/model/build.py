@@ -1,0 +1,128 @@
+"""Presets and builders.
+
+    build_model("tiny")                                     random init, offline, seconds, CPU
+    build_model("medisee-7b", llava_path=..., sam_checkpoint=...)   user checkpoints, local or s3://
+    build_model("tiny", llava_path=dir, sam_checkpoint=pth)         any preset can load saved weights
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medisee.model import checkpoint as ckpt
+from medisee.model.medisee import LossWeights, MediSee
+from medisee.model.mllm import LLAVA_MED_MISTRAL_7B, MLLM_TINY, MllmConfig, build_llava, num_image_tokens, resize_for_tokenizer
+from medisee.model.sam import SAM_TINY, SAM_VIT_B, SamConfig, build_sam
+from medisee.model.text import IMAGE_TOKEN, TextSpec, add_candidate_tokens, build_tiny_tokenizer
+from medisee.storage import StorageSettings
+
+
+@dataclass(frozen=True)
+class Preset:
+    mllm: MllmConfig
+    sam: SamConfig
+    needs_checkpoints: bool
+
+
+PRESETS = {
+    "tiny": Preset(MLLM_TINY, SAM_TINY, needs_checkpoints=False),
+    "medisee-7b": Preset(LLAVA_MED_MISTRAL_7B, SAM_VIT_B, needs_checkpoints=True),
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def build_model(
+    preset: str = "tiny",
+    *,
+    llava_path: str | None = None,
+    sam_checkpoint: str | None = None,
+    medisee_checkpoint: str | None = None,
+    official_release: str | None = None,
+    num_candidate_tokens: int = 2,
+    loss_weights: LossWeights | None = None,
+    finetune: str | None = None,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    gradient_checkpointing: bool = False,
+    settings: StorageSettings | None = None,
+    seed: int = 0,
+    random_weights: bool = False,
+) -> MediSee:
+    """Build MediSee. `finetune` = "lora" | "full" sets what is trainable (None: everything frozen).
+
+    `random_weights=True` builds a checkpoint-needing preset with random init (benchmarks only).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
+    spec = PRESETS[preset]
+    if spec.needs_checkpoints and not random_weights and not (llava_path and (sam_checkpoint or official_release)):
+        raise ckpt.CheckpointError(preset, detail="this preset needs model.llava_path and model.sam_checkpoint "
+                                                  "(or an official release); nothing is initialised at random")
+    torch.manual_seed(seed)
+    if llava_path:
+        llava, tokenizer = ckpt.load_llava_dir(llava_path, settings)
+    else:
+        if spec.needs_checkpoints:
+            from transformers import AutoTokenizer  # noqa: F401  (a real run brings its own tokenizer)
+        tokenizer = build_tiny_tokenizer()
+        llava = None
+    candidate_ids = add_candidate_tokens(tokenizer, num_candidate_tokens)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if llava is None:
+        vocab = len(tokenizer) if not spec.needs_checkpoints else max(len(tokenizer), 32000)
+        llava = build_llava(spec.mllm, vocab, image_token_id, tokenizer.pad_token_id)
+    resize_for_tokenizer(llava, tokenizer)
+    llava.config.image_token_index = image_token_id
+    if hasattr(llava.config, "image_token_id"):
+        llava.config.image_token_id = image_token_id
+    text = TextSpec(tokenizer, image_token_id, candidate_ids, num_image_tokens(llava))
+
+    sam = build_sam(spec.sam)
+    if sam_checkpoint:
+        ckpt.load_sam_checkpoint(sam, sam_checkpoint, settings)
+    model = MediSee(llava, sam, text, prompt_dim=spec.sam.prompt_dim, loss_weights=loss_weights)
+    model.preset = preset
+    if official_release:
+        ckpt.load_official_release(model, official_release, settings)
+    if finetune:
+        configure_trainable(model, finetune, lora_r, lora_alpha, lora_dropout)
+    else:
+        model.requires_grad_(False)
+    if medisee_checkpoint:
+        ckpt.load_trainable(model, medisee_checkpoint, settings)
+    if gradient_checkpointing:
+        model.llava.gradient_checkpointing_enable()
+    return model
+
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj)$"
+
+
+def configure_trainable(model: MediSee, finetune: str, r: int = 8, alpha: int = 16, dropout: float = 0.05) -> None:
+    """LoRA on the LM's q_proj/v_proj (or the full LM) + embed_tokens, lm_head, mask decoder, heads.
+
+    Frozen: CLIP, projector, SAM image and prompt encoders.
+    """
+    model.requires_grad_(False)
+    if finetune == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
+        inject_adapter_in_model(config, model.llava)
+        for name, param in model.llava.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+    elif finetune == "full":
+        model.llava.model.language_model.requires_grad_(True)
+    else:
+        raise ValueError(f"finetune must be lora or full, not {finetune!r}")
+    model.llava.get_input_embeddings().requires_grad_(True)
+    model.llava.get_output_embeddings().requires_grad_(True)
+    for module in (model.sam.mask_decoder, model.text_projection, model.box_decoder, model.seg_router, model.box_router):
+        module.requires_grad_(True)

@@ -1,0 +1,182 @@
+"""Checkpoint formats that users already have, and our own trainable-only format.
+
+- transformers LLaVA directory (config.json + weights + tokenizer files): `load_llava_dir`
+- SAM / MedSAM `.pth` state dict: `load_sam_checkpoint` (map_location cpu, weights_only)
+- the official MediSee release (original LLaVA-Mistral key names, LoRA merged or `.base_layer`
+  wrapped): `convert_official_state_dict` (also `medisee convert-checkpoint`)
+- ours: `{"format": "medisee-trainable/1", "preset", "state_dict"}` with only what is trained
+
+Paths may be local or s3:// (through medisee.storage). A missing or mismatched checkpoint is an
+error naming the file and the first offending keys, never a silent random init.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from medisee import storage
+from medisee.storage import StorageSettings
+
+TRAINABLE_FORMAT = "medisee-trainable/1"
+
+
+class CheckpointError(RuntimeError):
+    def __init__(self, source: str, missing=(), unexpected=(), mismatched=(), detail: str = ""):
+        parts = [f"checkpoint {source} does not fit the model"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                parts.append(f"{label} ({len(keys)}): {', '.join(list(keys)[:5])}{' ...' if len(keys) > 5 else ''}")
+        if detail:
+            parts.append(detail)
+        super().__init__("; ".join(parts))
+
+
+def read_torch(uri: str, settings: StorageSettings | None = None) -> dict:
+    try:
+        data = storage.read_bytes(uri, settings)
+    except (OSError, FileNotFoundError) as exc:
+        raise CheckpointError(uri, detail=f"cannot read: {exc}") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(uri, detail=f"not a torch checkpoint: {str(exc)[:200]}") from None
+
+
+def write_torch(obj: dict, uri: str, settings: StorageSettings | None = None) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes(uri, buf.getvalue(), settings)
+
+
+def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+                  if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(source, missing, unexpected, mismatched)
+    module.load_state_dict(state, strict=True)
+
+
+def load_sam_checkpoint(sam: torch.nn.Module, uri: str, settings: StorageSettings | None = None) -> None:
+    state = read_torch(uri, settings)
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    load_state_strict(sam, state, uri)
+
+
+def local_dir(uri: str, settings: StorageSettings | None = None) -> Path:
+    """A local directory holding `uri`'s files (downloaded when it is on object storage)."""
+    if not storage.is_s3(uri):
+        path = Path(uri.removeprefix("file://"))
+        if not (path / "config.json").exists():
+            raise CheckpointError(uri, detail="no config.json: not a transformers model directory")
+        return path
+    files = storage.list_files(uri, (), settings)
+    if not any(f.endswith("/config.json") for f in files):
+        raise CheckpointError(uri, detail="no config.json: not a transformers model directory")
+    target = Path(tempfile.mkdtemp(prefix="medisee-llava-"))
+    root = uri.rstrip("/") + "/"
+    for f in files:
+        dest = target / f[len(root) :]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(storage.read_bytes(f, settings))
+    return target
+
+
+def load_llava_dir(uri: str, settings: StorageSettings | None = None):
+    """(LlavaForConditionalGeneration, tokenizer) from a transformers LLaVA directory."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    path = local_dir(uri, settings)
+    try:
+        llava = LlavaForConditionalGeneration.from_pretrained(str(path), torch_dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise CheckpointError(uri, detail=f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    return llava, tokenizer
+
+
+# Official MediSee / LISA-style key names -> ours. Applied in order, first match wins.
+OFFICIAL_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^base_model\.model\.", ""),
+    (r"^model\.visual_model\.", "sam."),
+    (r"^model\.text_hidden_fcs\.0\.0\.", "text_projection.fc1."),
+    (r"^model\.text_hidden_fcs\.0\.2\.", "text_projection.fc2."),
+    (r"^model\.(seg_router|box_router|box_decoder)\.", r"\1."),
+    (r"^model\.(bbox_decoder|bbox_head)\.", "box_decoder."),
+    (r"^model\.mm_projector\.0\.", "llava.model.multi_modal_projector.linear_1."),
+    (r"^model\.mm_projector\.2\.", "llava.model.multi_modal_projector.linear_2."),
+    (r"^model\.vision_tower\.vision_tower\.", "llava.model.vision_tower."),
+    (r"^model\.(embed_tokens|layers|norm)\.", r"llava.model.language_model.\1."),
+    (r"^lm_head\.", "llava.lm_head."),
+)
+
+
+def convert_official_state_dict(state: dict[str, torch.Tensor], extra_renames=()) -> dict[str, torch.Tensor]:
+    """Rename an official-release state dict to our module names; `.base_layer` is stripped."""
+    rules = [(re.compile(a), b) for a, b in (*extra_renames, *OFFICIAL_RENAMES)]
+    out = {}
+    for key, value in state.items():
+        new = key.replace(".base_layer", "")
+        if new.startswith("base_model.model."):
+            new = new[len("base_model.model.") :]
+        for pattern, repl in rules:
+            if pattern.search(new):
+                new = pattern.sub(repl, new, count=1)
+                break
+        out[new] = value
+    return out
+
+
+def load_official_release(model: torch.nn.Module, uri: str, settings: StorageSettings | None = None,
+                          extra_renames=()) -> list[str]:
+    """Load an official MediSee release into `model`; returns the keys the release did not cover.
+
+    LoRA adapter weights (`lora_A` / `lora_B`) in the release are merged into the base weights.
+    Every key of the release must land on a parameter of the model with the same shape.
+    """
+    state = read_torch(uri, settings)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = merge_lora(convert_official_state_dict(state, extra_renames))
+    own = model.state_dict()
+    own = {k.replace(".base_layer", ""): k for k in own}
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(model.state_dict()[own[k]].shape)}"
+                  for k in state if k in own and tuple(state[k].shape) != tuple(model.state_dict()[own[k]].shape)]
+    if unexpected or mismatched:
+        raise CheckpointError(uri, unexpected=unexpected, mismatched=mismatched)
+    model.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
+    return [k for k in own if k not in state]
+
+
+def merge_lora(state: dict[str, torch.Tensor], scaling: float | None = None, alpha: float = 16, r: int = 8):
+    """Fold `X.lora_A.default.weight` / `X.lora_B.default.weight` into `X.weight` (W += s·B·A)."""
+    scale = scaling if scaling is not None else alpha / r
+    out = {k: v for k, v in state.items() if ".lora_" not in k}
+    for key in state:
+        if ".lora_A." in key:
+            base = key.split(".lora_A.")[0]
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            out[f"{base}.weight"] = out[f"{base}.weight"] + scale * (state[b_key] @ state[key])
+    return out
+
+
+def save_trainable(model, uri: str, preset: str, settings: StorageSettings | None = None, extra: dict | None = None):
+    write_torch({"format": TRAINABLE_FORMAT, "preset": preset, "state_dict": model.trainable_state_dict(),
+                 **(extra or {})}, uri, settings)
+
+
+def load_trainable(model, uri: str, settings: StorageSettings | None = None) -> dict:
+    payload = read_torch(uri, settings)
+    if payload.get("format") != TRAINABLE_FORMAT:
+        raise CheckpointError(uri, detail=f"format {payload.get('format')!r} is not {TRAINABLE_FORMAT}")
+    model.load_trainable_state_dict(payload["state_dict"], source=uri)
+    return payload

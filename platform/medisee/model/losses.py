@@ -1,0 +1,45 @@
+"""Losses: the reference's mask BCE + Dice, box L1 + GIoU, and the similarity loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou_loss
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0, eps: float = 1e-6) -> torch.Tensor:
+    """Per-mask Dice loss on flattened masks, with the reference code's scale and eps. Returns (N,)."""
+    probs = logits.sigmoid().flatten(1) / scale
+    targets = targets.flatten(1).to(probs) / scale
+    numerator = 2 * (probs * targets).sum(-1)
+    denominator = probs.sum(-1) + targets.sum(-1)
+    return 1 - (numerator + eps) / (denominator + eps)
+
+
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-mask mean binary cross-entropy over pixels. Returns (N,)."""
+    loss = F.binary_cross_entropy_with_logits(logits.flatten(1), targets.flatten(1).to(logits), reduction="none")
+    return loss.mean(-1)
+
+
+def box_loss(pred_xyxy: torch.Tensor, target_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-box L1 (summed over the 4 coordinates) and GIoU loss on normalised xyxy. Returns ((N,), (N,))."""
+    l1 = (pred_xyxy - target_xyxy).abs().sum(-1)
+    giou = generalized_box_iou_loss(pred_xyxy, target_xyxy, reduction="none", eps=1e-7)
+    return l1, giou
+
+
+def similarity_loss(map_a: torch.Tensor, map_b: torch.Tensor, js_weight: float = 2.0, mse_weight: float = 1.0,
+                    eps: float = 1e-8) -> torch.Tensor:
+    """2·JS(softmax a ‖ softmax b) + 1·MSE(min-max a, min-max b) per pair of flattened maps. Returns (N,)."""
+    a, b = map_a.flatten(1).float(), map_b.flatten(1).float()
+    p, q = a.softmax(-1), b.softmax(-1)
+    m = 0.5 * (p + q)
+    js = 0.5 * (p * ((p + eps) / (m + eps)).log()).sum(-1) + 0.5 * (q * ((q + eps) / (m + eps)).log()).sum(-1)
+
+    def minmax(x: torch.Tensor) -> torch.Tensor:
+        lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+        return (x - lo) / (hi - lo + eps)
+
+    mse = ((minmax(a) - minmax(b)) ** 2).mean(-1)
+    return js_weight * js + mse_weight * mse
