@@ -120,6 +120,23 @@ def prepare(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    input_uri: str = typer.Option(..., "--input", "-i", help="Official MediSee release (.pth / .bin), local or s3://."),
+    output_uri: str = typer.Option(..., "--output", "-o", help="Where to write the converted state dict."),
+    rename: Optional[list[str]] = typer.Option(None, help="Extra rename rule REGEX=REPLACEMENT (repeatable)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Convert an official MediSee release (original LLaVA key names, LoRA merged) to this platform's names."""
+    from medisee.model.checkpoint import convert_official_file
+    from medisee.storage import StorageSettings
+
+    cfg = _config(config, [])
+    rules = [tuple(r.split("=", 1)) for r in rename or []]
+    count = convert_official_file(input_uri, output_uri, StorageSettings.from_config(cfg.storage), rules)
+    typer.echo(json.dumps({"tensors": count, "output": output_uri}))
+
+
 @app.command("config")
 def show_config(
     config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),

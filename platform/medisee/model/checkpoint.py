@@ -23,6 +23,7 @@ from medisee import storage
 from medisee.storage import StorageSettings
 
 TRAINABLE_FORMAT = "medisee-trainable/1"
+CONVERTED_FORMAT = "medisee-full/1"
 
 
 class CheckpointError(RuntimeError):
@@ -143,9 +144,11 @@ def load_official_release(model: torch.nn.Module, uri: str, settings: StorageSet
     LoRA adapter weights (`lora_A` / `lora_B`) in the release are merged into the base weights.
     Every key of the release must land on a parameter of the model with the same shape.
     """
-    state = read_torch(uri, settings)
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    state = merge_lora(convert_official_state_dict(state, extra_renames))
+    payload = read_torch(uri, settings)
+    if payload.get("format") == CONVERTED_FORMAT:
+        state = payload["state_dict"]
+    else:
+        state = merge_lora(convert_official_state_dict(payload.get("state_dict", payload), extra_renames))
     own = model.state_dict()
     own = {k.replace(".base_layer", ""): k for k in own}
     unexpected = [k for k in state if k not in own]
@@ -155,6 +158,14 @@ def load_official_release(model: torch.nn.Module, uri: str, settings: StorageSet
         raise CheckpointError(uri, unexpected=unexpected, mismatched=mismatched)
     model.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
     return [k for k in own if k not in state]
+
+
+def convert_official_file(src: str, dst: str, settings: StorageSettings | None = None, extra_renames=()) -> int:
+    """`medisee convert-checkpoint`: rename + merge an official release once; returns the tensor count."""
+    payload = read_torch(src, settings)
+    state = merge_lora(convert_official_state_dict(payload.get("state_dict", payload), extra_renames))
+    write_torch({"format": CONVERTED_FORMAT, "source": src, "state_dict": state}, dst, settings)
+    return len(state)
 
 
 def merge_lora(state: dict[str, torch.Tensor], scaling: float | None = None, alpha: float = 16, r: int = 8):

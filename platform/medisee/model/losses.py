@@ -8,11 +8,14 @@ from torchvision.ops import generalized_box_iou_loss
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0, eps: float = 1e-6) -> torch.Tensor:
-    """Per-mask Dice loss on flattened masks, with the reference code's scale and eps. Returns (N,)."""
-    probs = logits.sigmoid().flatten(1) / scale
-    targets = targets.flatten(1).to(probs) / scale
-    numerator = 2 * (probs * targets).sum(-1)
-    denominator = probs.sum(-1) + targets.sum(-1)
+    """Per-mask Dice loss on flattened masks, with the reference code's scale and eps. Returns (N,).
+
+    As in the reference: numerator 2·Σ(p/scale·t), denominator Σp/scale + Σt/scale.
+    """
+    probs = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1).to(probs)
+    numerator = 2 * (probs / scale * targets).sum(-1)
+    denominator = (probs / scale).sum(-1) + (targets / scale).sum(-1)
     return 1 - (numerator + eps) / (denominator + eps)
 
 
