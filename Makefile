@@ -37,6 +37,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/model_step.py
 
 clean:
 	rm -rf $(VENV) .medisee build *.egg-info
