@@ -120,6 +120,23 @@ def prepare(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command()
+def train(
+    config: Optional[str] = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
+    register: Optional[str] = typer.Option(None, help="Register the final model under this name."),
+    alias: Optional[str] = typer.Option(None, help="Alias to set on the registered version (e.g. candidate)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """Run (or resume, by run name) the LoRA / full fine-tune recipe on Ray Train."""
+    from medisee.train.trainer import run_training
+
+    cfg = _config(config, overrides)
+    if not cfg.data.sources:
+        typer.secho("data.sources is empty: give e.g. 'data.sources={phantom: /path/to/shards}'", fg="red", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(run_training(cfg, register, alias), default=str))
+
+
 @app.command("convert-checkpoint")
 def convert_checkpoint(
     input_uri: str = typer.Option(..., "--input", "-i", help="Official MediSee release (.pth / .bin), local or s3://."),

@@ -72,7 +72,7 @@ class ModelConfig(Section):
     medisee_checkpoint: str | None = None
     num_candidate_tokens: int = Field(2, ge=1)
     box_loss_weight: float = 2.0
-    similarity_loss: bool = False
+    similarity_loss_weight: float = 0.0  # 1.0 in the MLMR-SD fine-tuning stage
 
 
 class TrainerConfig(Section):
@@ -84,7 +84,19 @@ class TrainerConfig(Section):
     max_steps: int = Field(1000, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip: float = 1.0
+    weight_decay: float = 0.0
     finetune: Literal["lora", "full"] = "lora"
+    steps_per_epoch: int = Field(100, ge=1)
+    eval_every: int = Field(100, ge=1)
+    eval_limit: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_best: int = Field(2, ge=1)
+    best_metric: str = "dice"
+    max_failures: int = Field(2, ge=0)
+    torch_threads: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    fail_at_step: int | None = None  # testing hook: one worker raises once at this step
 
 
 class RunConfig(Section):

@@ -1,0 +1,274 @@
+"""The MediSee fine-tuning recipe, run by every Ray Train worker.
+
+Explicit steps, as in torchtune recipes:  setup -> load_checkpoint -> train (evaluate, save_checkpoint).
+
+Checkpoints are single files `<run>/checkpoints/step-00000100.pt` written atomically through
+medisee.storage by rank 0, holding only the trained parameters plus optimiser, scheduler, RNG and
+data position. The latest complete file is what a worker retry or a whole-job re-run resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medisee import storage, tracking
+from medisee.config import MediSeeConfig, build_config, config_to_yaml, flatten
+from medisee.model import build_model
+from medisee.model.checkpoint import read_torch, write_torch
+from medisee.model.collate import collate
+from medisee.model.medisee import LossWeights
+from medisee.storage import StorageSettings
+from medisee.train.evaluate import evaluate_rows, load_eval_rows
+
+CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.pt$")
+
+
+def run_dir(cfg: MediSeeConfig) -> str:
+    return storage.join(cfg.run.storage_uri, cfg.run.name)
+
+
+def checkpoint_dir(cfg: MediSeeConfig) -> str:
+    return storage.join(run_dir(cfg), "checkpoints")
+
+
+def list_checkpoints(cfg: MediSeeConfig, settings: StorageSettings) -> list[tuple[int, str]]:
+    found = []
+    for uri in storage.list_files(checkpoint_dir(cfg), (".pt",), settings):
+        match = CHECKPOINT_NAME.search(uri)
+        if match:
+            found.append((int(match[1]), uri))
+    return sorted(found)
+
+
+@dataclass
+class RecipeState:
+    cfg: MediSeeConfig
+    settings: StorageSettings
+    rank: int
+    world: int
+    model: torch.nn.Module
+    module: torch.nn.Module  # the unwrapped MediSee
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    eval_rows: list
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best: dict = field(default_factory=dict)  # step -> metric value
+    mlflow_client: object = None
+    mlflow_run_id: str | None = None
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) -> RecipeState:
+    import ray.train.torch
+
+    torch.manual_seed(cfg.run.seed)
+    weights = LossWeights(box=cfg.model.box_loss_weight, similarity=cfg.model.similarity_loss_weight)
+    module = build_model(
+        cfg.model.preset, llava_path=cfg.model.llava_path, sam_checkpoint=cfg.model.sam_checkpoint,
+        medisee_checkpoint=cfg.model.medisee_checkpoint, num_candidate_tokens=cfg.model.num_candidate_tokens,
+        loss_weights=weights, finetune=cfg.trainer.finetune, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+        settings=settings, seed=cfg.run.seed,
+    )
+    model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else module.to(ray.train.torch.get_device())
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.trainer.lr, betas=(0.9, 0.95), weight_decay=cfg.trainer.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.trainer.warmup_steps, cfg.trainer.max_steps))
+    val_uri = cfg.data.val_uri or next(iter(cfg.data.sources.values()))
+    eval_rows = load_eval_rows(val_uri, "val", settings, cfg.trainer.eval_limit, rank, world)
+    state = RecipeState(cfg, settings, rank, world, model, module, optimizer, scheduler, eval_rows)
+    if rank == 0:
+        state.mlflow_client = tracking.configure(cfg.tracking, settings)
+        state.mlflow_run_id = tracking.start_or_resume_run(state.mlflow_client, cfg.tracking, cfg.run.name)
+        tracking.log_params(state.mlflow_client, state.mlflow_run_id, flatten(cfg))
+        tracking.log_text(state.mlflow_client, state.mlflow_run_id, config_to_yaml(cfg), "config/resolved.yaml")
+    return state
+
+
+def load_checkpoint(state: RecipeState) -> bool:
+    """Resume from the latest complete checkpoint of this run, if there is one."""
+    found = list_checkpoints(state.cfg, state.settings)
+    if not found:
+        return False
+    step, uri = found[-1]
+    payload = read_torch(uri, state.settings)
+    state.module.load_trainable_state_dict(payload["model"], source=uri)
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.step, state.epoch, state.step_in_epoch = payload["step"], payload["epoch"], payload["step_in_epoch"]
+    state.best = {int(k): v for k, v in payload.get("best", {}).items()}
+    _set_rng_state(payload["rng"][min(state.rank, len(payload["rng"]) - 1)])
+    if state.rank == 0:
+        print(f"[medisee] resumed from {uri} at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch})")
+    return True
+
+
+def _rng_state() -> dict:
+    """RNG states in types that `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate((rng["python_version"], tuple(rng["python"]), None))
+
+
+def save_checkpoint(state: RecipeState, metric: float | None = None) -> str | None:
+    """Rank 0 writes one atomic file; keeps the best `trainer.keep_best` by metric plus the latest."""
+    rngs = _gather_objects(_rng_state(), state.world)
+    if state.rank != 0:
+        return None
+    if metric is not None:
+        state.best[state.step] = metric
+    uri = storage.join(checkpoint_dir(state.cfg), f"step-{state.step:08d}.pt")
+    payload = {
+        "format": "medisee-train-checkpoint/1", "step": state.step, "epoch": state.epoch,
+        "step_in_epoch": state.step_in_epoch, "model": state.module.trainable_state_dict(),
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(), "rng": rngs,
+        "best": state.best, "config": config_to_yaml(state.cfg), "preset": state.cfg.model.preset,
+    }
+    write_torch(payload, uri, state.settings)
+    keep = {s for s, _ in sorted(state.best.items(), key=lambda kv: -kv[1])[: state.cfg.trainer.keep_best]}
+    found = list_checkpoints(state.cfg, state.settings)
+    for step, old in found[:-1]:
+        if step not in keep:
+            storage.delete(old, state.settings)
+    tracking.log_uri(state.mlflow_client, state.mlflow_run_id, "checkpoint.latest", uri)
+    if keep:
+        best_step = max(state.best, key=state.best.get)
+        tracking.log_uri(state.mlflow_client, state.mlflow_run_id, "checkpoint.best",
+                         storage.join(checkpoint_dir(state.cfg), f"step-{best_step:08d}.pt"))
+    return uri
+
+
+def _gather_objects(obj, world: int) -> list:
+    if world > 1 and torch.distributed.is_initialized():
+        out = [None] * world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def evaluate(state: RecipeState) -> dict[str, float]:
+    return evaluate_rows(state.module, state.eval_rows, reduce=state.world > 1)
+
+
+def _maybe_fail(state: RecipeState) -> None:
+    """Testing hook: the last worker raises once at `trainer.fail_at_step`."""
+    at = state.cfg.trainer.fail_at_step
+    if at is None or state.step != at or state.rank != state.world - 1:
+        return
+    marker = storage.join(run_dir(state.cfg), "failure-injected")
+    if storage.exists(marker, state.settings):
+        return
+    storage.write_bytes(marker, b"1", state.settings)
+    raise RuntimeError(f"injected failure at step {at} on rank {state.rank}")
+
+
+def train(state: RecipeState) -> None:
+    import ray.train
+
+    cfg, t = state.cfg, state.cfg.trainer
+    shard = ray.train.get_dataset_shard("train")
+    micro = t.grad_accum_steps
+    device = next(state.module.parameters()).device
+    started, samples, data_wait = time.time(), 0, 0.0
+
+    def batches():
+        """Cycle the stream forever; the recipe decides where an epoch ends (fixed steps)."""
+        while True:
+            yield from shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy", prefetch_batches=2)
+
+    stream = batches()
+    for _ in range(state.step_in_epoch * micro):  # same data position after a resume
+        next(stream)
+    state.model.train()
+    while state.step < t.max_steps:
+        _maybe_fail(state)
+        state.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for m in range(micro):
+            waited = time.perf_counter()
+            raw = next(stream)
+            data_wait += time.perf_counter() - waited
+            batch = collate(raw, state.module.text, device)
+            sync = m == micro - 1 or not hasattr(state.model, "no_sync")
+            context = state.model.no_sync() if not sync else _null()
+            with context:
+                losses = state.model(batch)
+                (losses["loss"] / micro).backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / micro
+            samples += len(batch["input_ids"])
+        torch.nn.utils.clip_grad_norm_([p for p in state.module.parameters() if p.requires_grad], t.grad_clip)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        state.step_in_epoch += 1
+        if state.step_in_epoch >= t.steps_per_epoch:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+
+        metrics = {f"train/{k}": v for k, v in totals.items()}
+        metrics["lr"] = state.scheduler.get_last_lr()[0]
+        if state.rank == 0 and (state.step % t.log_every == 0 or state.step == t.max_steps):
+            rate = samples * state.world / max(1e-6, time.time() - started)
+            eta = (t.max_steps - state.step) * (time.time() - started) / max(1, samples / (cfg.data.batch_size * micro))
+            print(f"[medisee] step {state.step}/{t.max_steps} loss {totals['loss']:.4f} "
+                  f"{rate:.1f} samples/s data-wait {data_wait / max(1e-6, time.time() - started):.0%} ETA {eta:.0f}s",
+                  flush=True)
+            tracking.log_metrics(state.mlflow_client, state.mlflow_run_id, metrics | {"samples_per_s": rate}, state.step)
+        val = None
+        if state.step % t.eval_every == 0 or state.step == t.max_steps:
+            val = evaluate(state)
+            if state.rank == 0:
+                tracking.log_metrics(state.mlflow_client, state.mlflow_run_id, {f"val/{k}": v for k, v in val.items()}, state.step)
+                print(f"[medisee] step {state.step} validation " + json.dumps({k: round(v, 4) for k, v in val.items() if "/" not in k}), flush=True)
+        if val is not None or state.step % t.checkpoint_every == 0:
+            save_checkpoint(state, None if val is None else val.get(t.best_metric))
+        if val is not None or state.step % t.log_every == 0:  # a report is a round trip to the controller
+            ray.train.report({"step": state.step, **metrics, **({f"val/{k}": v for k, v in val.items()} if val else {})})
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = build_config(config["cfg"])
+    settings = StorageSettings(**config["settings"])
+    torch.set_num_threads(cfg.trainer.torch_threads)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    ctx = ray.train.get_context()
+    state = setup(cfg, settings, ctx.get_world_rank(), ctx.get_world_size())
+    load_checkpoint(state)
+    if state.step < cfg.trainer.max_steps:
+        train(state)  # the last step always evaluates and saves
