@@ -32,12 +32,13 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform jobs serve tests benchmarks
-	$(BIN)/ruff format --check platform jobs serve tests benchmarks
+	$(BIN)/ruff check platform jobs tests benchmarks
+	$(BIN)/ruff format --check platform jobs tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/model_step.py
+	$(BIN)/python benchmarks/train_ingest.py
 
 clean:
 	rm -rf $(VENV) .medisee build *.egg-info

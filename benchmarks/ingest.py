@@ -18,8 +18,12 @@ import time
 from pathlib import Path
 
 for key, value in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-    "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_EC2_METADATA_DISABLED": "true",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_EC2_METADATA_DISABLED": "true",
 }.items():
     os.environ.setdefault(key, value)
 
@@ -55,7 +59,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
-
     from medisee import storage
     from medisee.config import DataConfig, PrepareConfig
     from medisee.data.prepare import prepare
@@ -64,8 +67,11 @@ def main() -> None:
 
     # moto runs in its own process so that it does not share the driver's GIL
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(f"http://127.0.0.1:{port}/moto-api/")
     settings = storage.StorageSettings(endpoint=f"http://127.0.0.1:{port}")
     storage.boto3_client(settings).create_bucket(Bucket="bench")
@@ -73,15 +79,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "shards"
-        cfg = PrepareConfig(phantom_images=args.images, phantom_size=args.image_size, val_fraction=0.0,
-                            shard_max_bytes=4 * 1024 * 1024)
+        cfg = PrepareConfig(
+            phantom_images=args.images,
+            phantom_size=args.image_size,
+            val_fraction=0.0,
+            shard_max_bytes=4 * 1024 * 1024,
+        )
         prepare("phantom", "-", str(local), cfg, executor="local", progress=False)
         for path in local.rglob("*"):
             if path.is_file():
-                storage.write_bytes(storage.join(root, str(path.relative_to(local))), path.read_bytes(), settings)
+                storage.write_bytes(
+                    storage.join(root, str(path.relative_to(local))), path.read_bytes(), settings
+                )
     uris = shard_files(root, "train", settings)
-    data_cfg = DataConfig(sam_image_size=args.sam_size, clip_image_size=args.clip_size, batch_size=args.batch_size,
-                          preprocess_concurrency=args.concurrency, preprocess_num_cpus=0.5)
+    data_cfg = DataConfig(
+        sam_image_size=args.sam_size,
+        clip_image_size=args.clip_size,
+        batch_size=args.batch_size,
+        preprocess_concurrency=args.concurrency,
+        preprocess_num_cpus=0.5,
+    )
 
     # raw I/O limit
     t0 = time.perf_counter()
@@ -120,11 +137,29 @@ def main() -> None:
 
     assert rows_ray == rows_single, (rows_ray, rows_single)
     single_rps, ray_rps = rows_single / single_s, rows_ray / ray_s
-    print(json.dumps({"rows": rows_single, "shard_mb": round(nbytes / 1e6, 1), "raw_read_mb_s": round(raw_mb_s, 1),
-                      "single_process_rows_s": round(single_rps, 1), "ray_data_rows_s": round(ray_rps, 1),
-                      "cpus": os.cpu_count()}), file=sys.stderr)
-    print(json.dumps({"name": "ingest", "value": round(ray_rps / single_rps, 3), "unit": "x single-process",
-                      "target": 1.2}))
+    print(
+        json.dumps(
+            {
+                "rows": rows_single,
+                "shard_mb": round(nbytes / 1e6, 1),
+                "raw_read_mb_s": round(raw_mb_s, 1),
+                "single_process_rows_s": round(single_rps, 1),
+                "ray_data_rows_s": round(ray_rps, 1),
+                "cpus": os.cpu_count(),
+            }
+        ),
+        file=sys.stderr,
+    )
+    print(
+        json.dumps(
+            {
+                "name": "ingest",
+                "value": round(ray_rps / single_rps, 3),
+                "unit": "x single-process",
+                "target": 1.2,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

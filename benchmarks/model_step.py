@@ -25,11 +25,15 @@ def transformer_flops(params: float, tokens: int, layers: int, width: int) -> fl
 def flops_7b(text_tokens: int = 64) -> dict:
     from medisee.model.mllm import LLAVA_MED_MISTRAL_7B as m
 
-    lm_params = m.layers * (
-        2 * m.hidden * m.hidden  # q, o
-        + 2 * m.hidden * (m.hidden // m.heads * m.kv_heads)  # k, v (grouped-query)
-        + 3 * m.hidden * m.intermediate  # gate, up, down
-    ) + 2 * 32000 * m.hidden
+    lm_params = (
+        m.layers
+        * (
+            2 * m.hidden * m.hidden  # q, o
+            + 2 * m.hidden * (m.hidden // m.heads * m.kv_heads)  # k, v (grouped-query)
+            + 3 * m.hidden * m.intermediate  # gate, up, down
+        )
+        + 2 * 32000 * m.hidden
+    )
     image_tokens = m.num_image_tokens
     seq = image_tokens + text_tokens
     clip_params = m.vision_layers * (4 * m.vision_hidden**2 + 2 * m.vision_hidden * m.vision_intermediate)
@@ -45,9 +49,14 @@ def flops_7b(text_tokens: int = 64) -> dict:
     train = clip + projector + sam + 3 * lm_fwd
     full_train = clip + projector + sam + 3 * lm_fwd + lm_fwd  # + weight gradients of the LM
     infer = clip + projector + sam + lm_fwd
-    return {"lm_params_b": round(lm_params / 1e9, 2), "seq_len": seq, "train_lora_tflop_per_sample": round(train / 1e12, 2),
-            "train_full_tflop_per_sample": round(full_train / 1e12, 2), "inference_tflop_per_sample": round(infer / 1e12, 2),
-            "h100_bf16_dense_peak_tflops": 989}
+    return {
+        "lm_params_b": round(lm_params / 1e9, 2),
+        "seq_len": seq,
+        "train_lora_tflop_per_sample": round(train / 1e12, 2),
+        "train_full_tflop_per_sample": round(full_train / 1e12, 2),
+        "inference_tflop_per_sample": round(infer / 1e12, 2),
+        "h100_bf16_dense_peak_tflops": 989,
+    }
 
 
 def bench_tiny(batch_size: int, steps: int) -> float:
@@ -93,8 +102,16 @@ def main() -> None:
     results["torch_threads"] = torch.get_num_threads()
     results.update(flops_7b())
     print(json.dumps(results), file=sys.stderr)
-    print(json.dumps({"name": "model_step_tiny_cpu", "value": results["tiny_cpu_batch8_samples_s"],
-                      "unit": "samples/s", "target": None}))
+    print(
+        json.dumps(
+            {
+                "name": "model_step_tiny_cpu",
+                "value": results["tiny_cpu_batch8_samples_s"],
+                "unit": "samples/s",
+                "target": None,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -93,7 +93,6 @@ def s3_bucket(s3_server):
 def ray_local():
     """One local Ray for the session (2 CPUs, loopback only)."""
     import ray
-
     from medisee.raylib import ensure_ray
 
     ensure_ray(num_cpus=2)
@@ -112,13 +111,25 @@ def mlflow_server(s3_server, tmp_path_factory):
     port = free_port()
     env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=s3_server)
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
-        "--artifacts-destination", f"s3://{bucket}/artifacts",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir}/mlflow.db",
+        "--artifacts-destination",
+        f"s3://{bucket}/artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     log = open(workdir / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
+    )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
     except Exception:

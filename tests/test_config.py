@@ -1,5 +1,4 @@
 import pytest
-
 from medisee.config import ConfigError, flatten, load_config, preset_names
 
 
@@ -10,7 +9,9 @@ def test_presets_load():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config("tiny", ["trainer.num_workers=4", "data.mix={a: 1, b: 2}", "storage.endpoint=http://x:1"])
+    cfg = load_config(
+        "tiny", ["trainer.num_workers=4", "data.mix={a: 1, b: 2}", "storage.endpoint=http://x:1"]
+    )
     assert cfg.trainer.num_workers == 4
     assert cfg.data.mix == {"a": 1.0, "b": 2.0}
     assert cfg.storage.endpoint == "http://x:1"

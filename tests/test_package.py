@@ -2,14 +2,14 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
 from medisee.cli import app
+from typer.testing import CliRunner
 
 
 def test_platform_is_still_the_standard_library_module():
-    import medisee  # noqa: F401
     import platform
+
+    import medisee  # noqa: F401
 
     assert hasattr(platform, "python_version")
     assert "site-packages" not in (platform.__file__ or "") or "medisee" not in platform.__file__

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 import typer
 
@@ -12,7 +11,9 @@ from medisee.raylib import apply_env_defaults
 
 apply_env_defaults()
 
-app = typer.Typer(help="MediSee platform: prepare data, train, batch-score and serve on Ray.", no_args_is_help=True)
+app = typer.Typer(
+    help="MediSee platform: prepare data, train, batch-score and serve on Ray.", no_args_is_help=True
+)
 
 CONFIG_HELP = "Preset name (tiny, medisee-7b) or YAML file."
 OVERRIDE_HELP = "Dotted overrides, e.g. trainer.num_workers=4."
@@ -30,8 +31,8 @@ def _config(config: str | None, overrides: list[str] | None):
 
 @app.command()
 def doctor(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Print versions, Ray / MLflow / storage settings and what could be reached."""
     from importlib.metadata import PackageNotFoundError, version
@@ -40,8 +41,21 @@ def doctor(
 
     cfg = _config(config, overrides)
     report: dict = {"versions": {}, "settings": {}, "reachable": {}}
-    for pkg in ("medisee", "ray", "torch", "torchvision", "transformers", "peft", "segment-anything", "mlflow",
-                "pyarrow", "boto3", "pydicom", "nibabel", "pycocotools"):
+    for pkg in (
+        "medisee",
+        "ray",
+        "torch",
+        "torchvision",
+        "transformers",
+        "peft",
+        "segment-anything",
+        "mlflow",
+        "pyarrow",
+        "boto3",
+        "pydicom",
+        "nibabel",
+        "pycocotools",
+    ):
         try:
             report["versions"][pkg] = version(pkg)
         except PackageNotFoundError:
@@ -89,15 +103,20 @@ def doctor(
 
 @app.command()
 def prepare(
-    fmt: str = typer.Argument(..., metavar="FORMAT",
-                              help="sa-med2d | mlmr-sd | sam-med2d-demo | image-folder | nifti | dicom | phantom"),
-    input_uri: str = typer.Option("-", "--input", "-i", help="Input URI (local path or s3://); ignored by phantom."),
+    fmt: str = typer.Argument(
+        ...,
+        metavar="FORMAT",
+        help="sa-med2d | mlmr-sd | sam-med2d-demo | image-folder | nifti | dicom | phantom",
+    ),
+    input_uri: str = typer.Option(
+        "-", "--input", "-i", help="Input URI (local path or s3://); ignored by phantom."
+    ),
     output_uri: str = typer.Option(..., "--output", "-o", help="Output URI for shards and manifest."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     modality: str = typer.Option("unknown", help="Modality for layouts that do not carry one."),
     mask_format: str = typer.Option("png", help="png or rle"),
     executor: str = typer.Option("ray", help="ray (default) or local (in-process, for debugging)"),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Convert a dataset layout into Parquet shards with a manifest and a quarantine table."""
     from medisee.data.prepare import FORMAT_NAMES
@@ -112,8 +131,14 @@ def prepare(
         raise typer.Exit(2)
     cfg = _config(config, overrides)
     manifest = run_prepare(
-        fmt, input_uri, output_uri, cfg.prepare, StorageSettings.from_config(cfg.storage),
-        executor=executor, mask_format=mask_format, modality=modality,
+        fmt,
+        input_uri,
+        output_uri,
+        cfg.prepare,
+        StorageSettings.from_config(cfg.storage),
+        executor=executor,
+        mask_format=mask_format,
+        modality=modality,
     )
     summary = {k: v for k, v in manifest.items() if k not in ("shards", "schema", "prepare")}
     summary["shards"] = len(manifest["shards"])
@@ -122,27 +147,31 @@ def prepare(
 
 @app.command()
 def train(
-    config: Optional[str] = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
-    register: Optional[str] = typer.Option(None, help="Register the final model under this name."),
-    alias: Optional[str] = typer.Option(None, help="Alias to set on the registered version (e.g. candidate)."),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP),
+    config: str | None = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
+    register: str | None = typer.Option(None, help="Register the final model under this name."),
+    alias: str | None = typer.Option(None, help="Alias to set on the registered version (e.g. candidate)."),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Run (or resume, by run name) the LoRA / full fine-tune recipe on Ray Train."""
     from medisee.train.trainer import run_training
 
     cfg = _config(config, overrides)
     if not cfg.data.sources:
-        typer.secho("data.sources is empty: give e.g. 'data.sources={phantom: /path/to/shards}'", fg="red", err=True)
+        typer.secho(
+            "data.sources is empty: give e.g. 'data.sources={phantom: /path/to/shards}'", fg="red", err=True
+        )
         raise typer.Exit(2)
     typer.echo(json.dumps(run_training(cfg, register, alias), default=str))
 
 
 @app.command("convert-checkpoint")
 def convert_checkpoint(
-    input_uri: str = typer.Option(..., "--input", "-i", help="Official MediSee release (.pth / .bin), local or s3://."),
+    input_uri: str = typer.Option(
+        ..., "--input", "-i", help="Official MediSee release (.pth / .bin), local or s3://."
+    ),
     output_uri: str = typer.Option(..., "--output", "-o", help="Where to write the converted state dict."),
-    rename: Optional[list[str]] = typer.Option(None, help="Extra rename rule REGEX=REPLACEMENT (repeatable)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    rename: list[str] | None = typer.Option(None, help="Extra rename rule REGEX=REPLACEMENT (repeatable)."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
     """Convert an official MediSee release (original LLaVA key names, LoRA merged) to this platform's names."""
     from medisee.model.checkpoint import convert_official_file
@@ -156,8 +185,8 @@ def convert_checkpoint(
 
 @app.command("config")
 def show_config(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDE_HELP),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Print the resolved configuration as YAML."""
     from medisee.config import config_to_yaml

@@ -62,6 +62,7 @@ class DataConfig(Section):
     clip_image_size: int = Field(336, ge=16)
     preprocess_concurrency: int = Field(2, ge=1)
     preprocess_num_cpus: float = Field(0.5, gt=0)
+    shuffle_buffer_rows: int = Field(256, ge=0)  # local shuffle in each training worker; 0 = off
     seed: int = 0
 
 
@@ -116,14 +117,18 @@ class MediSeeConfig(Section):
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("medisee.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("medisee.presets").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _read_yaml(source: str | Path) -> dict[str, Any]:
     path = Path(source)
     if not path.exists():
         if str(source) not in preset_names():
-            raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
+            raise ConfigError(
+                f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})"
+            )
         text = resources.files("medisee.presets").joinpath(f"{source}.yaml").read_text()
     else:
         text = path.read_text()

@@ -32,11 +32,21 @@ class MetricSums:
         inter = float(np.logical_and(pred, true).sum())
         union = float(np.logical_or(pred, true).sum())
         total = float(pred.sum() + true.sum())
-        biou = float(box_iou(torch.tensor([pred_box], dtype=torch.float64),
-                             torch.tensor([true_box], dtype=torch.float64))[0, 0])
+        biou = float(
+            box_iou(
+                torch.tensor([pred_box], dtype=torch.float64), torch.tensor([true_box], dtype=torch.float64)
+            )[0, 0]
+        )
         row = self.kinds.index(kind)
-        self.sums[row] += [1, inter, union, inter / union if union else 1.0, 2 * inter / total if total else 1.0,
-                           biou, float(biou >= 0.5)]
+        self.sums[row] += [
+            1,
+            inter,
+            union,
+            inter / union if union else 1.0,
+            2 * inter / total if total else 1.0,
+            biou,
+            float(biou >= 0.5),
+        ]
 
     def merge(self, other: MetricSums) -> MetricSums:
         return MetricSums(self.kinds, self.sums + other.sums)
@@ -50,12 +60,12 @@ class MetricSums:
             if count == 0:
                 continue
             suffix = "" if name == "all" else f"/{name}"
-            out[f"dice{suffix}"] = s[4] / count
-            out[f"giou{suffix}"] = s[3] / count
-            out[f"ciou{suffix}"] = s[1] / s[2] if s[2] else 1.0
-            out[f"box_iou{suffix}"] = s[5] / count
-            out[f"acc50{suffix}"] = s[6] / count
-            out[f"count{suffix}"] = count
+            out[f"dice{suffix}"] = float(s[4] / count)
+            out[f"giou{suffix}"] = float(s[3] / count)
+            out[f"ciou{suffix}"] = float(s[1] / s[2]) if s[2] else 1.0
+            out[f"box_iou{suffix}"] = float(s[5] / count)
+            out[f"acc50{suffix}"] = float(s[6] / count)
+            out[f"count{suffix}"] = float(count)
         return out
 
 

@@ -105,7 +105,9 @@ def exists(uri: str, settings: StorageSettings | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str, suffixes: tuple[str, ...] = (), settings: StorageSettings | None = None) -> list[str]:
+def list_files(
+    uri: str, suffixes: tuple[str, ...] = (), settings: StorageSettings | None = None
+) -> list[str]:
     """Files under `uri` (recursive), as URIs of the same scheme, sorted."""
     fs, path = filesystem(uri, settings)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))

@@ -79,13 +79,31 @@ def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
     existing = client.get_run(run_id).data.params
-    batch = [
-        Param(key, str(value)[:MAX_PARAM_CHARS])
-        for key, value in params.items()
-        if key not in existing
-    ]
+    batch = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items() if key not in existing]
     for i in range(0, len(batch), 100):
         client.log_batch(run_id, params=batch[i : i + 100])
+
+
+def log_system_info(client, run_id: str, world_size: int) -> None:
+    """Versions and hardware of the run, as tags."""
+    import platform as stdlib_platform
+    import socket
+    from importlib.metadata import version
+
+    import torch
+
+    tags = {
+        "system.python": stdlib_platform.python_version(),
+        "system.host": socket.gethostname(),
+        "system.cpus": str(os.cpu_count()),
+        "system.world_size": str(world_size),
+        "system.cuda": str(torch.cuda.is_available()),
+        "system.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    for pkg in ("torch", "ray", "transformers", "peft", "mlflow", "medisee"):
+        tags[f"system.{pkg}"] = version(pkg)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int) -> None:

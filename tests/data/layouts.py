@@ -30,7 +30,12 @@ def sa_med2d_layout(root: Path) -> Path:
     base = root / "SAMed2Dv1"
     index, mapping = {}, {}
     specs = [
-        ("ct_00--AbdomenCT1K--Case_00011--x_0040", 64, 80, [("0003_000", "liver", (30, 30, 12)), ("0005_000", "spleen", (20, 60, 8))]),
+        (
+            "ct_00--AbdomenCT1K--Case_00011--x_0040",
+            64,
+            80,
+            [("0003_000", "liver", (30, 30, 12)), ("0005_000", "spleen", (20, 60, 8))],
+        ),
         ("ct_00--AbdomenCT1K--Case_00012--x_0041", 64, 64, [("0003_000", "liver", (32, 32, 10))]),
         ("mr_00--ACDC--patient001_frame01--z_0000", 48, 48, [("0001_000", "left ventricle", (24, 24, 8))]),
     ]
@@ -83,9 +88,14 @@ def mlmr_sd_layout(root: Path) -> Path:
     name = "ct_00--Ds--Case_00099--x_0002"
     save_png(base / "images" / f"{name}.png", gray_image(50, 70, 99))
     save_png(base / "masks" / f"{name}--0001_000.png", disk_mask(50, 70, 25, 35, 9))
-    line = {"image": f"images/{name}.png", "mask": f"masks/{name}--0001_000.png", "class_text": "liver",
-            "long": "Which organ is affected by hepatitis here?", "short": "Which organ makes bile?",
-            "bbox": [26, 16, 45, 35]}
+    line = {
+        "image": f"images/{name}.png",
+        "mask": f"masks/{name}--0001_000.png",
+        "class_text": "liver",
+        "long": "Which organ is affected by hepatitis here?",
+        "short": "Which organ makes bile?",
+        "bbox": [26, 16, 45, 35],
+    }
     (base / "test.jsonl").write_text(json.dumps(line) + "\n")
     return base
 

@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from medisee.config import PrepareConfig
 from medisee.data.codec import decode_image, row_mask
 from medisee.data.prepare import prepare
+
 from tests.data.layouts import image_folder_layout, mlmr_sd_layout, sa_med2d_layout
 
 
@@ -59,7 +59,9 @@ def read_output_of(fmt, input_path, tmp_path, **kwargs):
 
 def test_sa_med2d_release_layout_with_bad_records(tmp_path):
     base = sa_med2d_layout(tmp_path)
-    manifest, rows, quarantine = read_output_of("sa-med2d", base, tmp_path, prepare_cfg=PrepareConfig(false_queries_per_image=1))
+    manifest, rows, quarantine = read_output_of(
+        "sa-med2d", base, tmp_path, prepare_cfg=PrepareConfig(false_queries_per_image=1)
+    )
     reasons = {q["reason"] for q in quarantine}
     assert reasons == {"unreadable_image", "mask_not_binary"}
     refs = {q["reason"]: q["input_ref"] for q in quarantine}
@@ -77,9 +79,16 @@ def test_mlmr_sd_train_and_test(tmp_path):
     manifest, rows, quarantine = read_output_of("mlmr-sd", mlmr_sd_layout(tmp_path), tmp_path)
     assert not quarantine
     kinds = {(r["class_name"], r["query_kind"], r["split"]) for r in rows}
-    assert ("liver", "reasoning_long", "test") in kinds and ("spleen", "reasoning_short", "train") in kinds or (
-        "spleen", "reasoning_short", "val") in kinds
-    liver_long = [r for r in rows if r["class_name"] == "liver" and r["query_kind"] == "reasoning_long" and r["split"] != "test"][0]
+    assert (
+        ("liver", "reasoning_long", "test") in kinds
+        and ("spleen", "reasoning_short", "train") in kinds
+        or ("spleen", "reasoning_short", "val") in kinds
+    )
+    liver_long = [
+        r
+        for r in rows
+        if r["class_name"] == "liver" and r["query_kind"] == "reasoning_long" and r["split"] != "test"
+    ][0]
     pair = {"Long liver question A?": "Because bile A.", "Long liver question B?": "Because bile B."}
     assert pair[liver_long["query"]] == liver_long["explanation"]
     assert liver_long["answer"].startswith(liver_long["explanation"])
@@ -98,10 +107,18 @@ def test_nifti_totalsegmentator(shared_data, tmp_path):
     ref = shared_data / "totalsegmentator_ref"
     index = {
         "volumes": [
-            {"image": str(ref / "example_ct_sm.nii.gz"), "label": str(ref / "example_seg.nii.gz"),
-             "modality": "ct", "classes": str(ref / "class_map_total_and_total_mr.json") + "#total"},
-            {"image": str(ref / "example_mr_sm.nii.gz"), "label": str(ref / "example_seg_mr.nii.gz"),
-             "modality": "mr", "classes": str(ref / "class_map_total_and_total_mr.json") + "#total_mr"},
+            {
+                "image": str(ref / "example_ct_sm.nii.gz"),
+                "label": str(ref / "example_seg.nii.gz"),
+                "modality": "ct",
+                "classes": str(ref / "class_map_total_and_total_mr.json") + "#total",
+            },
+            {
+                "image": str(ref / "example_mr_sm.nii.gz"),
+                "label": str(ref / "example_seg_mr.nii.gz"),
+                "modality": "mr",
+                "classes": str(ref / "class_map_total_and_total_mr.json") + "#total_mr",
+            },
         ]
     }
     (tmp_path / "index.json").write_text(json.dumps(index))

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-
 from medisee import storage
 from medisee.config import DataConfig, PrepareConfig
 from medisee.data.prepare import prepare
 from medisee.data.reader import mix_fractions, shard_dataset, shard_files, unpack_masks
+
 from tests.data.layouts import sa_med2d_layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -20,16 +20,23 @@ def test_prepare_on_ray_to_s3_and_stream_back(ray_local, s3_bucket, tmp_path):
     base = sa_med2d_layout(tmp_path)
     for path in base.rglob("*"):
         if path.is_file():
-            storage.write_bytes(storage.join(root, "raw", str(path.relative_to(base))), path.read_bytes(), settings)
+            storage.write_bytes(
+                storage.join(root, "raw", str(path.relative_to(base))), path.read_bytes(), settings
+            )
     out_sa = storage.join(root, "shards", "sa-med2d")
-    manifest = prepare("sa-med2d", storage.join(root, "raw"), out_sa, PrepareConfig(val_fraction=0.0), settings)
+    manifest = prepare(
+        "sa-med2d", storage.join(root, "raw"), out_sa, PrepareConfig(val_fraction=0.0), settings
+    )
     assert manifest["rows_input"] == manifest["rows_written"] + manifest["rows_quarantined"]
     # the unreadable image takes its target and its false query with it; one mask is not binary
     assert manifest["quarantine_reasons"] == {"unreadable_image": 2, "mask_not_binary": 1}
     stored = json.loads(storage.read_text(storage.join(out_sa, "manifest.json"), settings))
     assert stored["shards"] == manifest["shards"]
     for shard in manifest["shards"]:
-        assert storage.sha256(storage.read_bytes(storage.join(out_sa, shard["path"]), settings)) == shard["sha256"]
+        assert (
+            storage.sha256(storage.read_bytes(storage.join(out_sa, shard["path"]), settings))
+            == shard["sha256"]
+        )
 
     out_ph = storage.join(root, "shards", "phantom")
     prepare("phantom", "-", out_ph, PrepareConfig(phantom_images=12, val_fraction=0.0), settings)
@@ -64,4 +71,6 @@ def test_shard_files_by_split(tmp_path):
     out = tmp_path / "o"
     prepare("phantom", "-", str(out), PrepareConfig(phantom_images=20), executor="local")
     settings = storage.StorageSettings()
-    assert shard_files(str(out), "val", settings) and all("/val/" in u for u in shard_files(str(out), "val", settings))
+    assert shard_files(str(out), "val", settings) and all(
+        "/val/" in u for u in shard_files(str(out), "val", settings)
+    )

@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
-
-from medisee.data.codec import BadRecord, check_mask, decode_image, encode_png, mask_box, mask_to_rle, rle_to_mask
+from medisee.data.codec import (
+    BadRecord,
+    check_mask,
+    decode_image,
+    encode_png,
+    mask_box,
+    mask_to_rle,
+    rle_to_mask,
+)
 from medisee.data.records import LoadedImage, LoadedTarget, rows_for_image
 
 
@@ -34,9 +41,15 @@ def test_rle_round_trip():
 
 
 def test_bad_image_quarantines_every_record_it_carries():
-    loaded = LoadedImage("k", "ref", "ct", "train", BadRecord("unreadable_image", "x"),
-                         [LoadedTarget("liver", np.ones((2, 2)), "m1"), LoadedTarget("spleen", np.ones((2, 2)), "m2")],
-                         ["kidney"])
+    loaded = LoadedImage(
+        "k",
+        "ref",
+        "ct",
+        "train",
+        BadRecord("unreadable_image", "x"),
+        [LoadedTarget("liver", np.ones((2, 2)), "m1"), LoadedTarget("spleen", np.ones((2, 2)), "m2")],
+        ["kidney"],
+    )
     rows = rows_for_image("src", loaded)
     assert len(rows) == 3 and {r["reason"] for r in rows} == {"unreadable_image"}
     assert {r["input_ref"] for r in rows} == {"m1", "m2", "ref"}

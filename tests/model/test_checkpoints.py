@@ -5,10 +5,10 @@ import re
 import numpy as np
 import pytest
 import torch
-
 from medisee import storage
 from medisee.model import build_model
 from medisee.model.checkpoint import CheckpointError, load_trainable, save_trainable, write_torch
+
 from tests.model.conftest import QUERIES
 
 
@@ -17,9 +17,15 @@ def same_predictions(a, b, images, exact=True):
     pa, pb = a.predict(images, QUERIES), b.predict(images, QUERIES)
     for x, y in zip(pa, pb, strict=True):
         if exact:
-            assert x.box == y.box and np.array_equal(x.mask, y.mask) and np.array_equal(x.similarity, y.similarity)
+            assert (
+                x.box == y.box
+                and np.array_equal(x.mask, y.mask)
+                and np.array_equal(x.similarity, y.similarity)
+            )
         else:
-            assert np.allclose(x.box, y.box, atol=1e-3) and np.allclose(x.similarity, y.similarity, rtol=1e-4, atol=1e-4)
+            assert np.allclose(x.box, y.box, atol=1e-3) and np.allclose(
+                x.similarity, y.similarity, rtol=1e-4, atol=1e-4
+            )
             assert (x.mask == y.mask).mean() > 0.999
 
 
@@ -42,8 +48,14 @@ def saved(tmp_path_factory):
 
 def test_llava_dir_and_sam_pth_and_trainable_round_trip(saved, images):
     model, root = saved
-    loaded = build_model("tiny", llava_path=str(root / "llava"), sam_checkpoint=str(root / "medsam_vit_b.pth"),
-                         medisee_checkpoint=str(root / "trainable.pt"), finetune="full", seed=99)
+    loaded = build_model(
+        "tiny",
+        llava_path=str(root / "llava"),
+        sam_checkpoint=str(root / "medsam_vit_b.pth"),
+        medisee_checkpoint=str(root / "trainable.pt"),
+        finetune="full",
+        seed=99,
+    )
     loaded.eval()
     same_predictions(model, loaded, images)
 
@@ -63,10 +75,17 @@ def test_loaders_read_from_s3(saved, s3_bucket, images):
     model, root = saved
     for path in root.rglob("*"):
         if path.is_file():
-            storage.write_bytes(storage.join(root_uri, str(path.relative_to(root))), path.read_bytes(), settings)
-    loaded = build_model("tiny", llava_path=storage.join(root_uri, "llava"),
-                         sam_checkpoint=storage.join(root_uri, "medsam_vit_b.pth"),
-                         medisee_checkpoint=storage.join(root_uri, "trainable.pt"), finetune="full", settings=settings)
+            storage.write_bytes(
+                storage.join(root_uri, str(path.relative_to(root))), path.read_bytes(), settings
+            )
+    loaded = build_model(
+        "tiny",
+        llava_path=storage.join(root_uri, "llava"),
+        sam_checkpoint=storage.join(root_uri, "medsam_vit_b.pth"),
+        medisee_checkpoint=storage.join(root_uri, "trainable.pt"),
+        finetune="full",
+        settings=settings,
+    )
     loaded.eval()
     same_predictions(model, loaded, images)
 
@@ -74,11 +93,14 @@ def test_loaders_read_from_s3(saved, s3_bucket, images):
 def official_layout(model) -> dict[str, torch.Tensor]:
     """Our state dict written with the official release's key names, q/v as LoRA-wrapped base layers."""
     renames = [
-        (r"^llava\.model\.language_model\.", "model."), (r"^llava\.lm_head\.", "lm_head."),
+        (r"^llava\.model\.language_model\.", "model."),
+        (r"^llava\.lm_head\.", "lm_head."),
         (r"^llava\.model\.multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
         (r"^llava\.model\.multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
-        (r"^llava\.model\.vision_tower\.", "model.vision_tower.vision_tower."), (r"^sam\.", "model.visual_model."),
-        (r"^text_projection\.fc1\.", "model.text_hidden_fcs.0.0."), (r"^text_projection\.fc2\.", "model.text_hidden_fcs.0.2."),
+        (r"^llava\.model\.vision_tower\.", "model.vision_tower.vision_tower."),
+        (r"^sam\.", "model.visual_model."),
+        (r"^text_projection\.fc1\.", "model.text_hidden_fcs.0.0."),
+        (r"^text_projection\.fc2\.", "model.text_hidden_fcs.0.2."),
         (r"^(seg_router|box_router|box_decoder)\.", r"model.\1."),
     ]
     out = {}
@@ -105,19 +127,22 @@ def test_official_release_layout_loads_and_matches(saved, images, tmp_path):
     model, _ = saved
     write_torch(official_layout(model), str(tmp_path / "medisee_official.pth"))
     # tokenizer + architecture come from the LLaVA dir; every weight from the release
-    loaded = build_model("tiny", llava_path=str(saved[1] / "llava"), official_release=str(tmp_path / "medisee_official.pth"))
+    loaded = build_model(
+        "tiny", llava_path=str(saved[1] / "llava"), official_release=str(tmp_path / "medisee_official.pth")
+    )
     loaded.eval()
     same_predictions(model, loaded, images, exact=False)
 
 
 def test_convert_checkpoint_cli(saved, images, tmp_path):
-    from typer.testing import CliRunner
-
     from medisee.cli import app
+    from typer.testing import CliRunner
 
     model, root = saved
     write_torch(official_layout(model), str(tmp_path / "official.pth"))
-    result = CliRunner().invoke(app, ["convert-checkpoint", "-i", str(tmp_path / "official.pth"), "-o", str(tmp_path / "conv.pth")])
+    result = CliRunner().invoke(
+        app, ["convert-checkpoint", "-i", str(tmp_path / "official.pth"), "-o", str(tmp_path / "conv.pth")]
+    )
     assert result.exit_code == 0, result.output
     loaded = build_model("tiny", llava_path=str(root / "llava"), official_release=str(tmp_path / "conv.pth"))
     loaded.eval()
@@ -132,7 +157,10 @@ def test_missing_and_mismatched_checkpoints_are_clear_errors(saved, tmp_path):
     state.pop("mask_decoder.iou_token.weight")
     state["image_encoder.pos_embed"] = torch.zeros(1, 2, 2, 3)
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match=r"bad\.pth.*missing \(1\): mask_decoder\.iou_token\.weight.*image_encoder\.pos_embed"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bad\.pth.*missing \(1\): mask_decoder\.iou_token\.weight.*image_encoder\.pos_embed",
+    ):
         build_model("tiny", sam_checkpoint=str(tmp_path / "bad.pth"))
     with pytest.raises(CheckpointError, match="config.json"):
         build_model("tiny", llava_path=str(tmp_path))

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
-
 from medisee.data.preprocess import sam_input
 from medisee.model import boxes as box_ops
 from medisee.model.build import build_model
 from medisee.model.heads import Router
 from medisee.model.losses import box_loss, dice_loss, similarity_loss
+
 from tests.model.conftest import QUERIES
 
 
@@ -31,7 +31,9 @@ def test_encode_then_decode_equals_predict(tiny, images):
     encoding = tiny.encode_query(images, QUERIES)
     decoded = tiny.decode(images, encoding)
     for a, b in zip(preds, decoded, strict=True):
-        assert a.box == b.box and np.array_equal(a.mask, b.mask) and np.array_equal(a.similarity, b.similarity)
+        assert (
+            a.box == b.box and np.array_equal(a.mask, b.mask) and np.array_equal(a.similarity, b.similarity)
+        )
 
 
 def test_hidden_state_offset_is_the_position_before_each_candidate(tiny):
@@ -137,7 +139,9 @@ def test_a_few_steps_on_one_batch_drive_the_loss_down(tmp_path):
     from medisee.data.reader import Preprocess
     from medisee.model.collate import collate
 
-    prepare("phantom", "-", str(tmp_path), PrepareConfig(phantom_images=4, val_fraction=0.0), executor="local")
+    prepare(
+        "phantom", "-", str(tmp_path), PrepareConfig(phantom_images=4, val_fraction=0.0), executor="local"
+    )
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "train" / "part-00000.parquet").slice(0, 4)
@@ -166,12 +170,14 @@ def test_forward_with_similarity_loss_pairs_reasoning_with_referring():
         "query": np.array(["Can you segment the liver?", "Which organ produces bile?"], object),
         "answer": np.array(["[SEG] and [BBOX].", "It makes bile. It is [SEG] and [BBOX]."], object),
         "has_target": np.array([True, True]),
-        "image_id": np.array(["a", "a"], object), "class_name": np.array(["liver", "liver"], object),
+        "image_id": np.array(["a", "a"], object),
+        "class_name": np.array(["liver", "liver"], object),
         "query_kind": np.array(["referring", "reasoning_short"], object),
         "sam_image": rng.integers(0, 255, (2, s, s, 3), dtype=np.uint8),
         "clip_image": rng.integers(0, 255, (2, model.clip_size, model.clip_size, 3), dtype=np.uint8),
         "mask_bits": np.packbits(np.ones((2, s * s), np.uint8), axis=1),
-        "box_sam": np.array([[10, 10, 50, 60]] * 2, np.float32), "resized_hw": np.array([[s, s]] * 2),
+        "box_sam": np.array([[10, 10, 50, 60]] * 2, np.float32),
+        "resized_hw": np.array([[s, s]] * 2),
     }
     from medisee.model.collate import collate
 

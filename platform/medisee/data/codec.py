@@ -21,9 +21,12 @@ class BadRecord(ValueError):
 def encode_png(array: np.ndarray) -> bytes:
     """uint8 H×W (grayscale) or H×W×3 → PNG bytes. An RGB image with R=G=B is stored as grayscale."""
     array = np.asarray(array)
-    if array.ndim == 3 and array.shape[2] == 3 and (array[..., 0] == array[..., 1]).all() and (
-        array[..., 0] == array[..., 2]
-    ).all():
+    if (
+        array.ndim == 3
+        and array.shape[2] == 3
+        and (array[..., 0] == array[..., 1]).all()
+        and (array[..., 0] == array[..., 2]).all()
+    ):
         array = array[..., 0]
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
@@ -82,7 +85,9 @@ def decode_mask_png(data: bytes, expected_shape: tuple[int, int] | None = None) 
 
 def check_mask(array: np.ndarray, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
     if expected_shape is not None and tuple(array.shape[:2]) != tuple(expected_shape):
-        raise BadRecord("mask_shape_mismatch", f"mask {tuple(array.shape[:2])} vs image {tuple(expected_shape)}")
+        raise BadRecord(
+            "mask_shape_mismatch", f"mask {tuple(array.shape[:2])} vs image {tuple(expected_shape)}"
+        )
     if array.dtype == bool:
         mask = array
     else:

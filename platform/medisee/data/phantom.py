@@ -28,38 +28,78 @@ class Organ:
 
 
 ORGANS = (
-    Organ("liver", 150, (-0.45, -0.10), (0.36, 0.36),
-          "Which organ produces bile?",
-          "The patient has raised bilirubin and jaundice. Which large solid organ in the upper right abdomen should be examined?",
-          "The liver is the largest solid abdominal organ, in the right upper quadrant, and makes bile."),
-    Organ("spleen", 138, (0.58, 0.05), (0.17, 0.22),
-          "Which organ filters old red blood cells?",
-          "After blunt trauma to the left flank, which blood-filtering organ behind the stomach is most at risk?",
-          "The spleen lies in the left upper quadrant and removes aged red blood cells."),
-    Organ("right kidney", 172, (-0.30, 0.45), (0.12, 0.18),
-          "Which organ filters blood on the patient's right side, beside the spine?",
-          "Urine output is low and the right flank is tender. Which paired organ on that side should be checked?",
-          "The right kidney sits beside the spine on the patient's right and filters blood into urine."),
-    Organ("left kidney", 172, (0.30, 0.45), (0.12, 0.18),
-          "Which organ filters blood on the patient's left side, beside the spine?",
-          "The left flank is tender and there is blood in the urine. Which paired organ on that side should be checked?",
-          "The left kidney sits beside the spine on the patient's left and filters blood into urine."),
-    Organ("aorta", 205, (0.05, 0.28), (0.07, 0.07),
-          "Which vessel carries oxygenated blood down the abdomen?",
-          "A pulsatile abdominal mass is felt. Which large artery just in front of the spine should be measured?",
-          "The aorta is the round bright vessel directly in front of the vertebra."),
-    Organ("stomach", 92, (0.28, -0.38), (0.22, 0.15),
-          "Which hollow organ stores and digests food?",
-          "The patient vomits after meals and feels full early. Which hollow organ in the left upper abdomen should be inspected?",
-          "The stomach is the hollow, darker organ in the left upper abdomen."),
-    Organ("gallbladder", 62, (-0.22, 0.16), (0.09, 0.07),
-          "Which small organ stores bile?",
-          "Pain under the right ribs after fatty meals suggests stones. Which small bile-storing sac should be looked at?",
-          "The gallbladder is a small dark sac under the liver that stores bile."),
-    Organ("pancreas", 122, (0.02, 0.06), (0.30, 0.07),
-          "Which gland makes insulin and digestive enzymes?",
-          "Blood lipase is high and the pain radiates to the back. Which elongated gland across the mid abdomen is inflamed?",
-          "The pancreas is the elongated gland crossing the mid abdomen in front of the vessels."),
+    Organ(
+        "liver",
+        150,
+        (-0.45, -0.10),
+        (0.36, 0.36),
+        "Which organ produces bile?",
+        "The patient has raised bilirubin and jaundice. Which large solid organ in the upper right abdomen should be examined?",
+        "The liver is the largest solid abdominal organ, in the right upper quadrant, and makes bile.",
+    ),
+    Organ(
+        "spleen",
+        138,
+        (0.58, 0.05),
+        (0.17, 0.22),
+        "Which organ filters old red blood cells?",
+        "After blunt trauma to the left flank, which blood-filtering organ behind the stomach is most at risk?",
+        "The spleen lies in the left upper quadrant and removes aged red blood cells.",
+    ),
+    Organ(
+        "right kidney",
+        172,
+        (-0.30, 0.45),
+        (0.12, 0.18),
+        "Which organ filters blood on the patient's right side, beside the spine?",
+        "Urine output is low and the right flank is tender. Which paired organ on that side should be checked?",
+        "The right kidney sits beside the spine on the patient's right and filters blood into urine.",
+    ),
+    Organ(
+        "left kidney",
+        172,
+        (0.30, 0.45),
+        (0.12, 0.18),
+        "Which organ filters blood on the patient's left side, beside the spine?",
+        "The left flank is tender and there is blood in the urine. Which paired organ on that side should be checked?",
+        "The left kidney sits beside the spine on the patient's left and filters blood into urine.",
+    ),
+    Organ(
+        "aorta",
+        205,
+        (0.05, 0.28),
+        (0.07, 0.07),
+        "Which vessel carries oxygenated blood down the abdomen?",
+        "A pulsatile abdominal mass is felt. Which large artery just in front of the spine should be measured?",
+        "The aorta is the round bright vessel directly in front of the vertebra.",
+    ),
+    Organ(
+        "stomach",
+        92,
+        (0.28, -0.38),
+        (0.22, 0.15),
+        "Which hollow organ stores and digests food?",
+        "The patient vomits after meals and feels full early. Which hollow organ in the left upper abdomen should be inspected?",
+        "The stomach is the hollow, darker organ in the left upper abdomen.",
+    ),
+    Organ(
+        "gallbladder",
+        62,
+        (-0.22, 0.16),
+        (0.09, 0.07),
+        "Which small organ stores bile?",
+        "Pain under the right ribs after fatty meals suggests stones. Which small bile-storing sac should be looked at?",
+        "The gallbladder is a small dark sac under the liver that stores bile.",
+    ),
+    Organ(
+        "pancreas",
+        122,
+        (0.02, 0.06),
+        (0.30, 0.07),
+        "Which gland makes insulin and digestive enzymes?",
+        "Blood lipase is high and the pain radiates to the back. Which elongated gland across the mid abdomen is inflamed?",
+        "The pancreas is the elongated gland crossing the mid abdomen in front of the vessels.",
+    ),
 )
 ORGAN_NAMES = tuple(o.name for o in ORGANS)
 LOCATION_SHARE = 0.2
@@ -92,7 +132,9 @@ def generate(seed: int, index: int, size: int = 128) -> tuple[np.ndarray, dict[s
         cx = bx + (organ.center[0] + rng.normal(0, 0.05)) * bax
         cy = by + (organ.center[1] + rng.normal(0, 0.05)) * bay
         scale = rng.uniform(0.8, 1.2)
-        region = _ellipse(size, cx, cy, organ.axes[0] * bax * scale, organ.axes[1] * bay * scale, rng.normal(0, 0.2))
+        region = _ellipse(
+            size, cx, cy, organ.axes[0] * bax * scale, organ.axes[1] * bay * scale, rng.normal(0, 0.2)
+        )
         region &= inner
         image[region] = organ.intensity + rng.normal(0, 6)
         labels[region] = k + 1
@@ -119,10 +161,26 @@ def location_query(name: str, masks: dict[str, np.ndarray]) -> Query | None:
     cx = {n: np.nonzero(m)[1].mean() for n, m in masks.items()}
     area = {n: int(m.sum()) for n, m in masks.items()}
     phrases = (
-        (min(cx, key=cx.get), "Which labelled structure lies furthest to the left of the image?", "It is the leftmost structure."),
-        (max(cx, key=cx.get), "Which labelled structure lies furthest to the right of the image?", "It is the rightmost structure."),
-        (max(area, key=area.get), "Which structure takes up the largest area in this slice?", "It is the largest structure in the slice."),
-        (min(area, key=area.get), "Which structure is the smallest one in this slice?", "It is the smallest structure in the slice."),
+        (
+            min(cx, key=cx.get),
+            "Which labelled structure lies furthest to the left of the image?",
+            "It is the leftmost structure.",
+        ),
+        (
+            max(cx, key=cx.get),
+            "Which labelled structure lies furthest to the right of the image?",
+            "It is the rightmost structure.",
+        ),
+        (
+            max(area, key=area.get),
+            "Which structure takes up the largest area in this slice?",
+            "It is the largest structure in the slice.",
+        ),
+        (
+            min(area, key=area.get),
+            "Which structure is the smallest one in this slice?",
+            "It is the smallest structure in the slice.",
+        ),
     )
     for target, text, explanation in phrases:
         if target == name:
@@ -134,11 +192,17 @@ def queries_for(name: str, masks: dict[str, np.ndarray], key: str) -> list[Query
     organ = ORGANS[ORGAN_NAMES.index(name)]
     text, answer = prompts.referring(name, key)
     out = [Query("referring", text, answer)]
-    location = location_query(name, masks) if prompts.pick(range(100), key + "/loc") < LOCATION_SHARE * 100 else None
+    location = (
+        location_query(name, masks) if prompts.pick(range(100), key + "/loc") < LOCATION_SHARE * 100 else None
+    )
     if location is not None:
         out.append(location)
     elif prompts.pick((0, 1), key + "/len"):
-        out.append(Query("reasoning_long", organ.long, prompts.reasoning(organ.explanation), organ.explanation))
+        out.append(
+            Query("reasoning_long", organ.long, prompts.reasoning(organ.explanation), organ.explanation)
+        )
     else:
-        out.append(Query("reasoning_short", organ.short, prompts.reasoning(organ.explanation), organ.explanation))
+        out.append(
+            Query("reasoning_short", organ.short, prompts.reasoning(organ.explanation), organ.explanation)
+        )
     return out

@@ -45,8 +45,13 @@ def _fallback(spec: dict, err: BadRecord) -> LoadedImage:
         for t in spec.get("targets", [])
     ]
     return LoadedImage(
-        spec["image_key"], spec.get("image_uri", spec["image_key"]), spec.get("modality", "unknown"),
-        spec.get("split", "train"), err, targets, list(spec.get("absent_classes", [])),
+        spec["image_key"],
+        spec.get("image_uri", spec["image_key"]),
+        spec.get("modality", "unknown"),
+        spec.get("split", "train"),
+        err,
+        targets,
+        list(spec.get("absent_classes", [])),
     )
 
 
@@ -104,7 +109,13 @@ class ShardWriter:
         self._counts[split] += 1
         storage.write_bytes(storage.join(self.output_uri, name), data, self.settings)
         self.shards.append(
-            {"path": name, "split": split, "rows": table.num_rows, "bytes": len(data), "sha256": storage.sha256(data)}
+            {
+                "path": name,
+                "split": split,
+                "rows": table.num_rows,
+                "bytes": len(data),
+                "sha256": storage.sha256(data),
+            }
         )
 
     def close(self) -> list[dict]:
@@ -179,7 +190,9 @@ def prepare(
         "shards": shards,
     }
     assert manifest["rows_input"] == manifest["rows_written"] + manifest["rows_quarantined"]
-    storage.write_bytes(storage.join(output_uri, "manifest.json"), json.dumps(manifest, indent=2).encode(), settings)
+    storage.write_bytes(
+        storage.join(output_uri, "manifest.json"), json.dumps(manifest, indent=2).encode(), settings
+    )
     return manifest
 
 
@@ -225,10 +238,11 @@ def _results(spec_jsons: list[str], ctx, mask_format: str, executor: str, progre
         batch_size=4,
         batch_format="pyarrow",
         num_cpus=ctx.prepare.num_cpus_per_task,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(_cluster_cpus() / ctx.prepare.num_cpus_per_task))),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, int(_cluster_cpus() / ctx.prepare.num_cpus_per_task))
+        ),
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield batch
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 def _cluster_cpus() -> float:

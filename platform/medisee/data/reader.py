@@ -20,8 +20,20 @@ from medisee.data.preprocess import clip_input, sam_input, sam_mask
 from medisee.storage import StorageSettings
 
 PREPROCESS_COLUMNS = (
-    "record_id", "image_id", "query", "answer", "query_kind", "class_name", "modality", "split",
-    "image_png", "mask_png", "mask_rle", "box", "height", "width",
+    "record_id",
+    "image_id",
+    "query",
+    "answer",
+    "query_kind",
+    "class_name",
+    "modality",
+    "split",
+    "image_png",
+    "mask_png",
+    "mask_rle",
+    "box",
+    "height",
+    "width",
 )
 
 
@@ -30,7 +42,9 @@ def shard_files(uri: str, split: str | None, settings: StorageSettings) -> list[
     manifest_uri = storage.join(uri, "manifest.json")
     if storage.exists(manifest_uri, settings):
         manifest = json.loads(storage.read_text(manifest_uri, settings))
-        return [storage.join(uri, s["path"]) for s in manifest["shards"] if split is None or s["split"] == split]
+        return [
+            storage.join(uri, s["path"]) for s in manifest["shards"] if split is None or s["split"] == split
+        ]
     prefix = storage.join(uri, split) if split else uri
     return storage.list_files(prefix, (".parquet",), settings)
 
@@ -42,7 +56,10 @@ def read_shards(uris: list[str], settings: StorageSettings, columns=PREPROCESS_C
     paths = [storage.filesystem(u, settings)[1] for u in uris]
     # one block per shard at least, so that every preprocessing actor gets work
     return ray.data.read_parquet(
-        paths, filesystem=fs, columns=list(columns) if columns else None, override_num_blocks=max(len(paths), 2)
+        paths,
+        filesystem=fs,
+        columns=list(columns) if columns else None,
+        override_num_blocks=max(len(paths), 2),
     )
 
 
@@ -118,10 +135,20 @@ class ShardPreprocess:
     needs no driver-side file listing, and streams: one batch at a time is held in memory.
     """
 
-    def __init__(self, settings: StorageSettings, sam_size: int, clip_size: int, batch_size: int,
-                 tokenize: Callable | None = None, seed: int = 0):
-        self.settings, self.batch_size, self.seed = settings, batch_size, seed
+    def __init__(
+        self,
+        settings: StorageSettings,
+        sam_size: int,
+        clip_size: int,
+        batch_size: int,
+        tokenize: Callable | None = None,
+        seed: int = 0,
+    ):
+        self.settings, self.seed = settings, seed
         self.preprocess = Preprocess(sam_size, clip_size, tokenize)
+        # Output blocks of ~32 MB: tiny blocks make Ray Data's per-block overhead the bottleneck.
+        row_bytes = sam_size * sam_size * 3 + clip_size * clip_size * 3 + sam_size * sam_size // 8
+        self.rows_per_block = int(min(256, max(batch_size, 32 * 2**20 // row_bytes)))
 
     def __call__(self, batch: dict):
         import pyarrow.parquet as pq
@@ -129,10 +156,15 @@ class ShardPreprocess:
         for uri, fraction in zip(batch["uri"], batch["fraction"], strict=True):
             fs, path = storage.filesystem(str(uri), self.settings)
             with fs.open_input_file(path) as f:
-                for record_batch in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size, columns=list(PREPROCESS_COLUMNS)):
+                for record_batch in pq.ParquetFile(f).iter_batches(
+                    batch_size=self.rows_per_block, columns=list(PREPROCESS_COLUMNS)
+                ):
                     table = pa.Table.from_batches([record_batch])
                     if fraction < 1.0:
-                        keep = [keep_row(rid, fraction, self.seed) for rid in table.column("record_id").to_pylist()]
+                        keep = [
+                            keep_row(rid, fraction, self.seed)
+                            for rid in table.column("record_id").to_pylist()
+                        ]
                         table = table.filter(pa.array(keep))
                     if table.num_rows:
                         yield self.preprocess(table)
@@ -180,17 +212,30 @@ def shard_dataset(
         raise FileNotFoundError(f"no {split} shards under {sources}")
     seed = data_cfg.seed if seed is None else seed
     if len(files) > 1 and split == "train":
-        fractions = mix_fractions({n: _row_count(f, settings) for n, f in files.items()}, _named_mix(data_cfg.mix, files))
+        fractions = mix_fractions(
+            {n: _row_count(f, settings) for n, f in files.items()}, _named_mix(data_cfg.mix, files)
+        )
     else:
         fractions = {n: 1.0 for n in files}
-    items = [{"uri": uri, "fraction": fractions[name]} for name, f in files.items() for uri in f if fractions[name] > 0]
+    items = [
+        {"uri": uri, "fraction": fractions[name]}
+        for name, f in files.items()
+        for uri in f
+        if fractions[name] > 0
+    ]
     if split == "train":
         random.Random(seed).shuffle(items)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         ShardPreprocess,
-        fn_constructor_args=(settings, data_cfg.sam_image_size, data_cfg.clip_image_size, data_cfg.batch_size,
-                             tokenize, seed),
+        fn_constructor_args=(
+            settings,
+            data_cfg.sam_image_size,
+            data_cfg.clip_image_size,
+            data_cfg.batch_size,
+            tokenize,
+            seed,
+        ),
         batch_size=1,
         num_cpus=data_cfg.preprocess_num_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data_cfg.preprocess_concurrency),

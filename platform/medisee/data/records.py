@@ -72,13 +72,18 @@ def _target_queries(source: str, image_key: str, target: LoadedTarget) -> list[t
 def rows_for_image(source: str, loaded: LoadedImage, mask_format: str = "png") -> list[dict]:
     """All output rows (shard or quarantine) for one image."""
     out: list[dict] = []
-    candidates = [(t, rid, q) for t in loaded.targets for rid, q in _target_queries(source, loaded.image_key, t)]
+    candidates = [
+        (t, rid, q) for t in loaded.targets for rid, q in _target_queries(source, loaded.image_key, t)
+    ]
     false_ids = [
-        (name, record_id(source, loaded.image_key, name, "absent", "false_query")) for name in loaded.absent_classes
+        (name, record_id(source, loaded.image_key, name, "absent", "false_query"))
+        for name in loaded.absent_classes
     ]
 
     if isinstance(loaded.image, BadRecord):
-        ids = [(rid, t.input_ref) for t, rid, _ in candidates] + [(rid, loaded.input_ref) for _, rid in false_ids]
+        ids = [(rid, t.input_ref) for t, rid, _ in candidates] + [
+            (rid, loaded.input_ref) for _, rid in false_ids
+        ]
         if not ids:
             ids = [(record_id(source, loaded.image_key, "image", "all", "image_only"), loaded.input_ref)]
         return [_quarantine(rid, source, ref, loaded.image) for rid, ref in ids]

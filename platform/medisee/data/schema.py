@@ -44,7 +44,9 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 # What a processing task emits: a shard row, or a quarantine row (reason set).
-PROCESSED_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [pa.field("reason", pa.string()), pa.field("detail", pa.string())])
+PROCESSED_SCHEMA = pa.schema(
+    list(SHARD_SCHEMA) + [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
+)
 
 
 def empty_row() -> dict:

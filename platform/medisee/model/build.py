@@ -1,8 +1,8 @@
 """Presets and builders.
 
-    build_model("tiny")                                     random init, offline, seconds, CPU
-    build_model("medisee-7b", llava_path=..., sam_checkpoint=...)   user checkpoints, local or s3://
-    build_model("tiny", llava_path=dir, sam_checkpoint=pth)         any preset can load saved weights
+build_model("tiny")                                     random init, offline, seconds, CPU
+build_model("medisee-7b", llava_path=..., sam_checkpoint=...)   user checkpoints, local or s3://
+build_model("tiny", llava_path=dir, sam_checkpoint=pth)         any preset can load saved weights
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ import torch
 
 from medisee.model import checkpoint as ckpt
 from medisee.model.medisee import LossWeights, MediSee
-from medisee.model.mllm import LLAVA_MED_MISTRAL_7B, MLLM_TINY, MllmConfig, build_llava, num_image_tokens, resize_for_tokenizer
+from medisee.model.mllm import (
+    LLAVA_MED_MISTRAL_7B,
+    MLLM_TINY,
+    MllmConfig,
+    build_llava,
+    num_image_tokens,
+    resize_for_tokenizer,
+)
 from medisee.model.sam import SAM_TINY, SAM_VIT_B, SamConfig, build_sam
 from medisee.model.text import IMAGE_TOKEN, TextSpec, add_candidate_tokens, build_tiny_tokenizer
 from medisee.storage import StorageSettings
@@ -61,9 +68,16 @@ def build_model(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
     spec = PRESETS[preset]
-    if spec.needs_checkpoints and not random_weights and not (llava_path and (sam_checkpoint or official_release)):
-        raise ckpt.CheckpointError(preset, detail="this preset needs model.llava_path and model.sam_checkpoint "
-                                                  "(or an official release); nothing is initialised at random")
+    if (
+        spec.needs_checkpoints
+        and not random_weights
+        and not (llava_path and (sam_checkpoint or official_release))
+    ):
+        raise ckpt.CheckpointError(
+            preset,
+            detail="this preset needs model.llava_path and model.sam_checkpoint "
+            "(or an official release); nothing is initialised at random",
+        )
     torch.manual_seed(seed)
     if llava_path:
         llava, tokenizer = ckpt.load_llava_dir(llava_path, settings)
@@ -104,7 +118,9 @@ def build_model(
 LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj)$"
 
 
-def configure_trainable(model: MediSee, finetune: str, r: int = 8, alpha: int = 16, dropout: float = 0.05) -> None:
+def configure_trainable(
+    model: MediSee, finetune: str, r: int = 8, alpha: int = 16, dropout: float = 0.05
+) -> None:
     """LoRA on the LM's q_proj/v_proj (or the full LM) + embed_tokens, lm_head, mask decoder, heads.
 
     Frozen: CLIP, projector, SAM image and prompt encoders.
@@ -113,7 +129,9 @@ def configure_trainable(model: MediSee, finetune: str, r: int = 8, alpha: int = 
     if finetune == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
+        config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none"
+        )
         inject_adapter_in_model(config, model.llava)
         for name, param in model.llava.named_parameters():
             if "lora_" in name:
@@ -124,5 +142,11 @@ def configure_trainable(model: MediSee, finetune: str, r: int = 8, alpha: int = 
         raise ValueError(f"finetune must be lora or full, not {finetune!r}")
     model.llava.get_input_embeddings().requires_grad_(True)
     model.llava.get_output_embeddings().requires_grad_(True)
-    for module in (model.sam.mask_decoder, model.text_projection, model.box_decoder, model.seg_router, model.box_router):
+    for module in (
+        model.sam.mask_decoder,
+        model.text_projection,
+        model.box_decoder,
+        model.seg_router,
+        model.box_router,
+    ):
         module.requires_grad_(True)

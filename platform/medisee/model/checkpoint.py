@@ -31,7 +31,9 @@ class CheckpointError(RuntimeError):
         parts = [f"checkpoint {source} does not fit the model"]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
-                parts.append(f"{label} ({len(keys)}): {', '.join(list(keys)[:5])}{' ...' if len(keys) > 5 else ''}")
+                parts.append(
+                    f"{label} ({len(keys)}): {', '.join(list(keys)[:5])}{' ...' if len(keys) > 5 else ''}"
+                )
         if detail:
             parts.append(detail)
         super().__init__("; ".join(parts))
@@ -58,8 +60,11 @@ def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-                  if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or mismatched:
         raise CheckpointError(source, missing, unexpected, mismatched)
     module.load_state_dict(state, strict=True)
@@ -137,8 +142,9 @@ def convert_official_state_dict(state: dict[str, torch.Tensor], extra_renames=()
     return out
 
 
-def load_official_release(model: torch.nn.Module, uri: str, settings: StorageSettings | None = None,
-                          extra_renames=()) -> list[str]:
+def load_official_release(
+    model: torch.nn.Module, uri: str, settings: StorageSettings | None = None, extra_renames=()
+) -> list[str]:
     """Load an official MediSee release into `model`; returns the keys the release did not cover.
 
     LoRA adapter weights (`lora_A` / `lora_B`) in the release are merged into the base weights.
@@ -152,15 +158,20 @@ def load_official_release(model: torch.nn.Module, uri: str, settings: StorageSet
     own = model.state_dict()
     own = {k.replace(".base_layer", ""): k for k in own}
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: {tuple(state[k].shape)} vs {tuple(model.state_dict()[own[k]].shape)}"
-                  for k in state if k in own and tuple(state[k].shape) != tuple(model.state_dict()[own[k]].shape)]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(model.state_dict()[own[k]].shape)}"
+        for k in state
+        if k in own and tuple(state[k].shape) != tuple(model.state_dict()[own[k]].shape)
+    ]
     if unexpected or mismatched:
         raise CheckpointError(uri, unexpected=unexpected, mismatched=mismatched)
     model.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
     return [k for k in own if k not in state]
 
 
-def convert_official_file(src: str, dst: str, settings: StorageSettings | None = None, extra_renames=()) -> int:
+def convert_official_file(
+    src: str, dst: str, settings: StorageSettings | None = None, extra_renames=()
+) -> int:
     """`medisee convert-checkpoint`: rename + merge an official release once; returns the tensor count."""
     payload = read_torch(src, settings)
     state = merge_lora(convert_official_state_dict(payload.get("state_dict", payload), extra_renames))
@@ -180,9 +191,19 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: float | None = None, alp
     return out
 
 
-def save_trainable(model, uri: str, preset: str, settings: StorageSettings | None = None, extra: dict | None = None):
-    write_torch({"format": TRAINABLE_FORMAT, "preset": preset, "state_dict": model.trainable_state_dict(),
-                 **(extra or {})}, uri, settings)
+def save_trainable(
+    model, uri: str, preset: str, settings: StorageSettings | None = None, extra: dict | None = None
+):
+    write_torch(
+        {
+            "format": TRAINABLE_FORMAT,
+            "preset": preset,
+            "state_dict": model.trainable_state_dict(),
+            **(extra or {}),
+        },
+        uri,
+        settings,
+    )
 
 
 def load_trainable(model, uri: str, settings: StorageSettings | None = None) -> dict:

@@ -14,11 +14,15 @@ from medisee.data.reader import unpack_masks
 from medisee.model.text import TextSpec, answer_with_candidates
 
 
-def collate(batch: dict[str, np.ndarray], text: TextSpec, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def collate(
+    batch: dict[str, np.ndarray], text: TextSpec, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     tokens = [text.tokenizer.convert_ids_to_tokens(i) for i in text.candidate_ids]
     has_target = np.asarray(batch["has_target"], bool)
-    answers = [answer_with_candidates(str(a), tokens) if t else str(a)
-               for a, t in zip(batch["answer"], has_target, strict=True)]
+    answers = [
+        answer_with_candidates(str(a), tokens) if t else str(a)
+        for a, t in zip(batch["answer"], has_target, strict=True)
+    ]
     out = text.batch([str(q) for q in batch["query"]], answers)
 
     image_ids = [str(i) for i in batch["image_id"]]
@@ -29,8 +33,11 @@ def collate(batch: dict[str, np.ndarray], text: TextSpec, device: torch.device |
     image_index = [unique_rows.index(first[i]) for i in image_ids]
 
     pair = np.full(len(image_ids), -1, np.int64)
-    referring = {(image_ids[i], str(batch["class_name"][i])): i for i in range(len(image_ids))
-                 if batch["query_kind"][i] == "referring" and has_target[i]}
+    referring = {
+        (image_ids[i], str(batch["class_name"][i])): i
+        for i in range(len(image_ids))
+        if batch["query_kind"][i] == "referring" and has_target[i]
+    }
     for i in range(len(image_ids)):
         if str(batch["query_kind"][i]).startswith("reasoning") and has_target[i]:
             pair[i] = referring.get((image_ids[i], str(batch["class_name"][i])), -1)

@@ -12,7 +12,9 @@ class Router(nn.Module):
     def __init__(self, hidden_size: int, num_candidates: int, gate_hidden: int = 1024):
         super().__init__()
         self.gate = nn.Sequential(
-            nn.Linear(num_candidates * hidden_size, gate_hidden), nn.GELU(), nn.Linear(gate_hidden, num_candidates)
+            nn.Linear(num_candidates * hidden_size, gate_hidden),
+            nn.GELU(),
+            nn.Linear(gate_hidden, num_candidates),
         )
 
     def weights(self, candidates: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0, eps: float = 1e-6) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0, eps: float = 1e-6
+) -> torch.Tensor:
     """Per-mask Dice loss on flattened masks, with the reference code's scale and eps. Returns (N,).
 
     As in the reference: numerator 2·Σ(p/scale·t), denominator Σp/scale + Σt/scale.
@@ -21,7 +23,9 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0
 
 def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-mask mean binary cross-entropy over pixels. Returns (N,)."""
-    loss = F.binary_cross_entropy_with_logits(logits.flatten(1), targets.flatten(1).to(logits), reduction="none")
+    loss = F.binary_cross_entropy_with_logits(
+        logits.flatten(1), targets.flatten(1).to(logits), reduction="none"
+    )
     return loss.mean(-1)
 
 
@@ -32,8 +36,13 @@ def box_loss(pred_xyxy: torch.Tensor, target_xyxy: torch.Tensor) -> tuple[torch.
     return l1, giou
 
 
-def similarity_loss(map_a: torch.Tensor, map_b: torch.Tensor, js_weight: float = 2.0, mse_weight: float = 1.0,
-                    eps: float = 1e-8) -> torch.Tensor:
+def similarity_loss(
+    map_a: torch.Tensor,
+    map_b: torch.Tensor,
+    js_weight: float = 2.0,
+    mse_weight: float = 1.0,
+    eps: float = 1e-8,
+) -> torch.Tensor:
     """2·JS(softmax a ‖ softmax b) + 1·MSE(min-max a, min-max b) per pair of flattened maps. Returns (N,)."""
     a, b = map_a.flatten(1).float(), map_b.flatten(1).float()
     p, q = a.softmax(-1), b.softmax(-1)

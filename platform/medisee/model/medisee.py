@@ -105,12 +105,14 @@ class MediSee(nn.Module):
         x = x * valid.unsqueeze(1)
         return self.sam.image_encoder(x)
 
-    def candidate_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidate_states(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """States at the position before the first occurrence of each candidate token.
 
         Returns (B, n, d) and a (B,) bool of rows where every candidate token occurs.
         """
-        batch, n = input_ids.shape[0], self.candidate_ids.numel()
+        batch = input_ids.shape[0]
         match = input_ids.unsqueeze(-1) == self.candidate_ids.view(1, 1, -1)  # (B, L, n)
         found = match.any(1)  # (B, n)
         first = match.float().argmax(1)  # (B, n) first position of each token
@@ -119,7 +121,9 @@ class MediSee(nn.Module):
         ok = found.all(-1) & (first > 0).all(-1)
         return states, ok
 
-    def similarity_maps(self, hidden: torch.Tensor, input_ids: torch.Tensor, seg_state: torch.Tensor) -> torch.Tensor:
+    def similarity_maps(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, seg_state: torch.Tensor
+    ) -> torch.Tensor:
         """Raw dot product of the [SEG] state with every image-token state (last layer): (B, N)."""
         image_positions = input_ids == self.text.image_token_id  # (B, L), N per row
         image_states = hidden[image_positions].view(input_ids.shape[0], -1, hidden.shape[-1])
@@ -132,8 +136,13 @@ class MediSee(nn.Module):
         box_xyxy = box_ops.cxcywh_to_xyxy(self.box_decoder(box.float()))
         return box_xyxy, self.text_projection(seg)
 
-    def decode_masks(self, image_embeddings: torch.Tensor, image_index: torch.Tensor, box_frame: torch.Tensor,
-                     prompt_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_index: torch.Tensor,
+        box_frame: torch.Tensor,
+        prompt_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res mask logits (B, 1, 4g, 4g) and predicted IoU (B, 1); one image embedding serves its targets."""
         out_masks = [None] * box_frame.shape[0]
         out_iou = [None] * box_frame.shape[0]
@@ -143,20 +152,29 @@ class MediSee(nn.Module):
             sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_frame[rows], masks=None)
             sparse = torch.cat([sparse, prompt_tokens[rows].unsqueeze(1).to(sparse)], 1)
             masks, iou = self.sam.mask_decoder(
-                image_embeddings=image_embeddings[m : m + 1], image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+                image_embeddings=image_embeddings[m : m + 1],
+                image_pe=dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
             )
             for j, r in enumerate(rows.tolist()):
                 out_masks[r], out_iou[r] = masks[j], iou[j]
         return torch.stack(out_masks), torch.stack(out_iou)
 
     def frame_logits(self, low_res: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(low_res.float(), (self.sam_size, self.sam_size), mode="bilinear", align_corners=False)[:, 0]
+        return F.interpolate(
+            low_res.float(), (self.sam_size, self.sam_size), mode="bilinear", align_corners=False
+        )[:, 0]
 
     def run_llava(self, clip_images: torch.Tensor, input_ids, attention_mask, labels=None):
         return self.llava(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=normalize_clip(clip_images),
-            labels=labels, output_hidden_states=True, return_dict=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=normalize_clip(clip_images),
+            labels=labels,
+            output_hidden_states=True,
+            return_dict=True,
         )
 
     # ----- training ----------------------------------------------------------------------------
@@ -164,7 +182,9 @@ class MediSee(nn.Module):
         """Losses for a batch from the reader + tokenizer (see medisee.model.collate)."""
         w = self.loss_weights
         with self.autocast():
-            out = self.run_llava(batch["clip_image"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+            out = self.run_llava(
+                batch["clip_image"], batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
             hidden = out.hidden_states[-1]
             candidates, found = self.candidate_states(hidden, batch["input_ids"])
             targets = batch["has_target"].bool() & found
@@ -177,8 +197,10 @@ class MediSee(nn.Module):
                 box_true = box_ops.frame_to_normalized(batch["box_sam"][idx].float(), resized)
                 l1, giou = box_loss(box_pred.float(), box_true)
                 image_index = batch.get("image_index", torch.arange(len(targets), device=targets.device))
-                embeddings = self.image_embeddings(batch["sam_image"], batch["resized_hw"] if "image_index" not in batch
-                                                   else batch["image_resized_hw"])
+                embeddings = self.image_embeddings(
+                    batch["sam_image"],
+                    batch["resized_hw"] if "image_index" not in batch else batch["image_resized_hw"],
+                )
                 box_frame = box_ops.normalized_to_frame(box_pred.detach().float(), resized)
                 low_res, _ = self.decode_masks(embeddings, image_index[idx], box_frame, prompt_tok)
                 logits = self.frame_logits(low_res)
@@ -201,8 +223,11 @@ class MediSee(nn.Module):
                     sims = self.similarity_maps(hidden, batch["input_ids"], candidates[:, 0])
                     losses["similarity"] = similarity_loss(sims[rows], sims[pair[rows]]).mean()
         losses["loss"] = (
-            w.ce * losses["ce"] + w.bce * losses["bce"] + w.dice * losses["dice"]
-            + w.box * (losses["box_l1"] + losses["box_giou"]) + w.similarity * losses["similarity"]
+            w.ce * losses["ce"]
+            + w.bce * losses["bce"]
+            + w.dice * losses["dice"]
+            + w.box * (losses["box_l1"] + losses["box_giou"])
+            + w.similarity * losses["similarity"]
         )
         return losses
 
@@ -211,8 +236,13 @@ class MediSee(nn.Module):
         return torch.from_numpy(np.stack([clip_input(im, self.clip_size) for im in images])).to(self.device)
 
     @torch.no_grad()
-    def encode_query(self, images: list[np.ndarray], queries: list[str], mode: str = "teacher_forced",
-                     max_new_tokens: int = 32) -> QueryEncoding:
+    def encode_query(
+        self,
+        images: list[np.ndarray],
+        queries: list[str],
+        mode: str = "teacher_forced",
+        max_new_tokens: int = 32,
+    ) -> QueryEncoding:
         """MLLM stage. mode: `teacher_forced` (fixed answer, fast) or `generate` (greedy answer text)."""
         clip = self._clip_batch(images)
         tokens = [self.text.tokenizer.convert_ids_to_tokens(i) for i in self.text.candidate_ids]
@@ -223,7 +253,10 @@ class MediSee(nn.Module):
         else:
             raise ValueError(f"mode must be teacher_forced or generate, not {mode!r}")
         found_text = [all(t in a for t in tokens) for a in answers]
-        forced = [a if ok else (a + " " + prompts.FIXED_ANSWER).strip() for a, ok in zip(answers, found_text, strict=True)]
+        forced = [
+            a if ok else (a + " " + prompts.FIXED_ANSWER).strip()
+            for a, ok in zip(answers, found_text, strict=True)
+        ]
         forced = [answer_with_candidates(a, tokens) for a in forced]
         batch = {k: v.to(self.device) for k, v in self.text.batch(queries, forced).items()}
         with self.autocast():
@@ -244,8 +277,12 @@ class MediSee(nn.Module):
         input_ids = torch.tensor([ids], device=self.device)
         with self.autocast():
             out = self.llava.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=normalize_clip(clip),
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.text.tokenizer.pad_token_id,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pixel_values=normalize_clip(clip),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.text.tokenizer.pad_token_id,
                 eos_token_id=self.text.tokenizer.eos_token_id,
             )
         new = out[0, input_ids.shape[1] :].tolist()
@@ -254,18 +291,23 @@ class MediSee(nn.Module):
         return self.text.tokenizer.decode(new, skip_special_tokens=False).strip()
 
     @torch.no_grad()
-    def decode(self, images: list[np.ndarray], encoding: QueryEncoding | torch.Tensor,
-               mask_threshold: float = 0.0) -> list[Prediction]:
+    def decode(
+        self, images: list[np.ndarray], encoding: QueryEncoding | torch.Tensor, mask_threshold: float = 0.0
+    ) -> list[Prediction]:
         """Decoder stage: boxes and masks from candidate states (the MLLM's output)."""
         candidates = encoding.candidates if isinstance(encoding, QueryEncoding) else encoding
         candidates = candidates.to(self.device)
         sam_images, frames = zip(*(sam_input(im, self.sam_size) for im in images), strict=True)
         resized = torch.tensor([f.resized_hw for f in frames], device=self.device)
         with self.autocast():
-            embeddings = self.image_embeddings(torch.from_numpy(np.stack(sam_images)).to(self.device), resized)
+            embeddings = self.image_embeddings(
+                torch.from_numpy(np.stack(sam_images)).to(self.device), resized
+            )
             box_norm, prompt_tok = self.heads(candidates)
             box_frame = box_ops.normalized_to_frame(box_norm.float(), resized)
-            low_res, iou = self.decode_masks(embeddings, torch.arange(len(images), device=self.device), box_frame, prompt_tok)
+            low_res, iou = self.decode_masks(
+                embeddings, torch.arange(len(images), device=self.device), box_frame, prompt_tok
+            )
             logits = self.frame_logits(low_res)
         original = torch.tensor([im.shape[:2] for im in images], device=self.device)
         boxes = box_ops.normalized_to_original(box_norm.float(), original).cpu().numpy()
@@ -278,10 +320,14 @@ class MediSee(nn.Module):
             mask = full > mask_threshold
             out.append(
                 Prediction(
-                    answer=encoding.answers[i] if isinstance(encoding, QueryEncoding) else prompts.FIXED_ANSWER,
+                    answer=encoding.answers[i]
+                    if isinstance(encoding, QueryEncoding)
+                    else prompts.FIXED_ANSWER,
                     box=tuple(float(v) for v in boxes[i]),
                     mask=mask.cpu().numpy(),
-                    similarity=encoding.similarity[i] if isinstance(encoding, QueryEncoding) else np.zeros(0, np.float32),
+                    similarity=encoding.similarity[i]
+                    if isinstance(encoding, QueryEncoding)
+                    else np.zeros(0, np.float32),
                     mask_score=float(probs[mask].mean()) if mask.any() else 0.0,
                     iou_score=float(iou[i, 0]),
                     area_fraction=float(mask.float().mean()),
@@ -290,8 +336,14 @@ class MediSee(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray], queries: list[str], mode: str = "teacher_forced",
-                max_new_tokens: int = 32, mask_threshold: float = 0.0) -> list[Prediction]:
+    def predict(
+        self,
+        images: list[np.ndarray],
+        queries: list[str],
+        mode: str = "teacher_forced",
+        max_new_tokens: int = 32,
+        mask_threshold: float = 0.0,
+    ) -> list[Prediction]:
         """images: uint8 H×W×3 of any size; one query per image."""
         if len(images) != len(queries):
             raise ValueError(f"{len(images)} images but {len(queries)} queries")
@@ -312,8 +364,12 @@ class MediSee(nn.Module):
         mismatched = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
         missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in state]
         if unexpected or mismatched or missing:
-            raise CheckpointError(source, missing=missing, unexpected=unexpected,
-                                  mismatched=[f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched])
+            raise CheckpointError(
+                source,
+                missing=missing,
+                unexpected=unexpected,
+                mismatched=[f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched],
+            )
         self.load_state_dict(state, strict=False)
 
 
@@ -326,4 +382,3 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"images must be H×W×3, got {image.shape}")
     return image
-

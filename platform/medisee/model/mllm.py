@@ -32,8 +32,19 @@ class MllmConfig:
 
 LLAVA_MED_MISTRAL_7B = MllmConfig()
 MLLM_TINY = MllmConfig(
-    vision_hidden=96, vision_intermediate=384, vision_layers=3, vision_heads=4, image_size=128, patch_size=16,
-    lm_type="llama", hidden=128, intermediate=512, layers=2, heads=4, kv_heads=4, max_positions=512,
+    vision_hidden=96,
+    vision_intermediate=384,
+    vision_layers=3,
+    vision_heads=4,
+    image_size=128,
+    patch_size=16,
+    lm_type="llama",
+    hidden=128,
+    intermediate=512,
+    layers=2,
+    heads=4,
+    kv_heads=4,
+    max_positions=512,
 )
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,22 +52,42 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_llava(cfg: MllmConfig, vocab_size: int, image_token_id: int, pad_token_id: int | None):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+    )
 
     vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate, num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        hidden_size=cfg.vision_hidden,
+        intermediate_size=cfg.vision_intermediate,
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
         projection_dim=cfg.vision_hidden,
     )
     text_cls = MistralConfig if cfg.lm_type == "mistral" else LlamaConfig
     text = text_cls(
-        vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_positions,
-        pad_token_id=pad_token_id, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_positions,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_id,
-        image_seq_length=cfg.num_image_tokens, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=cfg.num_image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
     return LlavaForConditionalGeneration(config)

@@ -79,7 +79,11 @@ def tiny_vocabulary() -> list[str]:
     """Words of every template, phantom text and common medical class name: the tiny preset's vocabulary."""
     from medisee.data import phantom, prompts
 
-    texts = list(prompts.REFERRING_QUERIES) + list(prompts.ANSWERS) + [prompts.FALSE_ANSWER, prompts.REASONING_ANSWER]
+    texts = (
+        list(prompts.REFERRING_QUERIES)
+        + list(prompts.ANSWERS)
+        + [prompts.FALSE_ANSWER, prompts.REASONING_ANSWER]
+    )
     for organ in phantom.ORGANS:
         texts += [organ.name, organ.short, organ.long, organ.explanation]
     texts += [
@@ -106,7 +110,10 @@ def build_tiny_tokenizer():
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\[/?INST\]|<image>|\w+|[^\w\s]"), "isolated")]
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(r"\[/?INST\]|<image>|\w+|[^\w\s]"), "isolated"),
+        ]
     )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"

@@ -11,7 +11,9 @@ from medisee.data.reader import shard_files
 from medisee.metrics import MetricSums, all_reduce
 
 
-def load_eval_rows(uri: str, split: str, settings, limit: int | None = None, rank: int = 0, world: int = 1) -> list[dict]:
+def load_eval_rows(
+    uri: str, split: str, settings, limit: int | None = None, rank: int = 0, world: int = 1
+) -> list[dict]:
     """Positive rows of a split, strided by rank so that every worker gets an equal, disjoint share."""
     rows: list[dict] = []
     index = 0
@@ -30,14 +32,27 @@ def load_eval_rows(uri: str, split: str, settings, limit: int | None = None, ran
     return rows
 
 
-def evaluate_rows(model, rows: list[dict], batch_size: int = 16, reduce: bool = True) -> dict[str, float]:
+def evaluate_rows(model, rows: list[dict], batch_size: int = 16, reduce: bool = True,
+                  max_new_tokens: int = 48) -> dict[str, float]:
+    """Score predictions against the rows' masks and boxes.
+
+    Referring rows are teacher-forced with the fixed answer; reasoning rows generate their answer,
+    because the [SEG] state of a reasoning answer follows the explanation the model writes first.
+    """
     sums = MetricSums()
     was_training = model.training
     model.eval()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         images = [decode_image(r["image_png"]) for r in chunk]
-        preds = model.predict(images, [r["query"] for r in chunk])
+        preds = [None] * len(chunk)
+        for mode in ("teacher_forced", "generate"):
+            idx = [i for i, r in enumerate(chunk) if r["query_kind"].startswith("reasoning") == (mode == "generate")]
+            if idx:
+                out = model.predict([images[i] for i in idx], [chunk[i]["query"] for i in idx], mode=mode,
+                                    max_new_tokens=max_new_tokens)
+                for i, pred in zip(idx, out, strict=True):
+                    preds[i] = pred
         for row, pred in zip(chunk, preds, strict=True):
             sums.add(row["query_kind"], pred.mask, row_mask(row), list(pred.box), list(row["box"]))
     model.train(was_training)
@@ -46,12 +61,17 @@ def evaluate_rows(model, rows: list[dict], batch_size: int = 16, reduce: bool = 
     return sums.finalize()
 
 
-def mean_mask_baseline(train_rows: list[dict], eval_rows: list[dict], size: int = 64, threshold: float = 0.5) -> dict:
+def mean_mask_baseline(
+    train_rows: list[dict], eval_rows: list[dict], size: int = 64, threshold: float = 0.5
+) -> dict:
     """Predict, for each class, the mean training mask (in normalised image coordinates)."""
     from PIL import Image
 
     def norm(mask: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)) / 255.0
+        return (
+            np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR))
+            / 255.0
+        )
 
     totals: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -68,7 +88,11 @@ def mean_mask_baseline(train_rows: list[dict], eval_rows: list[dict], size: int 
             pred = np.zeros_like(true)
         else:
             mean = mean / counts[row["class_name"]]
-            pred = np.asarray(Image.fromarray((mean * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)) / 255 >= threshold
+            pred = (
+                np.asarray(Image.fromarray((mean * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+                / 255
+                >= threshold
+            )
         ys, xs = np.nonzero(pred)
         box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 0, 0]
         sums.add(row["query_kind"], pred, true, [float(v) for v in box], list(row["box"]))

@@ -82,16 +82,28 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
     torch.manual_seed(cfg.run.seed)
     weights = LossWeights(box=cfg.model.box_loss_weight, similarity=cfg.model.similarity_loss_weight)
     module = build_model(
-        cfg.model.preset, llava_path=cfg.model.llava_path, sam_checkpoint=cfg.model.sam_checkpoint,
-        medisee_checkpoint=cfg.model.medisee_checkpoint, num_candidate_tokens=cfg.model.num_candidate_tokens,
-        loss_weights=weights, finetune=cfg.trainer.finetune, gradient_checkpointing=cfg.trainer.gradient_checkpointing,
-        settings=settings, seed=cfg.run.seed,
+        cfg.model.preset,
+        llava_path=cfg.model.llava_path,
+        sam_checkpoint=cfg.model.sam_checkpoint,
+        medisee_checkpoint=cfg.model.medisee_checkpoint,
+        num_candidate_tokens=cfg.model.num_candidate_tokens,
+        loss_weights=weights,
+        finetune=cfg.trainer.finetune,
+        gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+        settings=settings,
+        seed=cfg.run.seed,
     )
-    model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if world > 1 else module.to(ray.train.torch.get_device())
+    if world == 1:
+        model = module.to(ray.train.torch.get_device())
+    else:
+        model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.trainer.lr, betas=(0.9, 0.95), weight_decay=cfg.trainer.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.trainer.warmup_steps, cfg.trainer.max_steps))
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.trainer.lr, betas=(0.9, 0.95), weight_decay=cfg.trainer.weight_decay, foreach=True
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.trainer.warmup_steps, cfg.trainer.max_steps)
+    )
     val_uri = cfg.data.val_uri or next(iter(cfg.data.sources.values()))
     eval_rows = load_eval_rows(val_uri, "val", settings, cfg.trainer.eval_limit, rank, world)
     state = RecipeState(cfg, settings, rank, world, model, module, optimizer, scheduler, eval_rows)
@@ -99,7 +111,10 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
         state.mlflow_client = tracking.configure(cfg.tracking, settings)
         state.mlflow_run_id = tracking.start_or_resume_run(state.mlflow_client, cfg.tracking, cfg.run.name)
         tracking.log_params(state.mlflow_client, state.mlflow_run_id, flatten(cfg))
-        tracking.log_text(state.mlflow_client, state.mlflow_run_id, config_to_yaml(cfg), "config/resolved.yaml")
+        tracking.log_system_info(state.mlflow_client, state.mlflow_run_id, world)
+        tracking.log_text(
+            state.mlflow_client, state.mlflow_run_id, config_to_yaml(cfg), "config/resolved.yaml"
+        )
     return state
 
 
@@ -117,16 +132,21 @@ def load_checkpoint(state: RecipeState) -> bool:
     state.best = {int(k): v for k, v in payload.get("best", {}).items()}
     _set_rng_state(payload["rng"][min(state.rank, len(payload["rng"]) - 1)])
     if state.rank == 0:
-        print(f"[medisee] resumed from {uri} at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch})")
+        print(
+            f"[medisee] resumed from {uri} at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch})"
+        )
     return True
 
 
 def _rng_state() -> dict:
     """RNG states in types that `torch.load(weights_only=True)` accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                      int(has_gauss), float(cached)],
-            "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+    }
 
 
 def _set_rng_state(rng: dict) -> None:
@@ -142,13 +162,20 @@ def save_checkpoint(state: RecipeState, metric: float | None = None) -> str | No
     if state.rank != 0:
         return None
     if metric is not None:
-        state.best[state.step] = metric
+        state.best[state.step] = float(metric)
     uri = storage.join(checkpoint_dir(state.cfg), f"step-{state.step:08d}.pt")
     payload = {
-        "format": "medisee-train-checkpoint/1", "step": state.step, "epoch": state.epoch,
-        "step_in_epoch": state.step_in_epoch, "model": state.module.trainable_state_dict(),
-        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(), "rng": rngs,
-        "best": state.best, "config": config_to_yaml(state.cfg), "preset": state.cfg.model.preset,
+        "format": "medisee-train-checkpoint/1",
+        "step": state.step,
+        "epoch": state.epoch,
+        "step_in_epoch": state.step_in_epoch,
+        "model": state.module.trainable_state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "rng": rngs,
+        "best": state.best,
+        "config": config_to_yaml(state.cfg),
+        "preset": state.cfg.model.preset,
     }
     write_torch(payload, uri, state.settings)
     keep = {s for s, _ in sorted(state.best.items(), key=lambda kv: -kv[1])[: state.cfg.trainer.keep_best]}
@@ -159,8 +186,12 @@ def save_checkpoint(state: RecipeState, metric: float | None = None) -> str | No
     tracking.log_uri(state.mlflow_client, state.mlflow_run_id, "checkpoint.latest", uri)
     if keep:
         best_step = max(state.best, key=state.best.get)
-        tracking.log_uri(state.mlflow_client, state.mlflow_run_id, "checkpoint.best",
-                         storage.join(checkpoint_dir(state.cfg), f"step-{best_step:08d}.pt"))
+        tracking.log_uri(
+            state.mlflow_client,
+            state.mlflow_run_id,
+            "checkpoint.best",
+            storage.join(checkpoint_dir(state.cfg), f"step-{best_step:08d}.pt"),
+        )
     return uri
 
 
@@ -200,7 +231,14 @@ def train(state: RecipeState) -> None:
     def batches():
         """Cycle the stream forever; the recipe decides where an epoch ends (fixed steps)."""
         while True:
-            yield from shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy", prefetch_batches=2)
+            # rows of one image sit next to each other in a shard: mix them across images
+            yield from shard.iter_batches(
+                batch_size=cfg.data.batch_size,
+                batch_format="numpy",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
+                local_shuffle_seed=cfg.data.seed + state.epoch,
+            )
 
     stream = batches()
     for _ in range(state.step_in_epoch * micro):  # same data position after a resume
@@ -235,21 +273,40 @@ def train(state: RecipeState) -> None:
         metrics["lr"] = state.scheduler.get_last_lr()[0]
         if state.rank == 0 and (state.step % t.log_every == 0 or state.step == t.max_steps):
             rate = samples * state.world / max(1e-6, time.time() - started)
-            eta = (t.max_steps - state.step) * (time.time() - started) / max(1, samples / (cfg.data.batch_size * micro))
-            print(f"[medisee] step {state.step}/{t.max_steps} loss {totals['loss']:.4f} "
-                  f"{rate:.1f} samples/s data-wait {data_wait / max(1e-6, time.time() - started):.0%} ETA {eta:.0f}s",
-                  flush=True)
-            tracking.log_metrics(state.mlflow_client, state.mlflow_run_id, metrics | {"samples_per_s": rate}, state.step)
+            eta = (
+                (t.max_steps - state.step)
+                * (time.time() - started)
+                / max(1, samples / (cfg.data.batch_size * micro))
+            )
+            print(
+                f"[medisee] step {state.step}/{t.max_steps} loss {totals['loss']:.4f} "
+                f"{rate:.1f} samples/s data-wait {data_wait / max(1e-6, time.time() - started):.0%} ETA {eta:.0f}s",
+                flush=True,
+            )
+            tracking.log_metrics(
+                state.mlflow_client, state.mlflow_run_id, metrics | {"samples_per_s": rate}, state.step
+            )
         val = None
         if state.step % t.eval_every == 0 or state.step == t.max_steps:
             val = evaluate(state)
             if state.rank == 0:
-                tracking.log_metrics(state.mlflow_client, state.mlflow_run_id, {f"val/{k}": v for k, v in val.items()}, state.step)
-                print(f"[medisee] step {state.step} validation " + json.dumps({k: round(v, 4) for k, v in val.items() if "/" not in k}), flush=True)
+                tracking.log_metrics(
+                    state.mlflow_client,
+                    state.mlflow_run_id,
+                    {f"val/{k}": v for k, v in val.items()},
+                    state.step,
+                )
+                print(
+                    f"[medisee] step {state.step} validation "
+                    + json.dumps({k: round(v, 4) for k, v in val.items() if "/" not in k}),
+                    flush=True,
+                )
         if val is not None or state.step % t.checkpoint_every == 0:
             save_checkpoint(state, None if val is None else val.get(t.best_metric))
         if val is not None or state.step % t.log_every == 0:  # a report is a round trip to the controller
-            ray.train.report({"step": state.step, **metrics, **({f"val/{k}": v for k, v in val.items()} if val else {})})
+            ray.train.report(
+                {"step": state.step, **metrics, **({f"val/{k}": v for k, v in val.items()} if val else {})}
+            )
 
 
 class _null:

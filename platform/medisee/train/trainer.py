@@ -23,11 +23,17 @@ def build_trainer(cfg: MediSeeConfig, settings: StorageSettings):
     fs, path = storage.filesystem(storage.join(cfg.run.storage_uri, "ray"), settings)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "settings": {"endpoint": settings.endpoint,
-                                                                            "region": settings.region}},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "settings": {"endpoint": settings.endpoint, "region": settings.region},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+            name=cfg.run.name,
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
@@ -46,12 +52,18 @@ def run_training(cfg: MediSeeConfig, register: str | None = None, alias: str | N
     if result.error:
         raise result.error
     client = tracking.configure(cfg.tracking, settings)
-    exp_id = tracking.get_or_create_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    exp_id = tracking.get_or_create_experiment(
+        client, cfg.tracking.experiment, cfg.tracking.artifact_location
+    )
     run = tracking.find_run(client, exp_id, cfg.run.name)
     checkpoints = list_checkpoints(cfg, settings)
     final = checkpoints[-1][1] if checkpoints else None
-    out = {"mlflow_run_id": run.info.run_id if run else None, "checkpoint": final, "run_dir": run_dir(cfg),
-           "metrics": dict(result.metrics or {})}
+    out = {
+        "mlflow_run_id": run.info.run_id if run else None,
+        "checkpoint": final,
+        "run_dir": run_dir(cfg),
+        "metrics": dict(result.metrics or {}),
+    }
     if run and final:
         publish_model(client, run.info.run_id, cfg, final, settings)
         if register:
@@ -66,20 +78,31 @@ def with_absolute_paths(cfg: MediSeeConfig) -> MediSeeConfig:
     cfg.tracking.uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     if not storage.is_s3(cfg.run.storage_uri):
         cfg.run.storage_uri = str(Path(cfg.run.storage_uri.removeprefix("file://")).absolute())
-    cfg.data.sources = {k: v if storage.is_s3(v) else str(Path(v).absolute()) for k, v in cfg.data.sources.items()}
+    cfg.data.sources = {
+        k: v if storage.is_s3(v) else str(Path(v).absolute()) for k, v in cfg.data.sources.items()
+    }
     if cfg.data.val_uri and not storage.is_s3(cfg.data.val_uri):
         cfg.data.val_uri = str(Path(cfg.data.val_uri).absolute())
     return cfg
 
 
-def publish_model(client, run_id: str, cfg: MediSeeConfig, checkpoint_uri: str, settings: StorageSettings) -> None:
+def publish_model(
+    client, run_id: str, cfg: MediSeeConfig, checkpoint_uri: str, settings: StorageSettings
+) -> None:
     """Log what batch scoring and serving need: trainable weights, resolved config, base-model reference."""
     payload = read_torch(checkpoint_uri, settings)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         folder.mkdir()
-        write_torch({"format": TRAINABLE_FORMAT, "preset": cfg.model.preset, "state_dict": payload["model"],
-                     "step": payload["step"]}, str(folder / "trainable.pt"))
+        write_torch(
+            {
+                "format": TRAINABLE_FORMAT,
+                "preset": cfg.model.preset,
+                "state_dict": payload["model"],
+                "step": payload["step"],
+            },
+            str(folder / "trainable.pt"),
+        )
         (folder / "config.yaml").write_text(config_to_yaml(cfg))
         (folder / "base_model.yaml").write_text(
             f"preset: {cfg.model.preset}\nllava_path: {cfg.model.llava_path}\nsam_checkpoint: {cfg.model.sam_checkpoint}\n"
@@ -100,9 +123,15 @@ def load_registered_model(model_uri: str, cfg: MediSeeConfig):
     client = tracking.configure(cfg.tracking, settings)
     local = tracking.download_model(client, model_uri)
     trained = build_config(yaml.safe_load((local / "config.yaml").read_text()))
-    model = build_model(trained.model.preset, llava_path=trained.model.llava_path,
-                        sam_checkpoint=trained.model.sam_checkpoint, num_candidate_tokens=trained.model.num_candidate_tokens,
-                        finetune=trained.trainer.finetune, medisee_checkpoint=str(local / "trainable.pt"),
-                        settings=settings, seed=trained.run.seed)
+    model = build_model(
+        trained.model.preset,
+        llava_path=trained.model.llava_path,
+        sam_checkpoint=trained.model.sam_checkpoint,
+        num_candidate_tokens=trained.model.num_candidate_tokens,
+        finetune=trained.trainer.finetune,
+        medisee_checkpoint=str(local / "trainable.pt"),
+        settings=settings,
+        seed=trained.run.seed,
+    )
     model.eval()
     return model

@@ -7,7 +7,16 @@ loads one spec into LoadedImage objects (worker side, does the I/O and decoding)
 
 from __future__ import annotations
 
-from medisee.data.sources import dicom, files, image_folder, mlmr_sd, nifti, phantom_source, sa_med2d, sam_med2d_demo
+from medisee.data.sources import (
+    dicom,
+    files,
+    image_folder,
+    mlmr_sd,
+    nifti,
+    phantom_source,
+    sa_med2d,
+    sam_med2d_demo,
+)
 
 FORMATS = {
     "sa-med2d": sa_med2d,

@@ -32,9 +32,12 @@ def specs(input_uri: str, ctx):
         rel = uri[len(root) + 1 :] if uri.startswith(root) else posixpath.basename(uri)
         if rel == "labels.json" or rel.endswith((".png", ".json", ".txt")):
             continue
-        key = rel.replace("/", "_").rsplit(".", 1)[0] if rel.lower().endswith(".dcm") else rel.replace("/", "_")
+        key = (
+            rel.replace("/", "_").rsplit(".", 1)[0] if rel.lower().endswith(".dcm") else rel.replace("/", "_")
+        )
         targets = [
-            {"class_name": cls, "mask_uri": storage.join(input_uri, mask)} for cls, mask in labels.get(rel, {}).items()
+            {"class_name": cls, "mask_uri": storage.join(input_uri, mask)}
+            for cls, mask in labels.get(rel, {}).items()
         ]
         out.append(
             {
@@ -67,7 +70,9 @@ def read_frames(data: bytes, ctx) -> tuple[str, list[np.ndarray]]:
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
     frames_count = int(ds.get("NumberOfFrames", 1) or 1)
-    if str(ds.get("PhotometricInterpretation", "")).startswith("RGB") or (pixels.ndim == 3 and pixels.shape[-1] == 3 and frames_count == 1):
+    if str(ds.get("PhotometricInterpretation", "")).startswith("RGB") or (
+        pixels.ndim == 3 and pixels.shape[-1] == 3 and frames_count == 1
+    ):
         frames = [pixels] if frames_count == 1 else list(pixels)
         return str(ds.get("Modality", "ot")).lower(), [np.clip(f, 0, 255).astype(np.uint8) for f in frames]
     frames = list(pixels) if frames_count > 1 else [pixels]

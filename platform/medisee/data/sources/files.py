@@ -65,5 +65,7 @@ def with_false_queries(specs: list[dict], ctx) -> list[dict]:
     k = ctx.prepare.false_queries_per_image
     for spec in specs:
         present = {t["class_name"] for t in spec["targets"]}
-        spec["absent_classes"] = choose_absent(present, sorted(vocab[spec["modality"]]), k, spec["image_key"]) if k else []
+        spec["absent_classes"] = (
+            choose_absent(present, sorted(vocab[spec["modality"]]), k, spec["image_key"]) if k else []
+        )
     return specs

@@ -29,7 +29,9 @@ def _pooled(pool: dict, length: str, key: str) -> dict | None:
     i = prompts.pick(range(len(questions)), key)
     explanations = pool.get(f"{length}_explanation") or []
     if explanations:
-        explanation = explanations[i] if len(explanations) == len(questions) else prompts.pick(explanations, key + "/e")
+        explanation = (
+            explanations[i] if len(explanations) == len(questions) else prompts.pick(explanations, key + "/e")
+        )
     else:
         explanation = None
     return {
@@ -54,8 +56,12 @@ def _instance(mask_rel: str) -> int:
 
 
 def specs(input_uri: str, ctx):
-    files = {posixpath.basename(u): u for u in storage.list_files(input_uri, (".json", ".jsonl"), ctx.settings)}
-    pools = json.loads(storage.read_text(files["prompts.json"], ctx.settings)) if "prompts.json" in files else {}
+    files = {
+        posixpath.basename(u): u for u in storage.list_files(input_uri, (".json", ".jsonl"), ctx.settings)
+    }
+    pools = (
+        json.loads(storage.read_text(files["prompts.json"], ctx.settings)) if "prompts.json" in files else {}
+    )
     out = []
     if "train.json" in files:
         index = json.loads(storage.read_text(files["train.json"], ctx.settings))

@@ -39,7 +39,11 @@ def _classes(entry, base_uri: str, ctx) -> dict[int, str]:
 
 def specs(input_uri: str, ctx):
     index_uri = input_uri if input_uri.endswith(".json") else storage.join(input_uri, "index.json")
-    base = posixpath.dirname(index_uri) if storage.is_s3(index_uri) else str(__import__("pathlib").Path(index_uri).parent)
+    base = (
+        posixpath.dirname(index_uri)
+        if storage.is_s3(index_uri)
+        else str(__import__("pathlib").Path(index_uri).parent)
+    )
     index = json.loads(storage.read_text(index_uri, ctx.settings))
     out = []
     for entry in index["volumes"]:
@@ -110,7 +114,9 @@ def load(spec: dict, ctx) -> list[LoadedImage]:
                         input_ref=f"{spec['label_uri']}#{'xyz'[axis]}={index},label={int(label_id)}",
                     )
                 )
-        absent = choose_absent(present, sorted(classes.values()), k, key) if (k and labels is not None) else []
+        absent = (
+            choose_absent(present, sorted(classes.values()), k, key) if (k and labels is not None) else []
+        )
         out.append(
             LoadedImage(
                 image_key=key,

@@ -67,7 +67,11 @@ def specs(input_uri: str, ctx):
         for mask_rel in sorted(masks):
             class_name, instance = parse_mask_name(mask_rel, stem)
             targets.append(
-                {"class_name": class_name, "mask_uri": storage.join(input_uri, mask_rel), "instance": instance}
+                {
+                    "class_name": class_name,
+                    "mask_uri": storage.join(input_uri, mask_rel),
+                    "instance": instance,
+                }
             )
         out.append(
             {

@@ -1,0 +1,159 @@
+"""Training data stall: tiny-preset step time fed by the Ray Data stream from a moto S3 vs. fed by
+the same batches held in memory, inside Ray Train workers; plus samples/s for 1 vs. 2 workers.
+
+Last line: {"name": "train_ingest_stall", "value": <stall %>, "unit": "%", "target": 10}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ingest import free_port, wait_for  # noqa: E402
+
+for key, value in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def loop(config: dict) -> None:
+    import ray.train
+    import torch
+    from medisee.model import build_model
+    from medisee.model.collate import collate
+
+    torch.set_num_threads(1)
+    steps, warmup, batch_size = config["steps"], config["warmup"], config["batch_size"]
+    model = build_model("tiny", finetune="full")
+    if ray.train.get_context().get_world_size() > 1:
+        model = ray.train.torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
+    inner = model.module if hasattr(model, "module") else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    shard = ray.train.get_dataset_shard("train")
+
+    def stream():
+        while True:
+            yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+
+    batches = stream()
+    if config["mode"] == "memory":
+        held = [next(batches) for _ in range(steps)]
+        batches = iter(held * 2)
+
+    def step(raw):
+        loss = model(collate(raw, inner.text))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step(next(batches))
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(next(batches))
+    elapsed = time.perf_counter() - start
+    ray.train.report({"seconds_per_step": elapsed / steps, "samples_per_s": steps * batch_size / elapsed})
+
+
+def run(mode: str, workers: int, uri: str, settings, args) -> dict:
+    from medisee.config import DataConfig
+    from medisee.data.reader import shard_dataset
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data_cfg = DataConfig(
+        sam_image_size=128,
+        clip_image_size=128,
+        batch_size=args.batch_size,
+        preprocess_concurrency=2,
+        preprocess_num_cpus=0.25,
+    )
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"mode": mode, "steps": args.steps, "warmup": 5, "batch_size": args.batch_size},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(
+            name=f"bench-{mode}-{workers}-{int(time.time())}", storage_path=tempfile.mkdtemp()
+        ),
+        datasets={"train": shard_dataset(data_cfg, settings, split="train", uris={"phantom": uri})},
+    )
+    metrics = trainer.fit().metrics
+    return {
+        "seconds_per_step": metrics["seconds_per_step"],
+        "samples_per_s": metrics["samples_per_s"] * workers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+
+    import subprocess
+
+    import ray
+    from medisee import storage
+    from medisee.config import PrepareConfig
+    from medisee.data.prepare import prepare
+    from medisee.raylib import ensure_ray
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(f"http://127.0.0.1:{port}/moto-api/")
+    settings = storage.StorageSettings(endpoint=f"http://127.0.0.1:{port}")
+    storage.boto3_client(settings).create_bucket(Bucket="bench")
+    uri = "s3://bench/phantom"
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(
+            "phantom",
+            "-",
+            tmp,
+            PrepareConfig(phantom_images=args.images, val_fraction=0.0, shard_max_bytes=2 * 1024 * 1024),
+            executor="local",
+            progress=False,
+        )
+        for path in Path(tmp).rglob("*"):
+            if path.is_file():
+                storage.write_bytes(
+                    storage.join(uri, str(path.relative_to(tmp))), path.read_bytes(), settings
+                )
+    ensure_ray(num_cpus=os.cpu_count())
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = {}
+    try:
+        results["memory_2w"] = run("memory", 2, uri, settings, args)
+        results["stream_2w"] = run("stream", 2, uri, settings, args)
+        results["stream_1w"] = run("stream", 1, uri, settings, args)
+    finally:
+        server.terminate()
+    stall = 100 * (1 - results["memory_2w"]["seconds_per_step"] / results["stream_2w"]["seconds_per_step"])
+    print(json.dumps(results), file=sys.stderr)
+    print(
+        json.dumps(
+            {"name": "train_ingest_stall", "value": round(max(stall, 0.0), 1), "unit": "%", "target": 10}
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""A 2-worker CPU training run on shards in the moto S3, checkpoints on the moto S3, tracked in a real
+MLflow server; one worker fails once mid-run; then a re-run with the same name resumes."""
+
+import pytest
+from medisee import storage
+from medisee.config import PrepareConfig, load_config
+from medisee.data.prepare import prepare
+from medisee.train.recipe import list_checkpoints
+from medisee.train.trainer import load_registered_model, run_training
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_train_fail_resume_register(ray_local, s3_bucket, mlflow_server, tmp_path, images_for_predict):
+    settings, root = s3_bucket
+    tracking_uri, _ = mlflow_server
+    local = tmp_path / "shards"
+    prepare("phantom", "-", str(local), PrepareConfig(phantom_images=24, val_fraction=0.25), executor="local")
+    for path in local.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(
+                storage.join(root, "shards", str(path.relative_to(local))), path.read_bytes(), settings
+            )
+    overrides = [
+        f"storage.endpoint={settings.endpoint}",
+        f"tracking.uri={tracking_uri}",
+        "tracking.experiment=train-test",
+        f"run.storage_uri={root}/runs",
+        "run.name=it-run",
+        f"data.sources={{phantom: {root}/shards}}",
+        "data.batch_size=2",
+        "data.preprocess_concurrency=1",
+        "trainer.max_steps=6",
+        "trainer.eval_every=3",
+        "trainer.checkpoint_every=3",
+        "trainer.log_every=1",
+        "trainer.eval_limit=6",
+        "trainer.fail_at_step=4",
+        "trainer.warmup_steps=2",
+    ]
+    first = run_training(load_config("tiny", overrides))
+    assert first["checkpoint"].endswith("step-00000006.pt")
+    assert storage.exists(f"{root}/runs/it-run/failure-injected", settings)  # the failure really happened
+
+    cfg2 = load_config("tiny", [*overrides, "trainer.max_steps=9"])
+    second = run_training(cfg2, register="medisee-it", alias="candidate")
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # one run, not two
+    steps = [s for s, _ in list_checkpoints(cfg2, settings)]
+    assert steps[-1] == 9 and len(steps) <= 1 + cfg2.trainer.keep_best
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    history = client.get_metric_history(first["mlflow_run_id"], "val/dice")
+    assert sorted({m.step for m in history}) == [3, 6, 9]
+    assert [m.step for m in history].count(9) == 1 and [m.step for m in history].count(3) == 1
+    losses = client.get_metric_history(first["mlflow_run_id"], "train/loss")
+    assert max(m.step for m in losses) == 9
+    tags = client.get_run(first["mlflow_run_id"]).data.tags
+    assert tags["checkpoint.latest"].endswith("step-00000009.pt") and tags["system.world_size"] == "2"
+
+    model = load_registered_model("models:/medisee-it@candidate", cfg2)
+    preds = model.predict(
+        images_for_predict, ["Can you segment the liver in this image?"] * len(images_for_predict)
+    )
+    assert preds[0].mask.shape == images_for_predict[0].shape[:2]
+
+
+@pytest.fixture()
+def images_for_predict():
+    import numpy as np
+
+    return [np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)]
