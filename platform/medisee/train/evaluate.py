@@ -32,8 +32,9 @@ def load_eval_rows(
     return rows
 
 
-def evaluate_rows(model, rows: list[dict], batch_size: int = 16, reduce: bool = True,
-                  max_new_tokens: int = 48) -> dict[str, float]:
+def evaluate_rows(
+    model, rows: list[dict], batch_size: int = 16, reduce: bool = True, max_new_tokens: int = 48
+) -> dict[str, float]:
     """Score predictions against the rows' masks and boxes.
 
     Referring rows are teacher-forced with the fixed answer; reasoning rows generate their answer,
@@ -47,10 +48,18 @@ def evaluate_rows(model, rows: list[dict], batch_size: int = 16, reduce: bool = 
         images = [decode_image(r["image_png"]) for r in chunk]
         preds = [None] * len(chunk)
         for mode in ("teacher_forced", "generate"):
-            idx = [i for i, r in enumerate(chunk) if r["query_kind"].startswith("reasoning") == (mode == "generate")]
+            idx = [
+                i
+                for i, r in enumerate(chunk)
+                if r["query_kind"].startswith("reasoning") == (mode == "generate")
+            ]
             if idx:
-                out = model.predict([images[i] for i in idx], [chunk[i]["query"] for i in idx], mode=mode,
-                                    max_new_tokens=max_new_tokens)
+                out = model.predict(
+                    [images[i] for i in idx],
+                    [chunk[i]["query"] for i in idx],
+                    mode=mode,
+                    max_new_tokens=max_new_tokens,
+                )
                 for i, pred in zip(idx, out, strict=True):
                     preds[i] = pred
         for row, pred in zip(chunk, preds, strict=True):

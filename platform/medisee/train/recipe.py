@@ -96,7 +96,9 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
     if world == 1:
         model = module.to(ray.train.torch.get_device())
     else:
-        model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+        model = ray.train.torch.prepare_model(
+            module, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.trainer.lr, betas=(0.9, 0.95), weight_decay=cfg.trainer.weight_decay, foreach=True

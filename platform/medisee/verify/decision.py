@@ -25,8 +25,11 @@ class Thresholds:
 
 
 def decide(scores: Scores, thresholds: Thresholds = Thresholds()) -> Verdict:
-    above = (scores.strength >= thresholds.strength, scores.compactness >= thresholds.compactness,
-             scores.purity >= thresholds.purity)
+    above = (
+        scores.strength >= thresholds.strength,
+        scores.compactness >= thresholds.compactness,
+        scores.purity >= thresholds.purity,
+    )
     if all(above):
         return Verdict.PRESENT
     if not any(above):

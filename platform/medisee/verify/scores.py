@@ -73,7 +73,9 @@ def score_maps(batch: np.ndarray, params: ScoreParams = ScoreParams()) -> list[S
     finite = np.isfinite(maps)
     valid = finite.any(1)
     # non-finite cells (NaN, inf) count as the weakest response of their map
-    floor = np.where(valid, np.nanmin(np.where(finite, maps, np.nan), axis=1, initial=np.inf, where=finite), 0.0)
+    floor = np.where(
+        valid, np.nanmin(np.where(finite, maps, np.nan), axis=1, initial=np.inf, where=finite), 0.0
+    )
     maps = np.where(finite, maps, floor[:, None])
     b, n = maps.shape
     eps = params.eps
@@ -87,7 +89,9 @@ def score_maps(batch: np.ndarray, params: ScoreParams = ScoreParams()) -> list[S
 
     score = np.maximum((maps - q50[:, None]) / (q95 - q50 + eps)[:, None], 0.0).reshape(b, side, side)
     if params.smooth_kernel > 1:
-        score = ndimage.uniform_filter(score, size=(1, params.smooth_kernel, params.smooth_kernel), mode="constant", cval=0.0)
+        score = ndimage.uniform_filter(
+            score, size=(1, params.smooth_kernel, params.smooth_kernel), mode="constant", cval=0.0
+        )
 
     compactness = np.zeros(b)
     purity = np.zeros(b)
@@ -117,12 +121,19 @@ def score_maps(batch: np.ndarray, params: ScoreParams = ScoreParams()) -> list[S
     labels, count = ndimage.label(active, structure=structure)
     if count:
         energy = ndimage.sum(score, labels, index=np.arange(1, count + 1))
-        owner = ndimage.maximum(np.broadcast_to(np.arange(b)[:, None, None], labels.shape), labels, np.arange(1, count + 1))
+        owner = ndimage.maximum(
+            np.broadcast_to(np.arange(b)[:, None, None], labels.shape), labels, np.arange(1, count + 1)
+        )
         best = np.zeros(b)
         np.maximum.at(best, owner.astype(int), energy)
         purity = np.where(has_active, np.clip(best / (totals + eps), 0.0, 1.0), 0.0)
     return [
-        Scores(float(strength[i]) if valid[i] else 0.0, float(compactness[i]) if valid[i] else 0.0,
-               float(purity[i]) if valid[i] else 0.0, int(active_count[i]), bool(valid[i]))
+        Scores(
+            float(strength[i]) if valid[i] else 0.0,
+            float(compactness[i]) if valid[i] else 0.0,
+            float(purity[i]) if valid[i] else 0.0,
+            int(active_count[i]),
+            bool(valid[i]),
+        )
         for i in range(b)
     ]
