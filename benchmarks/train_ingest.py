@@ -66,7 +66,10 @@ def loop(config: dict) -> None:
     for _ in range(steps):
         step(next(batches))
     elapsed = time.perf_counter() - start
-    ray.train.report({"seconds_per_step": elapsed / steps, "samples_per_s": steps * batch_size / elapsed})
+    result = {"seconds_per_step": elapsed / steps, "samples_per_s": steps * batch_size / elapsed}
+    ray.train.report(result)
+    if ray.train.get_context().get_world_rank() == 0:  # Result.metrics is not filled without a checkpoint
+        Path(config["out"]).write_text(json.dumps(result))
 
 
 def run(mode: str, workers: int, uri: str, settings, args) -> dict:
@@ -75,6 +78,7 @@ def run(mode: str, workers: int, uri: str, settings, args) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    out = str(Path(tempfile.mkdtemp()) / "result.json")
     data_cfg = DataConfig(
         sam_image_size=128,
         clip_image_size=128,
@@ -84,14 +88,15 @@ def run(mode: str, workers: int, uri: str, settings, args) -> dict:
     )
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"mode": mode, "steps": args.steps, "warmup": 5, "batch_size": args.batch_size},
+        train_loop_config={"mode": mode, "steps": args.steps, "warmup": 5, "batch_size": args.batch_size, "out": out},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(
             name=f"bench-{mode}-{workers}-{int(time.time())}", storage_path=tempfile.mkdtemp()
         ),
         datasets={"train": shard_dataset(data_cfg, settings, split="train", uris={"phantom": uri})},
     )
-    metrics = trainer.fit().metrics
+    trainer.fit()
+    metrics = json.loads(Path(out).read_text())
     return {
         "seconds_per_step": metrics["seconds_per_step"],
         "samples_per_s": metrics["samples_per_s"] * workers,
