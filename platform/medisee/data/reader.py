@@ -148,7 +148,8 @@ class ShardPreprocess:
         self.preprocess = Preprocess(sam_size, clip_size, tokenize)
         # Output blocks of ~32 MB: tiny blocks make Ray Data's per-block overhead the bottleneck.
         row_bytes = sam_size * sam_size * 3 + clip_size * clip_size * 3 + sam_size * sam_size // 8
-        self.rows_per_block = int(min(256, max(batch_size, 32 * 2**20 // row_bytes)))
+        # a whole number of batches per block, so the consumer slices blocks instead of copying across them
+        self.rows_per_block = batch_size * max(1, min(256, 32 * 2**20 // row_bytes) // batch_size)
 
     def __call__(self, batch: dict):
         import pyarrow.parquet as pq
