@@ -88,7 +88,13 @@ def run(mode: str, workers: int, uri: str, settings, args) -> dict:
     )
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"mode": mode, "steps": args.steps, "warmup": 5, "batch_size": args.batch_size, "out": out},
+        train_loop_config={
+            "mode": mode,
+            "steps": args.steps,
+            "warmup": 5,
+            "batch_size": args.batch_size,
+            "out": out,
+        },
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(
             name=f"bench-{mode}-{workers}-{int(time.time())}", storage_path=tempfile.mkdtemp()
