@@ -21,7 +21,10 @@ def test_importing_medisee_first_keeps_stdlib_platform_in_a_fresh_interpreter():
     assert out.stdout.strip() == ".".join(map(str, sys.version_info[:3]))
 
 
-@pytest.mark.parametrize("command", [[], ["doctor"], ["prepare"], ["config"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["doctor"], ["prepare"], ["config"], ["train"], ["calibrate"], ["evaluate-verifier"], ["convert-checkpoint"]],
+)
 def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output

@@ -164,6 +164,73 @@ def train(
     typer.echo(json.dumps(run_training(cfg, register, alias), default=str))
 
 
+def _verifier_inputs(model_uri: str, data_uri: str, split: str, limit: int, config, overrides):
+    from medisee.storage import StorageSettings
+    from medisee.train.evaluate import load_eval_rows
+    from medisee.train.trainer import load_registered_model
+    from medisee.verify.evaluate import collect_evidence
+
+    cfg = _config(config, overrides)
+    settings = StorageSettings.from_config(cfg.storage)
+    model = load_registered_model(model_uri, cfg)
+    rows = load_eval_rows(data_uri, split, settings, limit=limit, include_false=True)
+    evidence, present, _ = collect_evidence(model, rows)
+    return cfg, settings, model, evidence, present
+
+
+@app.command()
+def calibrate(
+    model_uri: str = typer.Option(
+        ..., "--model", help="models:/name@alias, models:/name/N or runs:/id/model"
+    ),
+    data_uri: str = typer.Option(..., "--data", help="Prepared shards with true and false queries."),
+    split: str = typer.Option("val", help="Split to calibrate on."),
+    limit: int = typer.Option(1000, help="At most this many rows."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """Fit the verifier's thresholds and fallback on a validation split; store them with the model version."""
+    from medisee.verify.calibrate import calibrate as fit
+    from medisee.verify.store import save_calibration
+
+    cfg, settings, model, evidence, present = _verifier_inputs(
+        model_uri, data_uri, split, limit, config, overrides
+    )
+    verifier = fit(evidence, present)
+    save_calibration(cfg, settings, model.source_run_id, verifier)
+    typer.echo(verifier.to_json())
+
+
+@app.command("evaluate-verifier")
+def evaluate_verifier_cmd(
+    model_uri: str = typer.Option(
+        ..., "--model", help="models:/name@alias, models:/name/N or runs:/id/model"
+    ),
+    data_uri: str = typer.Option(..., "--data", help="Prepared shards with true and false queries."),
+    split: str = typer.Option("test", help="Split to evaluate on."),
+    limit: int = typer.Option(1000, help="At most this many rows."),
+    output: str | None = typer.Option(None, help="Write the Markdown table here."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """Rejection benchmark: accuracy, rejection P/R/F1, balanced accuracy, AUROCs, share sent to the judge."""
+    from medisee.verify.evaluate import evaluate_verifier, markdown_table
+    from medisee.verify.store import load_calibration, save_calibration
+
+    cfg, settings, model, evidence, present = _verifier_inputs(
+        model_uri, data_uri, split, limit, config, overrides
+    )
+    verifier = load_calibration(model.source_dir)
+    report = evaluate_verifier(verifier, evidence, present)
+    save_calibration(cfg, settings, model.source_run_id, verifier, report)
+    table = markdown_table(report)
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(table)
+    typer.echo(table)
+
+
 @app.command("convert-checkpoint")
 def convert_checkpoint(
     input_uri: str = typer.Option(

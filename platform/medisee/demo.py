@@ -25,6 +25,9 @@ def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> 
     from medisee.storage import StorageSettings
     from medisee.train.evaluate import evaluate_rows, load_eval_rows, mean_mask_baseline
     from medisee.train.trainer import run_training
+    from medisee.verify.calibrate import calibrate
+    from medisee.verify.evaluate import collect_evidence, evaluate_verifier, split_by_image
+    from medisee.verify.store import save_calibration
 
     root = Path(workdir).absolute()
     shards = str(root / "shards" / "phantom")
@@ -71,6 +74,22 @@ def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> 
     )
     after = evaluate_rows(trained, eval_rows, reduce=False)
 
+    # MedVeriSeg on held-out phantoms: calibrate on half of the validation images, report on the rest
+    verifier_rows = load_eval_rows(
+        shards, "val", settings, limit=cfg.trainer.eval_limit * 2, include_false=True
+    )
+    evidence, present, _ = collect_evidence(trained, verifier_rows)
+    calibration_idx, held_out_idx = split_by_image(verifier_rows)
+    verifier = calibrate([evidence[i] for i in calibration_idx], [present[i] for i in calibration_idx])
+    verifier_report = evaluate_verifier(
+        verifier, [evidence[i] for i in held_out_idx], [present[i] for i in held_out_idx]
+    )
+    save_calibration(cfg, settings, result["mlflow_run_id"], verifier, verifier_report)
+    print(
+        f"[demo] verifier on held-out phantoms: balanced accuracy {verifier_report['balanced_accuracy']:.3f} "
+        f"({verifier_report['true_queries']} true / {verifier_report['false_queries']} false queries)"
+    )
+
     print("[demo] held-out phantoms (validation split):")
     print(f"[demo]   {'':22s} {'dice':>6s} {'gIoU':>6s} {'cIoU':>6s} {'boxIoU':>7s} {'Acc@0.5':>8s}")
     for name, m in (("untrained", before), ("mean mask of class", baseline), ("trained", after)):
@@ -85,6 +104,9 @@ def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> 
         "ciou_trained": round(after["ciou"], 4),
         "box_iou_trained": round(after["box_iou"], 4),
         "acc50_trained": round(after["acc50"], 4),
+        "verifier_balanced_accuracy": round(verifier_report["balanced_accuracy"], 4),
+        "verifier_auroc_combined": round(verifier_report["auroc_combined"], 4),
+        "verifier_auroc_strength": round(verifier_report["auroc_strength"], 4),
         "eval_targets": int(after["count"]),
         "train_steps": cfg.trainer.max_steps,
         "mlflow_run_id": result["mlflow_run_id"],

@@ -12,9 +12,16 @@ from medisee.metrics import MetricSums, all_reduce
 
 
 def load_eval_rows(
-    uri: str, split: str, settings, limit: int | None = None, rank: int = 0, world: int = 1
+    uri: str,
+    split: str,
+    settings,
+    limit: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+    include_false: bool = False,
 ) -> list[dict]:
-    """Positive rows of a split, strided by rank so that every worker gets an equal, disjoint share."""
+    """Positive rows of a split (and false queries when asked), strided by rank so that every worker
+    gets an equal, disjoint share."""
     rows: list[dict] = []
     index = 0
     for shard in shard_files(uri, split, settings):
@@ -22,7 +29,10 @@ def load_eval_rows(
         with fs.open_input_file(path) as f:
             table = pq.read_table(f)
         for row in table.to_pylist():
-            if row["query_kind"] in ("false_query", "image_only") or row["box"] is None:
+            is_false = row["query_kind"] == "false_query"
+            if row["query_kind"] == "image_only" or (is_false and not include_false):
+                continue
+            if not is_false and row["box"] is None:
                 continue
             if limit is not None and index >= limit:
                 return rows
@@ -32,17 +42,13 @@ def load_eval_rows(
     return rows
 
 
-def evaluate_rows(
-    model, rows: list[dict], batch_size: int = 16, reduce: bool = True, max_new_tokens: int = 48
-) -> dict[str, float]:
-    """Score predictions against the rows' masks and boxes.
-
-    Referring rows are teacher-forced with the fixed answer; reasoning rows generate their answer,
-    because the [SEG] state of a reasoning answer follows the explanation the model writes first.
-    """
-    sums = MetricSums()
+def predict_rows(model, rows: list[dict], batch_size: int = 16, max_new_tokens: int = 48) -> list:
+    """Predictions for shard rows. Referring rows and false queries are teacher-forced with the fixed
+    answer; reasoning rows generate their answer, because the [SEG] state of a reasoning answer
+    follows the explanation the model writes first."""
     was_training = model.training
     model.eval()
+    out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         images = [decode_image(r["image_png"]) for r in chunk]
@@ -54,17 +60,24 @@ def evaluate_rows(
                 if r["query_kind"].startswith("reasoning") == (mode == "generate")
             ]
             if idx:
-                out = model.predict(
+                got = model.predict(
                     [images[i] for i in idx],
                     [chunk[i]["query"] for i in idx],
                     mode=mode,
                     max_new_tokens=max_new_tokens,
                 )
-                for i, pred in zip(idx, out, strict=True):
+                for i, pred in zip(idx, got, strict=True):
                     preds[i] = pred
-        for row, pred in zip(chunk, preds, strict=True):
-            sums.add(row["query_kind"], pred.mask, row_mask(row), list(pred.box), list(row["box"]))
+        out.extend(preds)
     model.train(was_training)
+    return out
+
+
+def evaluate_rows(model, rows: list[dict], batch_size: int = 16, reduce: bool = True) -> dict[str, float]:
+    """Score predictions for positive rows against their masks and boxes (see predict_rows)."""
+    sums = MetricSums()
+    for row, pred in zip(rows, predict_rows(model, rows, batch_size), strict=True):
+        sums.add(row["query_kind"], pred.mask, row_mask(row), list(pred.box), list(row["box"]))
     if reduce:
         sums = all_reduce(sums)
     return sums.finalize()

@@ -134,4 +134,18 @@ def load_registered_model(model_uri: str, cfg: MediSeeConfig):
         seed=trained.run.seed,
     )
     model.eval()
+    model.source_dir = local  # where the version's files (config, verifier calibration) were downloaded
+    model.source_run_id = trained_run_id(client, model_uri)
     return model
+
+
+def trained_run_id(client, model_uri: str) -> str | None:
+    """The run that produced a `models:/name@alias`, `models:/name/N` or `runs:/id/...` URI."""
+    if model_uri.startswith("runs:/"):
+        return model_uri[len("runs:/") :].split("/", 1)[0]
+    ref = model_uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias).run_id
+    name, number = ref.split("/", 1)
+    return client.get_model_version(name, number).run_id

@@ -77,22 +77,31 @@ class Judge:
         self.config = config
         self.client = client or httpx.Client(timeout=config.timeout_s)
 
-    def messages(self, image: np.ndarray, similarity: np.ndarray, scores: Scores, query: str, clip_size: int) -> list:
+    def messages(
+        self, image: np.ndarray, similarity: np.ndarray, scores: Scores, query: str, clip_size: int
+    ) -> list:
         text = (
             f"Query: {query}\nScores: strength={scores.strength:.3f}, compactness={scores.compactness:.3f}, "
             f"purity={scores.purity:.3f}.\nFirst image: the medical image. Second image: the heatmap overlay."
         )
         return [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": [
-                {"type": "text", "text": text},
-                {"type": "image_url", "image_url": {"url": _png_data_url(_image_png(image))}},
-                {"type": "image_url", "image_url": {"url": _png_data_url(overlay_png(image, similarity, clip_size))}},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": text},
+                    {"type": "image_url", "image_url": {"url": _png_data_url(_image_png(image))}},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": _png_data_url(overlay_png(image, similarity, clip_size))},
+                    },
+                ],
+            },
         ]
 
-    def judge(self, image: np.ndarray, similarity: np.ndarray, scores: Scores, query: str,
-              clip_size: int) -> JudgeAnswer | None:
+    def judge(
+        self, image: np.ndarray, similarity: np.ndarray, scores: Scores, query: str, clip_size: int
+    ) -> JudgeAnswer | None:
         """The judge's answer, or None when the endpoint fails, times out or never answers in valid JSON."""
         import httpx
 
@@ -100,8 +109,12 @@ class Judge:
         key = os.environ.get(self.config.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        body = {"model": self.config.model, "temperature": 0, "response_format": {"type": "json_object"},
-                "messages": self.messages(image, similarity, scores, query, clip_size)}
+        body = {
+            "model": self.config.model,
+            "temperature": 0,
+            "response_format": {"type": "json_object"},
+            "messages": self.messages(image, similarity, scores, query, clip_size),
+        }
         url = self.config.base_url.rstrip("/") + "/chat/completions"
         for _ in range(self.config.max_attempts):
             try:

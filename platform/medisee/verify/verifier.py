@@ -19,9 +19,15 @@ class Decision:
     judge_answer: JudgeAnswer | None = None
 
 
-def verify(evidence: Evidence, verifier: CalibratedVerifier, judge: Judge | None = None,
-           image: np.ndarray | None = None, similarity: np.ndarray | None = None, query: str = "",
-           clip_size: int = 336) -> Decision:
+def verify(
+    evidence: Evidence,
+    verifier: CalibratedVerifier,
+    judge: Judge | None = None,
+    image: np.ndarray | None = None,
+    similarity: np.ndarray | None = None,
+    query: str = "",
+    clip_size: int = 336,
+) -> Decision:
     rule = decide(evidence.scores, verifier.thresholds)
     if rule is not Verdict.UNCERTAIN:
         return Decision(rule, "rule")
