@@ -59,6 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
+
     from medisee import storage
     from medisee.config import DataConfig, PrepareConfig
     from medisee.data.prepare import prepare

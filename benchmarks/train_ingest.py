@@ -31,6 +31,7 @@ for key, value in {
 def loop(config: dict) -> None:
     import ray.train
     import torch
+
     from medisee.model import build_model
     from medisee.model.collate import collate
 
@@ -73,10 +74,11 @@ def loop(config: dict) -> None:
 
 
 def run(mode: str, workers: int, uri: str, settings, args) -> dict:
-    from medisee.config import DataConfig
-    from medisee.data.reader import shard_dataset
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from medisee.config import DataConfig
+    from medisee.data.reader import shard_dataset
 
     out = str(Path(tempfile.mkdtemp()) / "result.json")
     data_cfg = DataConfig(
@@ -119,6 +121,7 @@ def main() -> None:
     import subprocess
 
     import ray
+
     from medisee import storage
     from medisee.config import PrepareConfig
     from medisee.data.prepare import prepare

@@ -93,6 +93,7 @@ def s3_bucket(s3_server):
 def ray_local():
     """One local Ray for the session (2 CPUs, loopback only)."""
     import ray
+
     from medisee.raylib import ensure_ray
 
     ensure_ray(num_cpus=2)

@@ -1,4 +1,5 @@
 import pytest
+
 from medisee.config import ConfigError, flatten, load_config, preset_names
 
 

@@ -2,8 +2,9 @@ import subprocess
 import sys
 
 import pytest
-from medisee.cli import app
 from typer.testing import CliRunner
+
+from medisee.cli import app
 
 
 def test_platform_is_still_the_standard_library_module():
@@ -23,7 +24,16 @@ def test_importing_medisee_first_keeps_stdlib_platform_in_a_fresh_interpreter():
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["doctor"], ["prepare"], ["config"], ["train"], ["calibrate"], ["evaluate-verifier"], ["convert-checkpoint"]],
+    [
+        [],
+        ["doctor"],
+        ["prepare"],
+        ["config"],
+        ["train"],
+        ["calibrate"],
+        ["evaluate-verifier"],
+        ["convert-checkpoint"],
+    ],
 )
 def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])

@@ -1,6 +1,7 @@
 """MLflow helpers against a real `mlflow server` with artifacts on the moto S3."""
 
 import pytest
+
 from medisee import tracking
 from medisee.config import TrackingConfig, flatten, load_config
 from medisee.storage import StorageSettings, boto3_client

@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from medisee.config import PrepareConfig
 from medisee.data.codec import decode_image, row_mask
 from medisee.data.prepare import prepare
-
 from tests.data.layouts import image_folder_layout, mlmr_sd_layout, sa_med2d_layout
 
 

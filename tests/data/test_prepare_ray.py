@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
+
 from medisee import storage
 from medisee.config import DataConfig, PrepareConfig
 from medisee.data.prepare import prepare
 from medisee.data.reader import mix_fractions, shard_dataset, shard_files, unpack_masks
-
 from tests.data.layouts import sa_med2d_layout
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

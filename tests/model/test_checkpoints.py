@@ -5,10 +5,10 @@ import re
 import numpy as np
 import pytest
 import torch
+
 from medisee import storage
 from medisee.model import build_model
 from medisee.model.checkpoint import CheckpointError, load_trainable, save_trainable, write_torch
-
 from tests.model.conftest import QUERIES
 
 
@@ -135,8 +135,9 @@ def test_official_release_layout_loads_and_matches(saved, images, tmp_path):
 
 
 def test_convert_checkpoint_cli(saved, images, tmp_path):
-    from medisee.cli import app
     from typer.testing import CliRunner
+
+    from medisee.cli import app
 
     model, root = saved
     write_torch(official_layout(model), str(tmp_path / "official.pth"))

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
+
 from medisee.data.preprocess import sam_input
 from medisee.model import boxes as box_ops
 from medisee.model.build import build_model
 from medisee.model.heads import Router
 from medisee.model.losses import box_loss, dice_loss, similarity_loss
-
 from tests.model.conftest import QUERIES
 
 

@@ -2,6 +2,7 @@
 MLflow server; one worker fails once mid-run; then a re-run with the same name resumes."""
 
 import pytest
+
 from medisee import storage
 from medisee.config import PrepareConfig, load_config
 from medisee.data.prepare import prepare
@@ -64,6 +65,34 @@ def test_train_fail_resume_register(ray_local, s3_bucket, mlflow_server, tmp_pat
         images_for_predict, ["Can you segment the liver in this image?"] * len(images_for_predict)
     )
     assert preds[0].mask.shape == images_for_predict[0].shape[:2]
+
+    # the verifier is calibrated and evaluated against the registered version, and stored with it
+    from typer.testing import CliRunner
+
+    from medisee.cli import app
+
+    model_args = ["--model", "models:/medisee-it@candidate", "--data", f"{root}/shards", "--limit", "40"]
+    result = CliRunner().invoke(app, ["calibrate", *model_args, "--split", "val", "-c", "tiny", *overrides])
+    assert result.exit_code == 0, result.output
+    table = tmp_path / "verifier.md"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate-verifier",
+            *model_args,
+            "--split",
+            "val",
+            "--output",
+            str(table),
+            "-c",
+            "tiny",
+            *overrides,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "| balanced_accuracy |" in table.read_text()
+    artifacts = {a.path for a in client.list_artifacts(first["mlflow_run_id"], "model")}
+    assert "model/verifier.json" in artifacts and "model/trainable.pt" in artifacts
 
 
 @pytest.fixture()

@@ -2,10 +2,11 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from medisee.verify import Scores, Verdict
 from medisee.verify.calibrate import CalibratedVerifier, Evidence, balanced_accuracy, calibrate
 from medisee.verify.heatmap import heatmap_on_image, overlay_png
-from PIL import Image
 
 
 def synthetic(n=400, seed=0):

@@ -7,6 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+
 from medisee.verify import Scores, Verdict
 from medisee.verify.calibrate import CalibratedVerifier, Evidence
 from medisee.verify.judge import Judge, JudgeConfig, parse_answer

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from medisee.verify import Thresholds, Verdict, decide, score_map, score_maps
 from medisee.verify.scores import Scores
 
