@@ -174,8 +174,8 @@ def _verifier_inputs(model_uri: str, data_uri: str, split: str, limit: int, conf
     settings = StorageSettings.from_config(cfg.storage)
     model = load_registered_model(model_uri, cfg)
     rows = load_eval_rows(data_uri, split, settings, limit=limit, include_false=True)
-    evidence, present, _ = collect_evidence(model, rows)
-    return cfg, settings, model, evidence, present
+    evidence, present, preds = collect_evidence(model, rows)
+    return cfg, settings, model, evidence, present, rows, preds
 
 
 @app.command()
@@ -193,7 +193,7 @@ def calibrate(
     from medisee.verify.calibrate import calibrate as fit
     from medisee.verify.store import save_calibration
 
-    cfg, settings, model, evidence, present = _verifier_inputs(
+    cfg, settings, model, evidence, present, rows, preds = _verifier_inputs(
         model_uri, data_uri, split, limit, config, overrides
     )
     verifier = fit(evidence, present)
@@ -217,11 +217,29 @@ def evaluate_verifier_cmd(
     from medisee.verify.evaluate import evaluate_verifier, markdown_table
     from medisee.verify.store import load_calibration, save_calibration
 
-    cfg, settings, model, evidence, present = _verifier_inputs(
+    cfg, settings, model, evidence, present, rows, preds = _verifier_inputs(
         model_uri, data_uri, split, limit, config, overrides
     )
     verifier = load_calibration(model.source_dir)
-    report = evaluate_verifier(verifier, evidence, present)
+    verdicts = None
+    if cfg.verifier.judge_base_url:
+        from medisee.data.codec import decode_image
+        from medisee.verify.judge import Judge, JudgeConfig
+        from medisee.verify.verifier import verify
+
+        v = cfg.verifier
+        judge = Judge(
+            JudgeConfig(
+                v.judge_base_url, v.judge_model, v.judge_api_key_env, v.judge_timeout_s, v.judge_max_attempts
+            )
+        )
+        verdicts = [
+            verify(
+                e, verifier, judge, decode_image(r["image_png"]), p.similarity, r["query"], model.clip_size
+            ).verdict
+            for e, r, p in zip(evidence, rows, preds, strict=True)
+        ]
+    report = evaluate_verifier(verifier, evidence, present, verdicts)
     save_calibration(cfg, settings, model.source_run_id, verifier, report)
     table = markdown_table(report)
     if output:

@@ -100,6 +100,16 @@ class TrainerConfig(Section):
     fail_at_step: int | None = None  # testing hook: one worker raises once at this step
 
 
+class VerifierConfig(Section):
+    """The optional judge for uncertain cases (any OpenAI-compatible vision endpoint); off when no URL."""
+
+    judge_base_url: str | None = None
+    judge_model: str = "gpt-4o-mini"
+    judge_api_key_env: str = "OPENAI_API_KEY"  # the key itself is read from this environment variable
+    judge_timeout_s: float = Field(30.0, gt=0)
+    judge_max_attempts: int = Field(3, ge=1)
+
+
 class RunConfig(Section):
     name: str = "medisee-run"
     storage_uri: str = ".medisee/runs"
@@ -114,6 +124,7 @@ class MediSeeConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
 
 
 def preset_names() -> list[str]:

@@ -75,8 +75,11 @@ def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> 
     after = evaluate_rows(trained, eval_rows, reduce=False)
 
     # MedVeriSeg on held-out phantoms: calibrate on half of the validation images, report on the rest
-    verifier_rows = load_eval_rows(
-        shards, "val", settings, limit=cfg.trainer.eval_limit * 2, include_false=True
+    # every false query of the validation split, and up to three true queries for each of them
+    val_rows = load_eval_rows(shards, "val", settings, include_false=True)
+    false_rows = [r for r in val_rows if r["query_kind"] == "false_query"]
+    verifier_rows = (
+        false_rows + [r for r in val_rows if r["query_kind"] != "false_query"][: 3 * len(false_rows)]
     )
     evidence, present, _ = collect_evidence(trained, verifier_rows)
     calibration_idx, held_out_idx = split_by_image(verifier_rows)

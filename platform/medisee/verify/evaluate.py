@@ -35,10 +35,17 @@ def auroc(values: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def evaluate_verifier(verifier: CalibratedVerifier, evidence: list[Evidence], present: list[bool]) -> dict:
+def evaluate_verifier(
+    verifier: CalibratedVerifier,
+    evidence: list[Evidence],
+    present: list[bool],
+    verdicts: list[Verdict] | None = None,
+) -> dict:
+    """Rejection metrics; `verdicts` overrides the calibrated rule's own (e.g. with a judge in the loop)."""
     y = np.asarray(present, bool)
-    verdicts = [verifier.verdict(e) for e in evidence]
-    predicted = np.array([v is Verdict.PRESENT for v, _ in verdicts])
+    if verdicts is None:
+        verdicts = [verifier.verdict(e)[0] for e in evidence]
+    predicted = np.array([v is Verdict.PRESENT for v in verdicts])
     uncertain = np.array([decide(e.scores, verifier.thresholds) is Verdict.UNCERTAIN for e in evidence])
     rejected, absent = ~predicted, ~y
     tp = float((rejected & absent).sum())
