@@ -48,6 +48,22 @@ def wait_for(url: str, timeout: float = 60) -> None:
             time.sleep(0.2)
 
 
+def start_moto_bucket(bucket: str):
+    """A moto S3 server in its own process (so it does not share the benchmark's GIL) with one bucket."""
+    from medisee import storage
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(f"http://127.0.0.1:{port}/moto-api/")
+    settings = storage.StorageSettings(endpoint=f"http://127.0.0.1:{port}")
+    storage.boto3_client(settings).create_bucket(Bucket=bucket)
+    return server, settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=160)
@@ -66,16 +82,7 @@ def main() -> None:
     from medisee.data.reader import Preprocess, shard_dataset, shard_files
     from medisee.raylib import ensure_ray
 
-    # moto runs in its own process so that it does not share the driver's GIL
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(f"http://127.0.0.1:{port}/moto-api/")
-    settings = storage.StorageSettings(endpoint=f"http://127.0.0.1:{port}")
-    storage.boto3_client(settings).create_bucket(Bucket="bench")
+    server, settings = start_moto_bucket("bench")
     root = "s3://bench/phantom"
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,11 +94,7 @@ def main() -> None:
             shard_max_bytes=4 * 1024 * 1024,
         )
         prepare("phantom", "-", str(local), cfg, executor="local", progress=False)
-        for path in local.rglob("*"):
-            if path.is_file():
-                storage.write_bytes(
-                    storage.join(root, str(path.relative_to(local))), path.read_bytes(), settings
-                )
+        storage.upload_dir(local, root, settings)
     uris = shard_files(root, "train", settings)
     data_cfg = DataConfig(
         sam_image_size=args.sam_size,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest import free_port, wait_for  # noqa: E402
+from ingest import start_moto_bucket  # noqa: E402
 
 for key, value in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -118,8 +118,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
-    import subprocess
-
     import ray
 
     from medisee import storage
@@ -127,15 +125,7 @@ def main() -> None:
     from medisee.data.prepare import prepare
     from medisee.raylib import ensure_ray
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(f"http://127.0.0.1:{port}/moto-api/")
-    settings = storage.StorageSettings(endpoint=f"http://127.0.0.1:{port}")
-    storage.boto3_client(settings).create_bucket(Bucket="bench")
+    server, settings = start_moto_bucket("bench")
     uri = "s3://bench/phantom"
     with tempfile.TemporaryDirectory() as tmp:
         prepare(
@@ -146,11 +136,7 @@ def main() -> None:
             executor="local",
             progress=False,
         )
-        for path in Path(tmp).rglob("*"):
-            if path.is_file():
-                storage.write_bytes(
-                    storage.join(uri, str(path.relative_to(tmp))), path.read_bytes(), settings
-                )
+        storage.upload_dir(tmp, uri, settings)
     ensure_ray(num_cpus=os.cpu_count())
     ray.data.DataContext.get_current().enable_progress_bars = False
     results = {}

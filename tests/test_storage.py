@@ -38,3 +38,12 @@ def test_endpoint_from_environment(monkeypatch):
     monkeypatch.setenv("MEDISEE_S3_ENDPOINT", "http://127.0.0.1:9")
     assert storage.StorageSettings.resolve().endpoint == "http://127.0.0.1:9"
     assert storage.StorageSettings.resolve("http://other:1").endpoint == "http://other:1"
+
+
+def test_upload_dir_keeps_relative_paths(tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "top.txt").write_bytes(b"1")
+    (src / "a" / "b" / "deep.bin").write_bytes(b"2")
+    assert storage.upload_dir(src, str(tmp_path / "dst")) == 2
+    assert (tmp_path / "dst" / "a" / "b" / "deep.bin").read_bytes() == b"2"

@@ -131,5 +131,15 @@ def delete(uri: str, settings: StorageSettings | None = None) -> None:
         fs.delete_file(path)
 
 
+def upload_dir(local_dir: str | Path, uri: str, settings: StorageSettings | None = None) -> int:
+    """Copy every file under a local directory to `uri`, keeping relative paths; returns the count."""
+    count = 0
+    for path in sorted(Path(local_dir).rglob("*")):
+        if path.is_file():
+            write_bytes(join(uri, path.relative_to(local_dir).as_posix()), path.read_bytes(), settings)
+            count += 1
+    return count
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -18,11 +18,7 @@ def test_prepare_on_ray_to_s3_and_stream_back(ray_local, s3_bucket, tmp_path):
     settings, root = s3_bucket
     # the input itself lives on S3 too
     base = sa_med2d_layout(tmp_path)
-    for path in base.rglob("*"):
-        if path.is_file():
-            storage.write_bytes(
-                storage.join(root, "raw", str(path.relative_to(base))), path.read_bytes(), settings
-            )
+    storage.upload_dir(base, storage.join(root, "raw"), settings)
     out_sa = storage.join(root, "shards", "sa-med2d")
     manifest = prepare(
         "sa-med2d", storage.join(root, "raw"), out_sa, PrepareConfig(val_fraction=0.0), settings

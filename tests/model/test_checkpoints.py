@@ -73,11 +73,7 @@ def test_trainable_checkpoint_only_holds_what_is_trained(saved):
 def test_loaders_read_from_s3(saved, s3_bucket, images):
     settings, root_uri = s3_bucket
     model, root = saved
-    for path in root.rglob("*"):
-        if path.is_file():
-            storage.write_bytes(
-                storage.join(root_uri, str(path.relative_to(root))), path.read_bytes(), settings
-            )
+    storage.upload_dir(root, root_uri, settings)
     loaded = build_model(
         "tiny",
         llava_path=storage.join(root_uri, "llava"),

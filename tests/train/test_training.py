@@ -17,11 +17,7 @@ def test_train_fail_resume_register(ray_local, s3_bucket, mlflow_server, tmp_pat
     tracking_uri, _ = mlflow_server
     local = tmp_path / "shards"
     prepare("phantom", "-", str(local), PrepareConfig(phantom_images=24, val_fraction=0.25), executor="local")
-    for path in local.rglob("*"):
-        if path.is_file():
-            storage.write_bytes(
-                storage.join(root, "shards", str(path.relative_to(local))), path.read_bytes(), settings
-            )
+    storage.upload_dir(local, storage.join(root, "shards"), settings)
     overrides = [
         f"storage.endpoint={settings.endpoint}",
         f"tracking.uri={tracking_uri}",
