@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 for key, value in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -64,6 +63,20 @@ def start_moto_bucket(bucket: str):
     return server, settings
 
 
+def phantom_shards_on_s3(uri: str, settings, images: int, image_size: int, shard_mib: int) -> None:
+    """Prepare phantom shards locally (no Ray, so it is not timed) and upload them to `uri`."""
+    from medisee import storage
+    from medisee.config import PrepareConfig
+    from medisee.data.prepare import prepare
+
+    cfg = PrepareConfig(
+        phantom_images=images, phantom_size=image_size, val_fraction=0.0, shard_max_bytes=shard_mib * 2**20
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare("phantom", "-", tmp, cfg, executor="local", progress=False)
+        storage.upload_dir(tmp, uri, settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=160)
@@ -77,24 +90,13 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from medisee import storage
-    from medisee.config import DataConfig, PrepareConfig
-    from medisee.data.prepare import prepare
+    from medisee.config import DataConfig
     from medisee.data.reader import Preprocess, shard_dataset, shard_files
     from medisee.raylib import ensure_ray
 
     server, settings = start_moto_bucket("bench")
     root = "s3://bench/phantom"
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "shards"
-        cfg = PrepareConfig(
-            phantom_images=args.images,
-            phantom_size=args.image_size,
-            val_fraction=0.0,
-            shard_max_bytes=4 * 1024 * 1024,
-        )
-        prepare("phantom", "-", str(local), cfg, executor="local", progress=False)
-        storage.upload_dir(local, root, settings)
+    phantom_shards_on_s3(root, settings, args.images, args.image_size, shard_mib=4)
     uris = shard_files(root, "train", settings)
     data_cfg = DataConfig(
         sam_image_size=args.sam_size,

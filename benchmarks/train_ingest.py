@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest import start_moto_bucket  # noqa: E402
+from ingest import phantom_shards_on_s3, start_moto_bucket  # noqa: E402
 
 for key, value in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -120,23 +120,11 @@ def main() -> None:
 
     import ray
 
-    from medisee import storage
-    from medisee.config import PrepareConfig
-    from medisee.data.prepare import prepare
     from medisee.raylib import ensure_ray
 
     server, settings = start_moto_bucket("bench")
     uri = "s3://bench/phantom"
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare(
-            "phantom",
-            "-",
-            tmp,
-            PrepareConfig(phantom_images=args.images, val_fraction=0.0, shard_max_bytes=2 * 1024 * 1024),
-            executor="local",
-            progress=False,
-        )
-        storage.upload_dir(tmp, uri, settings)
+    phantom_shards_on_s3(uri, settings, args.images, image_size=128, shard_mib=2)
     ensure_ray(num_cpus=os.cpu_count())
     ray.data.DataContext.get_current().enable_progress_bars = False
     results = {}
