@@ -49,20 +49,6 @@ def shard_files(uri: str, split: str | None, settings: StorageSettings) -> list[
     return storage.list_files(prefix, (".parquet",), settings)
 
 
-def read_shards(uris: list[str], settings: StorageSettings, columns=PREPROCESS_COLUMNS):
-    import ray
-
-    fs, _ = storage.filesystem(uris[0], settings)
-    paths = [storage.filesystem(u, settings)[1] for u in uris]
-    # one block per shard at least, so that every preprocessing actor gets work
-    return ray.data.read_parquet(
-        paths,
-        filesystem=fs,
-        columns=list(columns) if columns else None,
-        override_num_blocks=max(len(paths), 2),
-    )
-
-
 def mix_fractions(rows: dict[str, int], ratio: dict[str, float]) -> dict[str, float]:
     """Per-source sampling fractions so that an epoch follows `ratio`, dropping no source.
 

@@ -82,8 +82,6 @@ def build_model(
     if llava_path:
         llava, tokenizer = ckpt.load_llava_dir(llava_path, settings)
     else:
-        if spec.needs_checkpoints:
-            from transformers import AutoTokenizer  # noqa: F401  (a real run brings its own tokenizer)
         tokenizer = build_tiny_tokenizer()
         llava = None
     candidate_ids = add_candidate_tokens(tokenizer, num_candidate_tokens)

@@ -12,6 +12,18 @@ from medisee.data.codec import BadRecord, decode_image
 from medisee.data.records import LoadedImage, LoadedTarget, Query
 
 
+def file_spec(image_key: str, image_uri: str, modality: str, split: str, targets: list[dict]) -> dict:
+    """The spec of one image file and its targets (see the module docstring)."""
+    return {
+        "kind": "file",
+        "image_key": image_key,
+        "image_uri": image_uri,
+        "modality": modality,
+        "split": split,
+        "targets": targets,
+    }
+
+
 def _read(uri: str, ctx, reason: str) -> bytes | BadRecord:
     try:
         return storage.read_bytes(uri, ctx.settings)

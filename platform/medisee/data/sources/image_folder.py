@@ -13,7 +13,7 @@ import posixpath
 
 from medisee import storage
 from medisee.data.records import split_for
-from medisee.data.sources.files import with_false_queries
+from medisee.data.sources.files import file_spec, with_false_queries
 from medisee.data.sources.sam_med2d_demo import INSTANCE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -43,14 +43,5 @@ def specs(input_uri: str, ctx):
                     "instance": int(match[1]) if match else 0,
                 }
             )
-        out.append(
-            {
-                "kind": "file",
-                "image_key": stem,
-                "image_uri": uri,
-                "modality": modality,
-                "split": split_for(stem, ctx.prepare.val_fraction),
-                "targets": targets,
-            }
-        )
+        out.append(file_spec(stem, uri, modality, split_for(stem, ctx.prepare.val_fraction), targets))
     return with_false_queries(out, ctx)

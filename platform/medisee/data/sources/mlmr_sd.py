@@ -18,7 +18,7 @@ import posixpath
 from medisee import storage
 from medisee.data import prompts
 from medisee.data.records import record_id, split_for
-from medisee.data.sources.files import with_false_queries
+from medisee.data.sources.files import file_spec, with_false_queries
 from medisee.data.sources.sa_med2d import MASK_SUFFIX, modality_of
 
 
@@ -79,14 +79,13 @@ def specs(input_uri: str, ctx):
                     }
                 )
             out.append(
-                {
-                    "kind": "file",
-                    "image_key": key,
-                    "image_uri": storage.join(input_uri, image_rel),
-                    "modality": modality_of(image_rel),
-                    "split": split_for(key, ctx.prepare.val_fraction),
-                    "targets": targets,
-                }
+                file_spec(
+                    key,
+                    storage.join(input_uri, image_rel),
+                    modality_of(image_rel),
+                    split_for(key, ctx.prepare.val_fraction),
+                    targets,
+                )
             )
     if "test.jsonl" in files:
         by_image: dict[str, dict] = {}
@@ -97,14 +96,9 @@ def specs(input_uri: str, ctx):
             key = posixpath.splitext(posixpath.basename(item["image"]))[0]
             spec = by_image.setdefault(
                 key,
-                {
-                    "kind": "file",
-                    "image_key": key,
-                    "image_uri": storage.join(input_uri, item["image"]),
-                    "modality": modality_of(item["image"]),
-                    "split": "test",
-                    "targets": [],
-                },
+                file_spec(
+                    key, storage.join(input_uri, item["image"]), modality_of(item["image"]), "test", []
+                ),
             )
             queries = [
                 {"kind": f"reasoning_{length}", "text": item[length], "answer": prompts.reasoning(None)}

@@ -18,7 +18,7 @@ import re
 
 from medisee import storage
 from medisee.data.records import split_for
-from medisee.data.sources.files import with_false_queries
+from medisee.data.sources.files import file_spec, with_false_queries
 
 INDEX_NAME = "SAMed2D_v1.json"
 MASK_SUFFIX = re.compile(r"--(?P<cls>\d+)_(?P<inst>\d+)\.png$")
@@ -67,13 +67,12 @@ def specs(input_uri: str, ctx):
                 }
             )
         out.append(
-            {
-                "kind": "file",
-                "image_key": key,
-                "image_uri": storage.join(input_uri, image_rel),
-                "modality": modality_of(image_rel),
-                "split": split_for(key, ctx.prepare.val_fraction),
-                "targets": targets,
-            }
+            file_spec(
+                key,
+                storage.join(input_uri, image_rel),
+                modality_of(image_rel),
+                split_for(key, ctx.prepare.val_fraction),
+                targets,
+            )
         )
     return with_false_queries(out, ctx)

@@ -17,7 +17,7 @@ import posixpath
 import re
 
 from medisee import storage
-from medisee.data.sources.files import with_false_queries
+from medisee.data.sources.files import file_spec, with_false_queries
 
 INSTANCE = re.compile(r"_(\d{3})$")
 AMOS_ID = re.compile(r"^amos_(\d+)_")
@@ -73,14 +73,5 @@ def specs(input_uri: str, ctx):
                     "instance": instance,
                 }
             )
-        out.append(
-            {
-                "kind": "file",
-                "image_key": stem,
-                "image_uri": storage.join(input_uri, image_rel),
-                "modality": modality_of(stem),
-                "split": split,
-                "targets": targets,
-            }
-        )
+        out.append(file_spec(stem, storage.join(input_uri, image_rel), modality_of(stem), split, targets))
     return with_false_queries([s for s in out if s["targets"]], ctx) + [s for s in out if not s["targets"]]
