@@ -87,6 +87,8 @@ class TrainerConfig(Section):
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     finetune: Literal["lora", "full"] = "lora"
+    # ddp: whole model per worker. fsdp: parameters, gradients and AdamW state sharded (the 7B full fine-tune)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     steps_per_epoch: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_limit: int = Field(200, ge=1)

@@ -284,6 +284,9 @@ class MediSee(nn.Module):
                 do_sample=False,
                 pad_token_id=self.text.tokenizer.pad_token_id,
                 eos_token_id=self.text.tokenizer.eos_token_id,
+                # each row generates on its own rank; transformers would otherwise sync every step
+                # across ranks once it sees FSDP, and ranks with different rows would deadlock
+                synced_gpus=False,
             )
         new = out[0, input_ids.shape[1] :].tolist()
         eos = self.text.tokenizer.eos_token_id
@@ -357,6 +360,11 @@ class MediSee(nn.Module):
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in names}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        self.check_trainable_state_dict(state, source)
+        self.load_state_dict(state, strict=False)
+
+    def check_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Every trainable parameter present, nothing unknown, shapes equal (global shapes under FSDP)."""
         from medisee.model.checkpoint import CheckpointError
 
         own = self.state_dict()
@@ -370,7 +378,6 @@ class MediSee(nn.Module):
                 unexpected=unexpected,
                 mismatched=[f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched],
             )
-        self.load_state_dict(state, strict=False)
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:

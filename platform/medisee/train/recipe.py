@@ -26,9 +26,11 @@ from medisee.model.checkpoint import read_torch, write_torch
 from medisee.model.collate import collate
 from medisee.model.medisee import LossWeights
 from medisee.storage import StorageSettings
+from medisee.train import parallel
 from medisee.train.evaluate import evaluate_rows, load_eval_rows
 
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.pt$")
+CHECKPOINT_FORMAT = "medisee-train-checkpoint/2"  # /2: optimiser state keyed by parameter name
 
 
 def run_dir(cfg: MediSeeConfig) -> str:
@@ -93,12 +95,7 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
         settings=settings,
         seed=cfg.run.seed,
     )
-    if world == 1:
-        model = module.to(ray.train.torch.get_device())
-    else:
-        model = ray.train.torch.prepare_model(
-            module, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
+    model = parallel.wrap(module, cfg.trainer.strategy, world, ray.train.torch.get_device())
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.trainer.lr, betas=(0.9, 0.95), weight_decay=cfg.trainer.weight_decay, foreach=True
@@ -127,8 +124,9 @@ def load_checkpoint(state: RecipeState) -> bool:
         return False
     step, uri = found[-1]
     payload = read_torch(uri, state.settings)
-    state.module.load_trainable_state_dict(payload["model"], source=uri)
-    state.optimizer.load_state_dict(payload["optimizer"])
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{uri}: format {payload.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+    parallel.load_trainable_state(state.module, state.optimizer, payload["model"], payload["optimizer"], uri)
     state.scheduler.load_state_dict(payload["scheduler"])
     state.step, state.epoch, state.step_in_epoch = payload["step"], payload["epoch"], payload["step_in_epoch"]
     state.best = {int(k): v for k, v in payload.get("best", {}).items()}
@@ -161,18 +159,20 @@ def _set_rng_state(rng: dict) -> None:
 def save_checkpoint(state: RecipeState, metric: float | None = None) -> str | None:
     """Rank 0 writes one atomic file; keeps the best `trainer.keep_best` by metric plus the latest."""
     rngs = _gather_objects(_rng_state(), state.world)
+    gathered = parallel.trainable_state(state.module, state.optimizer)  # every rank joins the gather
     if state.rank != 0:
         return None
+    weights, optimizer_state = gathered
     if metric is not None:
         state.best[state.step] = float(metric)
     uri = storage.join(checkpoint_dir(state.cfg), f"step-{state.step:08d}.pt")
     payload = {
-        "format": "medisee-train-checkpoint/1",
+        "format": CHECKPOINT_FORMAT,
         "step": state.step,
         "epoch": state.epoch,
         "step_in_epoch": state.step_in_epoch,
-        "model": state.module.trainable_state_dict(),
-        "optimizer": state.optimizer.state_dict(),
+        "model": weights,
+        "optimizer": optimizer_state,  # keyed by parameter name
         "scheduler": state.scheduler.state_dict(),
         "rng": rngs,
         "best": state.best,
@@ -206,7 +206,8 @@ def _gather_objects(obj, world: int) -> list:
 
 
 def evaluate(state: RecipeState) -> dict[str, float]:
-    return evaluate_rows(state.module, state.eval_rows, reduce=state.world > 1)
+    with parallel.full_parameters(state.model):
+        return evaluate_rows(state.module, state.eval_rows, reduce=state.world > 1)
 
 
 def _maybe_fail(state: RecipeState) -> None:
@@ -255,15 +256,13 @@ def train(state: RecipeState) -> None:
             raw = next(stream)
             data_wait += time.perf_counter() - waited
             batch = collate(raw, state.module.text, device)
-            sync = m == micro - 1 or not hasattr(state.model, "no_sync")
-            context = state.model.no_sync() if not sync else _null()
-            with context:
+            with parallel.gradient_sync(state.model, enabled=m == micro - 1):
                 losses = state.model(batch)
                 (losses["loss"] / micro).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / micro
             samples += len(batch["input_ids"])
-        torch.nn.utils.clip_grad_norm_([p for p in state.module.parameters() if p.requires_grad], t.grad_clip)
+        totals["grad_norm"] = parallel.clip_gradients(state.module, t.grad_clip)
         state.optimizer.step()
         state.scheduler.step()
         state.step += 1
@@ -309,14 +308,6 @@ def train(state: RecipeState) -> None:
             ray.train.report(
                 {"step": state.step, **metrics, **({f"val/{k}": v for k, v in val.items()} if val else {})}
             )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_loop_per_worker(config: dict) -> None:
