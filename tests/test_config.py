@@ -7,6 +7,22 @@ def test_presets_load():
     assert {"tiny", "medisee-7b"} <= set(preset_names())
     assert load_config("tiny").model.preset == "tiny"
     assert load_config("medisee-7b").data.sam_image_size == 1024
+    full = load_config("medisee-7b-full").trainer
+    assert (full.finetune, full.strategy) == ("full", "fsdp")
+    assert load_config("medisee-7b").trainer.strategy == "ddp"
+
+
+def test_job_configs_are_the_presets():
+    from pathlib import Path
+
+    jobs = Path(__file__).parents[1] / "jobs" / "configs"
+    for name in preset_names():
+        assert load_config(jobs / f"{name}.yaml") == load_config(name), name
+
+
+def test_unknown_strategy_is_a_clear_error():
+    with pytest.raises(ConfigError, match="strategy"):
+        load_config("tiny", ["trainer.strategy=zero3"])
 
 
 def test_dotted_overrides_are_typed():

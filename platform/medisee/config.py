@@ -89,6 +89,9 @@ class TrainerConfig(Section):
     finetune: Literal["lora", "full"] = "lora"
     # ddp: whole model per worker. fsdp: parameters, gradients and AdamW state sharded (the 7B full fine-tune)
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp only: the dtype LM layers are all-gathered and run in (bfloat16 halves the traffic);
+    # the sharded master weights, gradient reduction and checkpoints stay float32
+    fsdp_layer_dtype: Literal["float32", "bfloat16"] = "float32"
     steps_per_epoch: int = Field(100, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_limit: int = Field(200, ge=1)

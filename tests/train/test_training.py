@@ -1,7 +1,11 @@
-"""A 2-worker CPU training run on shards in the moto S3, checkpoints on the moto S3, tracked in a real
-MLflow server; one worker fails once mid-run; then a re-run with the same name resumes."""
+"""2-worker CPU training runs through Ray Train, tracked in a real MLflow server: DDP on shards and
+checkpoints in the moto S3 (one worker fails once mid-run; a re-run with the same name resumes), and
+the FSDP strategy (fails, resumes, checkpoints whole weights)."""
+
+import math
 
 import pytest
+import torch
 
 from medisee import storage
 from medisee.config import PrepareConfig, load_config
@@ -96,3 +100,57 @@ def images_for_predict():
     import numpy as np
 
     return [np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)]
+
+
+def test_fsdp_full_finetune_fails_resumes_and_checkpoints_whole_weights(ray_local, mlflow_server, tmp_path):
+    """The FSDP strategy through Ray Train: a worker failure resumes from a sharded run's checkpoint,
+    and the checkpoint holds whole (gathered) weights that load into an unsharded model."""
+    from medisee.model import build_model
+    from medisee.model.checkpoint import read_torch
+
+    tracking_uri, _ = mlflow_server
+    shards = tmp_path / "shards"
+    prepare("phantom", "-", str(shards), PrepareConfig(phantom_images=16, val_fraction=0.25), executor="local")
+    cfg = load_config(
+        "tiny",
+        [
+            f"tracking.uri={tracking_uri}",
+            "tracking.experiment=train-fsdp",
+            f"run.storage_uri={tmp_path}/runs",
+            "run.name=fsdp-run",
+            f"data.sources={{phantom: {shards}}}",
+            "data.batch_size=2",
+            "data.preprocess_concurrency=1",
+            "trainer.finetune=full",
+            "trainer.strategy=fsdp",
+            "trainer.fsdp_layer_dtype=bfloat16",  # the 7B preset's setting
+            "trainer.max_steps=4",
+            "trainer.eval_every=2",
+            "trainer.checkpoint_every=2",
+            "trainer.eval_limit=4",
+            "trainer.fail_at_step=3",
+            "trainer.warmup_steps=1",
+        ],
+    )
+    result = run_training(cfg)
+    assert result["checkpoint"].endswith("step-00000004.pt")
+    assert (tmp_path / "runs/fsdp-run/failure-injected").exists()
+    payload = read_torch(result["checkpoint"])
+    plain = build_model("tiny", finetune="full", seed=cfg.run.seed)
+    trainable = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+    assert payload["model"].keys() == trainable.keys()
+    assert all(payload["model"][n].shape == p.shape for n, p in trainable.items())  # gathered, not shards
+    assert {v.dtype for v in payload["model"].values()} == {torch.float32}  # bf16 is only for the layers' compute
+    assert payload["optimizer"]["state"].keys() <= trainable.keys()
+    assert payload["step"] == 4 and len(payload["rng"]) == 2
+    initial = {n: p.detach().clone() for n, p in trainable.items()}
+    plain.load_trainable_state_dict(payload["model"])
+    changed = [n for n, p in trainable.items() if not torch.equal(p, initial[n])]
+    assert changed  # the loaded weights are the trained ones, not the initial ones
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    assert sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "val/dice")) == [2, 4]
+    losses = client.get_metric_history(result["mlflow_run_id"], "train/loss")
+    assert losses and all(math.isfinite(m.value) for m in losses)

@@ -32,7 +32,13 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def wrap(module: nn.Module, strategy: str, world: int, device: torch.device) -> nn.Module:
+def wrap(
+    module: nn.Module,
+    strategy: str,
+    world: int,
+    device: torch.device,
+    layer_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """The model the training loop calls; `module` stays the plain MediSee for everything else."""
     if strategy not in STRATEGIES:
         raise ValueError(f"trainer.strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -48,23 +54,28 @@ def wrap(module: nn.Module, strategy: str, world: int, device: torch.device) -> 
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True,
         )
-    return shard(module, device)
+    return shard(module, device, layer_dtype)
 
 
 def decoder_layers(module: nn.Module) -> list[nn.Module]:
     return list(module.llava.model.language_model.layers)
 
 
-def shard(module: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2 over the default process group: one group per LM layer, the rest of the trainable model at the root."""
+def shard(module: nn.Module, device: torch.device, layer_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """FSDP2 over the default process group: one group per LM layer, the rest of the trainable model at the root.
+
+    `layer_dtype` applies to the LM layers only (the bulk of the parameters): the root group runs the
+    box and mask side, whose inputs (pixel boxes up to 1024) must not be rounded to bfloat16.
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     in_layers = {id(p) for layer in decoder_layers(module) for p in layer.parameters()}
     frozen_towers = {p for p in module.parameters() if not p.requires_grad and id(p) not in in_layers}
+    layer_policy = MixedPrecisionPolicy(param_dtype=layer_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layers(module):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=layer_policy)
     fully_shard(module, mesh=mesh, ignored_params=frozen_towers)
     # Only ranks whose batch has a target run the decoder side; the others must still join its
     # reduce-scatter (with zero gradients), as DDP's find_unused_parameters does.

@@ -95,7 +95,13 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
         settings=settings,
         seed=cfg.run.seed,
     )
-    model = parallel.wrap(module, cfg.trainer.strategy, world, ray.train.torch.get_device())
+    model = parallel.wrap(
+        module,
+        cfg.trainer.strategy,
+        world,
+        ray.train.torch.get_device(),
+        layer_dtype=getattr(torch, cfg.trainer.fsdp_layer_dtype),
+    )
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.trainer.lr, betas=(0.9, 0.95), weight_decay=cfg.trainer.weight_decay, foreach=True
