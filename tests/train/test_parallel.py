@@ -86,7 +86,11 @@ def build(strategy: str, finetune: str):
     module = build_model("tiny", finetune=finetune, seed=0)
     model = parallel.wrap(module, strategy, WORLD, torch.device("cpu"))
     params = [p for p in module.parameters() if p.requires_grad]
-    return model, module, torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+    return (
+        model,
+        module,
+        torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, foreach=True),
+    )
 
 
 def worker(rank: int, port: int, strategy: str, finetune: str, batches, eval_rows, out: str) -> None:

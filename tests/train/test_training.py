@@ -110,7 +110,9 @@ def test_fsdp_full_finetune_fails_resumes_and_checkpoints_whole_weights(ray_loca
 
     tracking_uri, _ = mlflow_server
     shards = tmp_path / "shards"
-    prepare("phantom", "-", str(shards), PrepareConfig(phantom_images=16, val_fraction=0.25), executor="local")
+    prepare(
+        "phantom", "-", str(shards), PrepareConfig(phantom_images=16, val_fraction=0.25), executor="local"
+    )
     cfg = load_config(
         "tiny",
         [
@@ -140,7 +142,8 @@ def test_fsdp_full_finetune_fails_resumes_and_checkpoints_whole_weights(ray_loca
     trainable = {n: p for n, p in plain.named_parameters() if p.requires_grad}
     assert payload["model"].keys() == trainable.keys()
     assert all(payload["model"][n].shape == p.shape for n, p in trainable.items())  # gathered, not shards
-    assert {v.dtype for v in payload["model"].values()} == {torch.float32}  # bf16 is only for the layers' compute
+    # bfloat16 is only what the layers compute in: the master weights stay float32
+    assert {v.dtype for v in payload["model"].values()} == {torch.float32}
     assert payload["optimizer"]["state"].keys() <= trainable.keys()
     assert payload["step"] == 4 and len(payload["rng"]) == 2
     initial = {n: p.detach().clone() for n, p in trainable.items()}
