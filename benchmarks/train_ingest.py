@@ -1,5 +1,6 @@
 """Training data stall: tiny-preset step time fed by the Ray Data stream from a moto S3 vs. fed by
-the same batches held in memory, inside Ray Train workers; plus samples/s for 1 vs. 2 workers.
+the same batches held in memory, inside Ray Train workers; plus samples/s for 1 vs. 2 workers and
+the step time of the FSDP strategy against DDP on the same in-memory batches.
 
 Last line: {"name": "train_ingest_stall", "value": <stall %>, "unit": "%", "target": 10}
 """
@@ -34,16 +35,14 @@ def loop(config: dict) -> None:
 
     from medisee.model import build_model
     from medisee.model.collate import collate
+    from medisee.train import parallel
 
     torch.set_num_threads(1)
     steps, warmup, batch_size = config["steps"], config["warmup"], config["batch_size"]
-    model = build_model("tiny", finetune="full")
-    if ray.train.get_context().get_world_size() > 1:
-        model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
-    inner = model.module if hasattr(model, "module") else model
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inner = build_model("tiny", finetune="full")
+    world = ray.train.get_context().get_world_size()
+    model = parallel.wrap(inner, config["strategy"], world, ray.train.torch.get_device())
+    opt = torch.optim.AdamW([p for p in inner.parameters() if p.requires_grad], lr=1e-4)
     shard = ray.train.get_dataset_shard("train")
 
     def stream():
@@ -73,7 +72,7 @@ def loop(config: dict) -> None:
         Path(config["out"]).write_text(json.dumps(result))
 
 
-def run(mode: str, workers: int, uri: str, settings, args) -> dict:
+def run(mode: str, workers: int, uri: str, settings, args, strategy: str = "ddp") -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -92,6 +91,7 @@ def run(mode: str, workers: int, uri: str, settings, args) -> dict:
         loop,
         train_loop_config={
             "mode": mode,
+            "strategy": strategy,
             "steps": args.steps,
             "warmup": 5,
             "batch_size": args.batch_size,
@@ -99,7 +99,7 @@ def run(mode: str, workers: int, uri: str, settings, args) -> dict:
         },
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(
-            name=f"bench-{mode}-{workers}-{int(time.time())}", storage_path=tempfile.mkdtemp()
+            name=f"bench-{mode}-{workers}-{strategy}-{int(time.time())}", storage_path=tempfile.mkdtemp()
         ),
         datasets={"train": shard_dataset(data_cfg, settings, split="train", uris={"phantom": uri})},
     )
@@ -132,9 +132,13 @@ def main() -> None:
         results["memory_2w"] = run("memory", 2, uri, settings, args)
         results["stream_2w"] = run("stream", 2, uri, settings, args)
         results["stream_1w"] = run("stream", 1, uri, settings, args)
+        results["memory_2w_fsdp"] = run("memory", 2, uri, settings, args, strategy="fsdp")
     finally:
         server.terminate()
     stall = 100 * (1 - results["memory_2w"]["seconds_per_step"] / results["stream_2w"]["seconds_per_step"])
+    results["fsdp_over_ddp_step_time"] = round(
+        results["memory_2w_fsdp"]["seconds_per_step"] / results["memory_2w"]["seconds_per_step"], 3
+    )
     print(json.dumps(results), file=sys.stderr)
     print(
         json.dumps(
