@@ -112,8 +112,11 @@ def worker(rank: int, port: int, strategy: str, finetune: str, batches, eval_row
 
         # a fresh model of the same strategy, loaded from the checkpoint, continues exactly as the original
         # (a copy: the loaded optimiser keeps the tensors it is given, and `saved` is compared below)
-        weights, optim = _broadcast(copy.deepcopy(saved) if rank == 0 else None)
         fresh, fresh_module, fresh_optimizer = build(strategy, finetune)
+        weights, optim = copy.deepcopy(saved) if rank == 0 else (None, None)
+        assert parallel.reads_checkpoint(fresh) == (rank == 0 or strategy == "ddp")
+        if strategy == "ddp":  # every rank loads its own whole copy; under FSDP rank 0 broadcasts
+            weights, optim = _broadcast((weights, optim))
         parallel.load_trainable_state(fresh_module, fresh_optimizer, weights, optim, "test")
         for m, mod, opt in ((model, module, optimizer), (fresh, fresh_module, fresh_optimizer)):
             torch.manual_seed(7 + rank)  # the same LoRA dropout masks (the recipe restores RNG state)

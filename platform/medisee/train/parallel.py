@@ -158,28 +158,55 @@ def trainable_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return {k: v for k, v in weights.items() if k in trainable}, optim
 
 
+def reads_checkpoint(model: nn.Module) -> bool:
+    """Whether this rank must read the checkpoint file: a whole model loads its own copy; a sharded
+    one gets its shards from rank 0, so that no other rank ever holds the whole checkpoint (the 7B
+    full fine-tune's weights and AdamW moments are ~87 GB)."""
+    return not is_sharded(model) or _rank() == 0
+
+
 def load_trainable_state(
-    module: nn.Module, optimizer: torch.optim.Optimizer | None, weights: dict, optim: dict | None, source: str
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    weights: dict | None,
+    optim: dict | None,
+    source: str,
 ) -> None:
-    """The inverse of `trainable_state`, called on every rank with the full dicts. The optimiser may
-    keep the tensors it is given as its state: hand over dicts that nothing else uses."""
+    """The inverse of `trainable_state`, on every rank together. Ranks that `reads_checkpoint` pass
+    the full dicts, the others None. The optimiser may keep the tensors it is given as its state:
+    hand over dicts that nothing else uses."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    module.check_trainable_state_dict(weights, source)
-    # full_state_dict=True scatters full tensors into shards; a whole model takes them as they are
-    options = StateDictOptions(full_state_dict=is_sharded(module), strict=False)
+    sharded = is_sharded(module)
+    if weights is None and reads_checkpoint(module):
+        raise ValueError(f"{source}: this rank must pass the checkpoint's weights")
+    if weights is not None:
+        module.check_trainable_state_dict(weights, source)
+    # sharded: rank 0 broadcasts each full tensor and every rank keeps its shard of it
+    options = StateDictOptions(full_state_dict=sharded, broadcast_from_rank0=sharded, strict=False)
     # both setters rewrite the dicts they are given in place: hand them copies of the containers
-    set_model_state_dict(module, dict(weights), options=options)
-    if optimizer is not None and optim is not None:
+    set_model_state_dict(module, dict(weights or {}), options=options)
+    if optimizer is None or (optim is None and not sharded):
+        return
+    if optim is not None:
         optim = {
             "state": {k: dict(v) for k, v in optim["state"].items()},
             "param_groups": [dict(g) for g in optim["param_groups"]],
         }
-        set_optimizer_state_dict(module, optimizer, optim, options=options)
+    set_optimizer_state_dict(module, optimizer, optim or {}, options=options)
+
+
+def broadcast_object(obj, model: nn.Module):
+    """Rank 0's `obj` on every rank when the model is sharded (only rank 0 read the checkpoint)."""
+    if not is_sharded(model):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _rank() -> int:

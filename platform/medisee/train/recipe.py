@@ -129,10 +129,12 @@ def load_checkpoint(state: RecipeState) -> bool:
     if not found:
         return False
     step, uri = found[-1]
-    payload = read_torch(uri, state.settings)
+    payload = read_torch(uri, state.settings) if parallel.reads_checkpoint(state.model) else {}
+    weights, optimizer_state = payload.pop("model", None), payload.pop("optimizer", None)
+    payload = parallel.broadcast_object(payload, state.model)  # step, RNG, scheduler, ...: small
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{uri}: format {payload.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
-    parallel.load_trainable_state(state.module, state.optimizer, payload["model"], payload["optimizer"], uri)
+    parallel.load_trainable_state(state.module, state.optimizer, weights, optimizer_state, uri)
     state.scheduler.load_state_dict(payload["scheduler"])
     state.step, state.epoch, state.step_in_epoch = payload["step"], payload["epoch"], payload["step_in_epoch"]
     state.best = {int(k): v for k, v in payload.get("best", {}).items()}
