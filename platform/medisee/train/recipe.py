@@ -3,8 +3,8 @@
 Explicit steps, as in torchtune recipes:  setup -> load_checkpoint -> train (evaluate, save_checkpoint).
 
 Checkpoints are single files `<run>/checkpoints/step-00000100.pt` written atomically through
-medisee.storage by rank 0, holding only the trained parameters plus optimiser, scheduler, RNG and
-data position. The latest complete file is what a worker retry or a whole-job re-run resumes from.
+medisee.storage by rank 0, holding only the trained parameters (whole, gathered from the shards
+under FSDP; see medisee.train.parallel) plus optimiser, scheduler, RNG and data position. The latest complete file is what a worker retry or a whole-job re-run resumes from.
 """
 
 from __future__ import annotations
