@@ -1,5 +1,6 @@
 """FSDP against DDP on two real gloo processes: the same data gives the same training, evaluation
-and checkpoint; a checkpoint reloaded into a fresh sharded model continues identically."""
+and checkpoint; a checkpoint reloaded into a fresh sharded model continues identically, and a DDP
+checkpoint resumes under FSDP."""
 
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def build(strategy: str, finetune: str):
     )
 
 
-def worker(rank: int, port: int, strategy: str, finetune: str, batches, eval_rows, out: str) -> None:
+def worker(rank: int, port: int, strategy: str, finetune: str, batches, eval_rows, out: str, foreign) -> None:
+    """`foreign`: the other strategy's checkpoint, which a third model resumes from (or None)."""
     from medisee.train import parallel
     from medisee.train.evaluate import evaluate_rows
 
@@ -110,26 +112,36 @@ def worker(rank: int, port: int, strategy: str, finetune: str, batches, eval_row
             metrics = evaluate_rows(module, mine, batch_size=2, reduce=True)
         saved = parallel.trainable_state(module, optimizer)
 
-        # a fresh model of the same strategy, loaded from the checkpoint, continues exactly as the original
-        # (a copy: the loaded optimiser keeps the tensors it is given, and `saved` is compared below)
-        fresh, fresh_module, fresh_optimizer = build(strategy, finetune)
-        weights, optim = copy.deepcopy(saved) if rank == 0 else (None, None)
-        assert parallel.reads_checkpoint(fresh) == (rank == 0 or strategy == "ddp")
-        if strategy == "ddp":  # every rank loads its own whole copy; under FSDP rank 0 broadcasts
-            weights, optim = _broadcast((weights, optim))
-        parallel.load_trainable_state(fresh_module, fresh_optimizer, weights, optim, "test")
-        for m, mod, opt in ((model, module, optimizer), (fresh, fresh_module, fresh_optimizer)):
+        # fresh models loaded from a checkpoint continue as the original: from this run's own one
+        # exactly, and from the other strategy's one (equal to it within rounding)
+        resumes = [resume_from(saved, strategy, finetune, rank)]
+        if foreign is not None:
+            resumes.append(resume_from(foreign, strategy, finetune, rank))
+        states = []
+        for m, mod, opt in [(model, module, optimizer), *resumes]:
             torch.manual_seed(7 + rank)  # the same LoRA dropout masks (the recipe restores RNG state)
             train_steps(m, mod, opt, batches[rank], 1, offset=STEPS - 1)
-        final = parallel.trainable_state(module, optimizer)
-        resumed = parallel.trainable_state(fresh_module, fresh_optimizer)
+            states.append(parallel.trainable_state(mod, opt))
         if rank == 0:
-            torch.save(
-                {"metrics": metrics, "saved": saved, "final": final, "resumed": resumed},
-                out,
-            )
+            final, resumed, *crossed = states
+            result = {"metrics": metrics, "saved": saved, "final": final, "resumed": resumed}
+            torch.save(result | ({"crossed": crossed[0]} if crossed else {}), out)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def resume_from(checkpoint, strategy: str, finetune: str, rank: int):
+    """A fresh model loaded the way the recipe does: under FSDP only rank 0 holds the checkpoint.
+    (A copy: the loaded optimiser keeps the tensors it is given, and `checkpoint` is compared later.)"""
+    from medisee.train import parallel
+
+    model, module, optimizer = build(strategy, finetune)
+    weights, optim = copy.deepcopy(checkpoint) if rank == 0 else (None, None)
+    assert parallel.reads_checkpoint(model) == (rank == 0 or strategy == "ddp")
+    if strategy == "ddp":  # every rank loads its own whole copy; under FSDP rank 0 broadcasts
+        weights, optim = _broadcast((weights, optim))
+    parallel.load_trainable_state(module, optimizer, weights, optim, "test")
+    return model, module, optimizer
 
 
 def _broadcast(obj):
@@ -138,11 +150,11 @@ def _broadcast(obj):
     return box[0]
 
 
-def run(strategy: str, finetune: str, batches, eval_rows, tmp_path) -> dict:
+def run(strategy: str, finetune: str, batches, eval_rows, tmp_path, foreign=None) -> dict:
     out = tmp_path / f"{strategy}-{finetune}.pt"
     mp.spawn(
         worker,
-        args=(free_port(), strategy, finetune, batches, eval_rows, str(out)),
+        args=(free_port(), strategy, finetune, batches, eval_rows, str(out), foreign),
         nprocs=WORLD,
         join=True,
     )
@@ -180,7 +192,7 @@ def test_fsdp_matches_ddp_and_resumes_exactly(phantom_shards, tmp_path, finetune
     assert any(r["query_kind"].startswith("reasoning") for r in eval_rows)
 
     ddp = run("ddp", finetune, batches, eval_rows, tmp_path)
-    fsdp = run("fsdp", finetune, batches, eval_rows, tmp_path)
+    fsdp = run("fsdp", finetune, batches, eval_rows, tmp_path, foreign=ddp["saved"])
 
     trained = set(ddp["saved"][0])
     assert "sam.mask_decoder.iou_token.weight" in trained and "seg_router.gate.0.weight" in trained
@@ -193,3 +205,5 @@ def test_fsdp_matches_ddp_and_resumes_exactly(phantom_shards, tmp_path, finetune
     # a sharded model loaded from the full checkpoint continues bit-for-bit like the original
     assert_same_state(fsdp["resumed"], fsdp["final"], atol=0)
     assert_same_state(ddp["resumed"], ddp["final"], atol=0)
+    # a DDP checkpoint resumes under FSDP
+    assert_same_state(fsdp["crossed"], fsdp["final"], atol=1e-5)

@@ -124,7 +124,8 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
     finally:
         for m in groups:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            # FSDP's own defaults: the root keeps its parameters through to backward, layers free theirs
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def clip_gradients(module: nn.Module, max_norm: float) -> float:
