@@ -16,17 +16,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+# importing ingest also sets the benchmarks' environment defaults (loopback Ray, moto credentials)
 from ingest import phantom_shards_on_s3, start_moto_bucket  # noqa: E402
-
-for key, value in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "AWS_ACCESS_KEY_ID": "bench",
-    "AWS_SECRET_ACCESS_KEY": "bench",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}.items():
-    os.environ.setdefault(key, value)
 
 
 def loop(config: dict) -> None:

@@ -5,7 +5,6 @@ checkpoint resumes under FSDP."""
 from __future__ import annotations
 
 import copy
-import socket
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,6 +16,7 @@ from medisee.config import PrepareConfig
 from medisee.data.prepare import prepare
 from medisee.data.reader import Preprocess, shard_files
 from medisee.train.evaluate import load_eval_rows
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +57,6 @@ def micro_batches(shards, sam_size: int, clip_size: int) -> list[list[list[dict]
                 chosen = with_target[start : start + 2]
             per_rank[rank].append(batch(chosen))
     return per_rank
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_steps(model, module, optimizer, batches, steps: int, offset: int = 0) -> None:

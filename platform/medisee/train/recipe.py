@@ -78,23 +78,39 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def build_from_config(
+    cfg: MediSeeConfig, settings: StorageSettings, medisee_checkpoint: str | None, training: bool
+):
+    """The model a config describes: what the recipe trains, and what a registered version (whose
+    config is stored with it) is rebuilt as. Loss weights and gradient checkpointing only for training."""
+    training_only = (
+        {
+            "loss_weights": LossWeights(
+                box=cfg.model.box_loss_weight, similarity=cfg.model.similarity_loss_weight
+            ),
+            "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
+        }
+        if training
+        else {}
+    )
+    return build_model(
+        cfg.model.preset,
+        llava_path=cfg.model.llava_path,
+        sam_checkpoint=cfg.model.sam_checkpoint,
+        medisee_checkpoint=medisee_checkpoint,
+        num_candidate_tokens=cfg.model.num_candidate_tokens,
+        finetune=cfg.trainer.finetune,
+        settings=settings,
+        seed=cfg.run.seed,
+        **training_only,
+    )
+
+
 def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) -> RecipeState:
     import ray.train.torch
 
     torch.manual_seed(cfg.run.seed)
-    weights = LossWeights(box=cfg.model.box_loss_weight, similarity=cfg.model.similarity_loss_weight)
-    module = build_model(
-        cfg.model.preset,
-        llava_path=cfg.model.llava_path,
-        sam_checkpoint=cfg.model.sam_checkpoint,
-        medisee_checkpoint=cfg.model.medisee_checkpoint,
-        num_candidate_tokens=cfg.model.num_candidate_tokens,
-        loss_weights=weights,
-        finetune=cfg.trainer.finetune,
-        gradient_checkpointing=cfg.trainer.gradient_checkpointing,
-        settings=settings,
-        seed=cfg.run.seed,
-    )
+    module = build_from_config(cfg, settings, cfg.model.medisee_checkpoint, training=True)
     model = parallel.wrap(
         module,
         cfg.trainer.strategy,

@@ -9,7 +9,7 @@ from medisee import storage, tracking
 from medisee.config import MediSeeConfig, config_to_yaml
 from medisee.model.checkpoint import TRAINABLE_FORMAT, read_torch, write_torch
 from medisee.storage import StorageSettings
-from medisee.train.recipe import list_checkpoints, run_dir, train_loop_per_worker
+from medisee.train.recipe import build_from_config, list_checkpoints, run_dir, train_loop_per_worker
 
 
 def build_trainer(cfg: MediSeeConfig, settings: StorageSettings):
@@ -117,22 +117,12 @@ def load_registered_model(model_uri: str, cfg: MediSeeConfig):
     import yaml
 
     from medisee.config import build_config
-    from medisee.model import build_model
 
     settings = StorageSettings.from_config(cfg.storage)
     client = tracking.configure(cfg.tracking, settings)
     local = tracking.download_model(client, model_uri)
     trained = build_config(yaml.safe_load((local / "config.yaml").read_text()))
-    model = build_model(
-        trained.model.preset,
-        llava_path=trained.model.llava_path,
-        sam_checkpoint=trained.model.sam_checkpoint,
-        num_candidate_tokens=trained.model.num_candidate_tokens,
-        finetune=trained.trainer.finetune,
-        medisee_checkpoint=str(local / "trainable.pt"),
-        settings=settings,
-        seed=trained.run.seed,
-    )
+    model = build_from_config(trained, settings, str(local / "trainable.pt"), training=False)
     model.eval()
     model.source_dir = local  # where the version's files (config, verifier calibration) were downloaded
     model.source_run_id = trained_run_id(client, model_uri)
