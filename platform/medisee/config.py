@@ -12,7 +12,42 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# The image sizes each model preset is built for: the SAM frame side and the CLIP input side.
+# The data section takes its sizes from here (one source of truth).
+PRESET_IMAGE_SIZES = {
+    "tiny": {"sam_image_size": 128, "clip_image_size": 128},
+    "medisee-7b": {"sam_image_size": 1024, "clip_image_size": 336},
+}
+
+# What a resumed run may change: how long it runs, where it logs, how it is spread over workers.
+# Anything else (model, data, optimisation) must equal the checkpoint's configuration.
+RESUMABLE_CHANGES = (
+    "run.",
+    "storage.",
+    "tracking.",
+    "verifier.",
+    "prepare.",
+    "data.preprocess_concurrency",
+    "data.preprocess_num_cpus",
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.eval_limit",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_best",
+    "trainer.best_metric",
+    "trainer.max_failures",
+    "trainer.fail_at_step",
+    "trainer.num_workers",
+    "trainer.cpus_per_worker",
+    "trainer.use_gpu",
+    "trainer.strategy",
+    "trainer.fsdp_layer_dtype",
+    "trainer.torch_threads",
+    "trainer.gradient_checkpointing",
+)
 
 
 class ConfigError(ValueError):
@@ -58,8 +93,8 @@ class DataConfig(Section):
     mix: dict[str, float] = Field(default_factory=lambda: {"sa-med2d": 7.0, "mlmr-sd": 3.0})
     val_uri: str | None = None
     batch_size: int = Field(2, ge=1)
-    sam_image_size: int = Field(1024, ge=16)
-    clip_image_size: int = Field(336, ge=16)
+    sam_image_size: int | None = Field(None, ge=16)  # default: the model preset's (PRESET_IMAGE_SIZES)
+    clip_image_size: int | None = Field(None, ge=16)
     preprocess_concurrency: int = Field(2, ge=1)
     preprocess_num_cpus: float = Field(0.5, gt=0)
     shuffle_buffer_rows: int = Field(256, ge=0)  # local shuffle in each training worker; 0 = off
@@ -130,6 +165,19 @@ class MediSeeConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+
+    @model_validator(mode="after")
+    def _image_sizes_from_preset(self) -> MediSeeConfig:
+        for key, size in PRESET_IMAGE_SIZES[self.model.preset].items():
+            given = getattr(self.data, key)
+            if given is None:
+                setattr(self.data, key, size)
+            elif given != size:
+                raise ValueError(
+                    f"data.{key}={given} disagrees with model.preset={self.model.preset!r}, "
+                    f"which is built for {size}; drop data.{key} (it follows the preset)"
+                )
+        return self
 
 
 def preset_names() -> list[str]:
@@ -217,3 +265,13 @@ def flatten(cfg: MediSeeConfig | dict[str, Any], prefix: str = "") -> dict[str, 
         else:
             out[dotted] = value
     return out
+
+
+def resume_differences(saved: MediSeeConfig, current: MediSeeConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every change a resumed run must not make."""
+    old, new = flatten(saved), flatten(current)
+    return [
+        (key, old.get(key), new.get(key))
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]

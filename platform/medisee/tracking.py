@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from medisee.storage import StorageSettings
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 MAX_PARAM_CHARS = 500
 
@@ -27,25 +26,65 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """`mlartifacts` next to a local SQLite store; None (the server decides) for anything else."""
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts")
+    return None
+
+
+def resolve_artifact_location(tracking_cfg) -> str | None:
+    """An absolute path or URI, fixed on the driver before any worker starts.
+
+    MLflow's own default is `./mlruns` relative to the current directory, which inside a Ray Train
+    worker is Ray's per-run temp folder: the files would vanish with the Ray session.
+    """
+    location = tracking_cfg.artifact_location
+    if location:
+        return location if "://" in location else str(Path(location).absolute())
+    return default_artifact_location(resolve_tracking_uri(tracking_cfg.uri))
+
+
+def is_transient_location(location: str) -> bool:
+    """Under Ray's temp directory, or relative (to whatever directory a process happens to run in)."""
+    path = location.removeprefix("file://")
+    if "://" in path:
+        return False
+    ray_tmp = os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
+    return not os.path.isabs(path) or "/session_" in path or path.startswith(ray_tmp.rstrip("/") + "/")
+
+
 def configure(tracking_cfg, settings: StorageSettings | None = None):
     """Point MLflow at the configured server and object storage; return an MlflowClient."""
+    return client_for(tracking_cfg.uri, settings)
+
+
+def client_for(uri: str | None = None, settings: StorageSettings | None = None):
+    """An MlflowClient for `uri` (default: $MLFLOW_TRACKING_URI, else the platform's local store)."""
     import mlflow
     from mlflow import MlflowClient
 
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     if settings and settings.endpoint:
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = settings.endpoint
-    uri = resolve_tracking_uri(tracking_cfg.uri)
+    uri = resolve_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///.medisee/mlflow.db")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id; a new one stores its artifacts at `artifact_location` (absolute)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    if is_transient_location(exp.artifact_location):
+        warnings.warn(
+            f"MLflow experiment {name!r} keeps its artifacts at {exp.artifact_location}, which is "
+            "relative or under Ray's temp directory: models logged there disappear with the Ray session. "
+            "Use a new experiment (tracking.experiment) with tracking.artifact_location set.",
+            stacklevel=2,
+        )
+    return exp.experiment_id
 
 
 def find_run(client, experiment_id: str, run_name: str):
@@ -61,7 +100,9 @@ def find_run(client, experiment_id: str, run_name: str):
 
 def start_or_resume_run(client, tracking_cfg, run_name: str, tags: Mapping[str, str] | None = None) -> str:
     """Run id for `run_name`: the existing one if any, otherwise a new run."""
-    exp_id = get_or_create_experiment(client, tracking_cfg.experiment, tracking_cfg.artifact_location)
+    exp_id = get_or_create_experiment(
+        client, tracking_cfg.experiment, resolve_artifact_location(tracking_cfg)
+    )
     existing = find_run(client, exp_id, run_name)
     if existing is not None:
         if existing.info.status != "RUNNING":
@@ -168,3 +209,15 @@ def download_model(client, model_uri: str, dst: str | Path | None = None) -> Pat
     else:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))
     return Path(local)
+
+
+def trained_run_id(client, model_uri: str) -> str | None:
+    """The run that produced a `models:/name@alias`, `models:/name/N` or `runs:/id/...` URI."""
+    if model_uri.startswith("runs:/"):
+        return model_uri[len("runs:/") :].split("/", 1)[0]
+    ref = model_uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias).run_id
+    name, number = ref.split("/", 1)
+    return client.get_model_version(name, number).run_id

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from medisee import storage
+from medisee.data.batch import pack_masks, packed_length
 from medisee.data.codec import decode_image, row_mask
 from medisee.data.preprocess import clip_input, sam_input, sam_mask
 from medisee.storage import StorageSettings
@@ -76,8 +77,7 @@ def _row_count(uris: list[str], settings: StorageSettings) -> int:
 class Preprocess:
     """Shard rows -> model inputs (uint8 images, SAM-frame masks and boxes, text).
 
-    Masks travel bit-packed (`mask_bits`, 8x smaller than uint8); `unpack_masks` restores them
-    next to the model.
+    The output fields are medisee.data.batch.READER_FIELDS (masks bit-packed there).
     """
 
     def __init__(self, sam_size: int, clip_size: int, tokenize: Callable | None = None):
@@ -90,7 +90,7 @@ class Preprocess:
         out = {
             "sam_image": np.zeros((n, s, s, 3), np.uint8),
             "clip_image": np.zeros((n, c, c, 3), np.uint8),
-            "mask_bits": np.zeros((n, s * s // 8 + (s * s % 8 > 0)), np.uint8),
+            "mask_bits": np.zeros((n, packed_length(s)), np.uint8),
             "box_sam": np.zeros((n, 4), np.float32),
             "has_target": np.zeros((n,), np.bool_),
             "resized_hw": np.zeros((n, 2), np.int32),
@@ -104,7 +104,7 @@ class Preprocess:
             out["original_hw"][i] = image.shape[:2]
             mask = row_mask(row)
             if mask is not None and row.get("box") is not None:
-                out["mask_bits"][i] = np.packbits(sam_mask(mask, frame))
+                out["mask_bits"][i] = pack_masks(sam_mask(mask, frame)[None])[0]
                 out["box_sam"][i] = np.asarray(row["box"], np.float32) * frame.scale
                 out["has_target"][i] = True
         for key in ("record_id", "image_id", "query", "answer", "query_kind", "class_name", "modality"):
@@ -155,11 +155,6 @@ class ShardPreprocess:
                         table = table.filter(pa.array(keep))
                     if table.num_rows:
                         yield self.preprocess(table)
-
-
-def unpack_masks(mask_bits: np.ndarray, size: int) -> np.ndarray:
-    """(N, ceil(size²/8)) packed bits -> (N, size, size) uint8 {0, 1}."""
-    return np.unpackbits(mask_bits, axis=1, count=size * size).reshape(len(mask_bits), size, size)
 
 
 def keep_row(record_id: str, fraction: float, seed: int) -> bool:

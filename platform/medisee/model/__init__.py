@@ -1,6 +1,6 @@
 """The MediSee model: LLaVA MLLM + routers + box decoder + SAM mask decoder."""
 
 from medisee.model.build import build_model, preset_names
-from medisee.model.medisee import MediSee, Prediction
+from medisee.model.medisee import MediSee
 
-__all__ = ["MediSee", "Prediction", "build_model", "preset_names"]
+__all__ = ["MediSee", "build_model", "preset_names"]

@@ -33,8 +33,12 @@ def frame_to_normalized(box_frame_xyxy: torch.Tensor, resized_hw: torch.Tensor) 
     return box_frame_xyxy / torch.cat([w, h, w, h], -1)
 
 
-def normalized_to_original(box_norm_xyxy: torch.Tensor, original_hw: torch.Tensor) -> torch.Tensor:
-    """Normalised xyxy -> pixel xyxy in the original image, clipped to it."""
+def normalized_to_original(
+    box_norm_xyxy: torch.Tensor, original_hw: torch.Tensor, clip: bool = True
+) -> torch.Tensor:
+    """Normalised xyxy -> pixel xyxy in the original image, clipped to it unless `clip=False`."""
     h, w = original_hw[:, 0:1].to(box_norm_xyxy), original_hw[:, 1:2].to(box_norm_xyxy)
     scale = torch.cat([w, h, w, h], -1)
+    if not clip:
+        return box_norm_xyxy * scale
     return torch.minimum(box_norm_xyxy.clamp_min(0) * scale, scale)

@@ -43,6 +43,9 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
+MODEL_PARTS = ("mllm", "decoder")
+
+
 def build_model(
     preset: str = "tiny",
     *,
@@ -50,6 +53,7 @@ def build_model(
     sam_checkpoint: str | None = None,
     medisee_checkpoint: str | None = None,
     official_release: str | None = None,
+    tokenizer=None,
     num_candidate_tokens: int = 2,
     loss_weights: LossWeights | None = None,
     finetune: str | None = None,
@@ -60,13 +64,19 @@ def build_model(
     settings: StorageSettings | None = None,
     seed: int = 0,
     random_weights: bool = False,
+    parts: tuple[str, ...] = MODEL_PARTS,
 ) -> MediSee:
     """Build MediSee. `finetune` = "lora" | "full" sets what is trainable (None: everything frozen).
 
+    `tokenizer`: use this one (a model artifact stores its own) instead of the preset's or the LLaVA dir's.
+    `parts`: ("mllm",) builds no SAM, ("decoder",) no LLaVA: a stage loads only what it runs.
     `random_weights=True` builds a checkpoint-needing preset with random init (benchmarks only).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
+    unknown = set(parts) - set(MODEL_PARTS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {MODEL_PARTS}, not {parts}")
     spec = PRESETS[preset]
     if (
         spec.needs_checkpoints
@@ -79,26 +89,18 @@ def build_model(
             "(or an official release); nothing is initialised at random",
         )
     torch.manual_seed(seed)
-    if llava_path:
-        llava, tokenizer = ckpt.load_llava_dir(llava_path, settings)
-    else:
-        tokenizer = build_tiny_tokenizer()
-        llava = None
-    candidate_ids = add_candidate_tokens(tokenizer, num_candidate_tokens)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if llava is None:
-        vocab = len(tokenizer) if not spec.needs_checkpoints else max(len(tokenizer), 32000)
-        llava = build_llava(spec.mllm, vocab, image_token_id, tokenizer.pad_token_id)
-    resize_for_tokenizer(llava, tokenizer)
-    llava.config.image_token_index = image_token_id
-    if hasattr(llava.config, "image_token_id"):
-        llava.config.image_token_id = image_token_id
-    text = TextSpec(tokenizer, image_token_id, candidate_ids, num_image_tokens(llava))
-
-    sam = build_sam(spec.sam)
-    if sam_checkpoint:
-        ckpt.load_sam_checkpoint(sam, sam_checkpoint, settings)
-    model = MediSee(llava, sam, text, prompt_dim=spec.sam.prompt_dim, loss_weights=loss_weights)
+    llava, text, hidden = None, None, spec.mllm.hidden
+    if "mllm" in parts:
+        llava, text = _build_mllm(spec, llava_path, tokenizer, num_candidate_tokens, settings)
+        hidden = llava.config.text_config.hidden_size
+    elif llava_path:
+        hidden = _llava_hidden_size(llava_path, settings)
+    sam = None
+    if "decoder" in parts:
+        sam = build_sam(spec.sam)
+        if sam_checkpoint:
+            ckpt.load_sam_checkpoint(sam, sam_checkpoint, settings)
+    model = MediSee(llava, sam, text, hidden, num_candidate_tokens, spec.sam.prompt_dim, loss_weights)
     model.preset = preset
     if official_release:
         ckpt.load_official_release(model, official_release, settings)
@@ -108,9 +110,38 @@ def build_model(
         model.requires_grad_(False)
     if medisee_checkpoint:
         ckpt.load_trainable(model, medisee_checkpoint, settings)
-    if gradient_checkpointing:
+    if gradient_checkpointing and llava is not None:
         model.llava.gradient_checkpointing_enable()
     return model
+
+
+def _build_mllm(spec: Preset, llava_path, tokenizer, num_candidate_tokens: int, settings):
+    """The LLaVA model and its TextSpec (tokenizer, image token, candidate token ids)."""
+    llava = None
+    if llava_path:
+        llava, dir_tokenizer = ckpt.load_llava_dir(llava_path, settings)
+        tokenizer = tokenizer or dir_tokenizer
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    candidate_ids = add_candidate_tokens(tokenizer, num_candidate_tokens)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if llava is None:
+        vocab = len(tokenizer) if not spec.needs_checkpoints else max(len(tokenizer), 32000)
+        llava = build_llava(spec.mllm, vocab, image_token_id, tokenizer.pad_token_id)
+    resize_for_tokenizer(llava, tokenizer)
+    llava.config.image_token_index = image_token_id
+    if hasattr(llava.config, "image_token_id"):
+        llava.config.image_token_id = image_token_id
+    return llava, TextSpec(tokenizer, image_token_id, candidate_ids, num_image_tokens(llava))
+
+
+def _llava_hidden_size(llava_path: str, settings) -> int:
+    """The LM width from a LLaVA directory's config.json alone (a decoder-only build needs no LM weights)."""
+    import json
+
+    from medisee import storage
+
+    config = json.loads(storage.read_text(storage.join(llava_path, "config.json"), settings))
+    return int(config["text_config"]["hidden_size"])
 
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj)$"
@@ -124,6 +155,15 @@ def configure_trainable(
     Frozen: CLIP, projector, SAM image and prompt encoders.
     """
     model.requires_grad_(False)
+    if model.llava is not None:
+        _trainable_mllm(model, finetune, r, alpha, dropout)
+    if model.sam is not None:
+        model.sam.mask_decoder.requires_grad_(True)
+    for module in (model.text_projection, model.box_decoder, model.seg_router, model.box_router):
+        module.requires_grad_(True)
+
+
+def _trainable_mllm(model: MediSee, finetune: str, r: int, alpha: int, dropout: float) -> None:
     if finetune == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -140,11 +180,3 @@ def configure_trainable(
         raise ValueError(f"finetune must be lora or full, not {finetune!r}")
     model.llava.get_input_embeddings().requires_grad_(True)
     model.llava.get_output_embeddings().requires_grad_(True)
-    for module in (
-        model.sam.mask_decoder,
-        model.text_projection,
-        model.box_decoder,
-        model.seg_router,
-        model.box_router,
-    ):
-        module.requires_grad_(True)

@@ -1,29 +1,30 @@
 """MediSee: LLaVA emits candidate tokens; routers fuse their states; a box decoder predicts the box;
 SAM's mask decoder draws the mask from the box plus the projected [SEG] state.
 
-Three entry points share one code path:
-    forward(batch)                  -> losses (training)
-    encode_query(images, queries)   -> candidate states, [SEG]-to-image similarity map, answer text
-    decode(images, encoding)        -> boxes and masks
-    predict(images, queries)        =  decode(images, encode_query(images, queries))
+The module takes and returns tensors (as segment-anything's `modeling/` does); numpy images,
+resizing and result assembly live in `medisee.infer` (the stages and the Predictor).
+
+    forward(batch)                          -> losses (training; a medisee.data.batch.TrainingBatch)
+    image_features / language / generate    -> the MLLM side (CLIP once per image, then the LM)
+    image_embeddings / heads / decode_masks -> the decoder side (SAM once per image)
+
+`llava` or `sam` may be None in a model built for one stage only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medisee.data import prompts
-from medisee.data.preprocess import clip_input, sam_input
+from medisee.data.batch import TrainingBatch
 from medisee.model import boxes as box_ops
 from medisee.model.heads import BoxDecoder, Router, TextProjection
 from medisee.model.losses import bce_loss, box_loss, dice_loss, similarity_loss
 from medisee.model.mllm import normalize_clip
-from medisee.model.text import TextSpec, answer_with_candidates
+from medisee.model.text import TextSpec
 
 
 @dataclass
@@ -36,41 +37,36 @@ class LossWeights:
 
 
 @dataclass
-class QueryEncoding:
-    """What the MLLM stage hands to the decoder stage (small: no image features)."""
+class Generated:
+    """Greedy generation of a batch: new tokens and, for each, the last-layer state that produced it."""
 
-    candidates: torch.Tensor  # (B, n, d) last-layer states before each candidate token
-    similarity: np.ndarray  # (B, side, side) float32 raw [SEG]·image-token dot products
-    answers: list[str]
-    found: list[bool]  # whether the answer contained every candidate token
-
-
-@dataclass
-class Prediction:
-    answer: str
-    box: tuple[float, float, float, float]  # pixel xyxy in the original image
-    mask: np.ndarray  # bool H×W of the original image
-    similarity: np.ndarray  # side×side float32
-    mask_score: float = 0.0  # mean foreground probability inside the mask (a verifier signal)
-    iou_score: float = 0.0  # SAM's predicted IoU
-    area_fraction: float = 0.0
-    extras: dict = field(default_factory=dict)
+    tokens: torch.Tensor  # (B, T) long
+    states: torch.Tensor  # (B, T, d): states[:, t] is the state before tokens[:, t]
+    image_states: torch.Tensor  # (B, N, d) last-layer states at the image positions (prefill)
 
 
 class MediSee(nn.Module):
-    def __init__(self, llava, sam, text: TextSpec, prompt_dim: int, loss_weights: LossWeights | None = None):
+    def __init__(
+        self,
+        llava,
+        sam,
+        text: TextSpec | None,
+        hidden_size: int,
+        num_candidates: int,
+        prompt_dim: int,
+        loss_weights: LossWeights | None = None,
+    ):
         super().__init__()
         self.llava = llava
         self.sam = sam
         self.text = text
-        hidden = llava.config.text_config.hidden_size
-        n = len(text.candidate_ids)
-        self.seg_router = Router(hidden, n)
-        self.box_router = Router(hidden, n)
-        self.text_projection = TextProjection(hidden, prompt_dim)
-        self.box_decoder = BoxDecoder(hidden)
+        self.seg_router = Router(hidden_size, num_candidates)
+        self.box_router = Router(hidden_size, num_candidates)
+        self.text_projection = TextProjection(hidden_size, prompt_dim)
+        self.box_decoder = BoxDecoder(hidden_size)
         self.loss_weights = loss_weights or LossWeights()
-        self.register_buffer("candidate_ids", torch.tensor(text.candidate_ids), persistent=False)
+        ids = text.candidate_ids if text is not None else [-1] * num_candidates
+        self.register_buffer("candidate_ids", torch.tensor(ids), persistent=False)
 
     # ----- sizes -----------------------------------------------------------------------------
     @property
@@ -94,16 +90,66 @@ class MediSee(nn.Module):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    # ----- building blocks -------------------------------------------------------------------
-    def image_embeddings(self, sam_images: torch.Tensor, resized_hw: torch.Tensor) -> torch.Tensor:
-        """(M, S, S, 3) uint8 padded SAM-frame images -> (M, P, g, g). Padding stays zero after normalising."""
-        x = sam_images.permute(0, 3, 1, 2).float()
-        x = (x - self.sam.pixel_mean) / self.sam.pixel_std
-        rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
-        cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
-        valid = (rows < resized_hw[:, 0].view(-1, 1, 1)) & (cols < resized_hw[:, 1].view(-1, 1, 1))
-        x = x * valid.unsqueeze(1)
-        return self.sam.image_encoder(x)
+    # ----- MLLM side -------------------------------------------------------------------------
+    def image_features(self, clip_images: torch.Tensor) -> torch.Tensor:
+        """(M, C, C, 3) uint8 CLIP inputs -> (M, N, d) projected image-token features."""
+        config = self.llava.config
+        out = self.llava.model.get_image_features(
+            pixel_values=normalize_clip(clip_images).to(self.llava.dtype),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        return torch.stack(list(out.pooler_output))
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor, image_index: torch.Tensor):
+        """Token embeddings with each row's image features in its image-token positions."""
+        embeds = self.llava.get_input_embeddings()(input_ids)
+        positions = (input_ids == self.text.image_token_id).unsqueeze(-1)
+        return embeds.masked_scatter(positions, features[image_index].to(embeds.dtype))
+
+    def language(self, input_ids, attention_mask, features, image_index, labels=None):
+        """One LM forward over a batch; every row carries the features of its image (computed once)."""
+        return self.llava(
+            inputs_embeds=self.embed(input_ids, features, image_index),
+            attention_mask=attention_mask,
+            labels=labels,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+
+    def generate(
+        self,
+        features: torch.Tensor,
+        image_index: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+    ) -> Generated:
+        """Greedy generation for left-padded prompts, in one padded batch.
+
+        The candidate states come from this same pass: the state that produced a token is the last
+        position's last-layer state of that step; the image-token states come from the prefill.
+        """
+        tokenizer = self.text.tokenizer
+        out = self.llava.generate(
+            inputs_embeds=self.embed(input_ids, features, image_index),
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            # each rank generates its own rows; transformers would otherwise sync every step across
+            # ranks once it sees FSDP, and ranks with different rows would deadlock
+            synced_gpus=False,
+        )
+        prefill = out.hidden_states[0][-1]
+        steps = [prefill[:, -1]] + [h[-1][:, -1] for h in out.hidden_states[1:]]
+        tokens = out.sequences[:, -len(steps) :]
+        image_positions = input_ids == self.text.image_token_id
+        image_states = prefill[image_positions].view(input_ids.shape[0], -1, prefill.shape[-1])
+        return Generated(tokens, torch.stack(steps, 1), image_states)
 
     def candidate_states(
         self, hidden: torch.Tensor, input_ids: torch.Tensor
@@ -121,13 +167,26 @@ class MediSee(nn.Module):
         ok = found.all(-1) & (first > 0).all(-1)
         return states, ok
 
-    def similarity_maps(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, seg_state: torch.Tensor
-    ) -> torch.Tensor:
+    def image_token_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) -> (B, N, d) last-layer states at the image-token positions."""
+        positions = input_ids == self.text.image_token_id
+        return hidden[positions].view(input_ids.shape[0], -1, hidden.shape[-1])
+
+    @staticmethod
+    def similarity_maps(image_states: torch.Tensor, seg_state: torch.Tensor) -> torch.Tensor:
         """Raw dot product of the [SEG] state with every image-token state (last layer): (B, N)."""
-        image_positions = input_ids == self.text.image_token_id  # (B, L), N per row
-        image_states = hidden[image_positions].view(input_ids.shape[0], -1, hidden.shape[-1])
         return torch.einsum("bnd,bd->bn", image_states.float(), seg_state.float())
+
+    # ----- decoder side ----------------------------------------------------------------------
+    def image_embeddings(self, sam_images: torch.Tensor, resized_hw: torch.Tensor) -> torch.Tensor:
+        """(M, S, S, 3) uint8 padded SAM-frame images -> (M, P, g, g). Padding stays zero after normalising."""
+        x = sam_images.permute(0, 3, 1, 2).float()
+        x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+        rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
+        cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
+        valid = (rows < resized_hw[:, 0].view(-1, 1, 1)) & (cols < resized_hw[:, 1].view(-1, 1, 1))
+        x = x * valid.unsqueeze(1)
+        return self.sam.image_encoder(x)
 
     def heads(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n, d) -> normalised xyxy boxes (B, 4) and SAM prompt tokens (B, P)."""
@@ -167,61 +226,22 @@ class MediSee(nn.Module):
             low_res.float(), (self.sam_size, self.sam_size), mode="bilinear", align_corners=False
         )[:, 0]
 
-    def run_llava(self, clip_images: torch.Tensor, input_ids, attention_mask, labels=None):
-        return self.llava(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=normalize_clip(clip_images),
-            labels=labels,
-            output_hidden_states=True,
-            return_dict=True,
-        )
-
     # ----- training ----------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Losses for a batch from the reader + tokenizer (see medisee.model.collate)."""
+    def forward(self, batch: TrainingBatch) -> dict[str, torch.Tensor]:
+        """Losses for a TrainingBatch (see medisee.data.batch)."""
         w = self.loss_weights
         with self.autocast():
-            out = self.run_llava(
-                batch["clip_image"], batch["input_ids"], batch["attention_mask"], batch["labels"]
+            features = self.image_features(batch.clip_image)
+            out = self.language(
+                batch.input_ids, batch.attention_mask, features, batch.image_index, batch.labels
             )
             hidden = out.hidden_states[-1]
-            candidates, found = self.candidate_states(hidden, batch["input_ids"])
-            targets = batch["has_target"].bool() & found
+            candidates, found = self.candidate_states(hidden, batch.input_ids)
             zero = hidden.sum() * 0.0
-            losses = {"ce": out.loss if out.loss is not None else zero}
-            if targets.any():
-                idx = targets.nonzero().flatten()
-                box_pred, prompt_tok = self.heads(candidates[idx])
-                resized = batch["resized_hw"][idx]
-                box_true = box_ops.frame_to_normalized(batch["box_sam"][idx].float(), resized)
-                l1, giou = box_loss(box_pred.float(), box_true)
-                image_index = batch.get("image_index", torch.arange(len(targets), device=targets.device))
-                embeddings = self.image_embeddings(
-                    batch["sam_image"],
-                    batch["resized_hw"] if "image_index" not in batch else batch["image_resized_hw"],
-                )
-                box_frame = box_ops.normalized_to_frame(box_pred.detach().float(), resized)
-                low_res, _ = self.decode_masks(embeddings, image_index[idx], box_frame, prompt_tok)
-                logits = self.frame_logits(low_res)
-                bce, dice = [], []
-                for j, r in enumerate(idx.tolist()):
-                    h, wd = batch["resized_hw"][r].tolist()
-                    pred, true = logits[j : j + 1, :h, :wd], batch["mask"][r : r + 1, :h, :wd]
-                    bce.append(bce_loss(pred, true))
-                    dice.append(dice_loss(pred, true))
-                losses["bce"] = torch.cat(bce).mean()
-                losses["dice"] = torch.cat(dice).mean()
-                losses["box_l1"], losses["box_giou"] = l1.mean(), giou.mean()
-            else:
-                losses.update(bce=zero, dice=zero, box_l1=zero, box_giou=zero)
+            losses = {"ce": out.loss, **self.target_losses(batch, candidates, found, zero)}
             losses["similarity"] = zero
-            if w.similarity > 0 and "pair_index" in batch:
-                pair = batch["pair_index"]
-                rows = ((pair >= 0) & found & found[pair.clamp_min(0)]).nonzero().flatten()
-                if rows.numel():
-                    sims = self.similarity_maps(hidden, batch["input_ids"], candidates[:, 0])
-                    losses["similarity"] = similarity_loss(sims[rows], sims[pair[rows]]).mean()
+            if w.similarity > 0:
+                losses["similarity"] = self.pair_similarity_loss(batch, hidden, candidates, found, zero)
         losses["loss"] = (
             w.ce * losses["ce"]
             + w.bce * losses["bce"]
@@ -231,128 +251,41 @@ class MediSee(nn.Module):
         )
         return losses
 
-    # ----- inference ---------------------------------------------------------------------------
-    def _clip_batch(self, images: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([clip_input(im, self.clip_size) for im in images])).to(self.device)
+    def target_losses(self, batch: TrainingBatch, candidates, found, zero) -> dict[str, torch.Tensor]:
+        """Box L1 + GIoU and mask BCE + Dice for rows with a target whose answer holds the tokens.
 
-    @torch.no_grad()
-    def encode_query(
-        self,
-        images: list[np.ndarray],
-        queries: list[str],
-        mode: str = "teacher_forced",
-        max_new_tokens: int = 32,
-    ) -> QueryEncoding:
-        """MLLM stage. mode: `teacher_forced` (fixed answer, fast) or `generate` (greedy answer text)."""
-        clip = self._clip_batch(images)
-        tokens = [self.text.tokenizer.convert_ids_to_tokens(i) for i in self.text.candidate_ids]
-        if mode == "generate":
-            answers = [self._generate(clip[i : i + 1], q, max_new_tokens) for i, q in enumerate(queries)]
-        elif mode == "teacher_forced":
-            answers = [prompts.FIXED_ANSWER] * len(queries)
-        else:
-            raise ValueError(f"mode must be teacher_forced or generate, not {mode!r}")
-        found_text = [all(t in a for t in tokens) for a in answers]
-        forced = [
-            a if ok else (a + " " + prompts.FIXED_ANSWER).strip()
-            for a, ok in zip(answers, found_text, strict=True)
-        ]
-        forced = [answer_with_candidates(a, tokens) for a in forced]
-        batch = {k: v.to(self.device) for k, v in self.text.batch(queries, forced).items()}
-        with self.autocast():
-            out = self.run_llava(clip, batch["input_ids"], batch["attention_mask"])
-            hidden = out.hidden_states[-1]
-            candidates, _ = self.candidate_states(hidden, batch["input_ids"])
-            sims = self.similarity_maps(hidden, batch["input_ids"], candidates[:, 0])
-        side = self.grid_side
-        return QueryEncoding(
-            candidates=candidates.float(),
-            similarity=sims.float().cpu().numpy().reshape(len(queries), side, side).astype(np.float32),
-            answers=answers,
-            found=found_text,
+        The predicted box enters SAM's prompt encoder without detach, as in the reference: the mask
+        loss also trains the box decoder, the box router and the LM through it.
+        """
+        idx = (batch.has_target.bool() & found).nonzero().flatten()
+        if idx.numel() == 0:
+            return dict(bce=zero, dice=zero, box_l1=zero, box_giou=zero)
+        resized = batch.resized_hw[idx]
+        box_pred, prompt_tokens = self.heads(candidates[idx])
+        box_true = box_ops.frame_to_normalized(batch.box_sam[idx].float(), resized)
+        l1, giou = box_loss(box_pred.float(), box_true)
+        embeddings = self.image_embeddings(batch.sam_image, batch.image_resized_hw)
+        box_frame = box_ops.normalized_to_frame(box_pred.float(), resized)
+        low_res, _ = self.decode_masks(embeddings, batch.image_index[idx], box_frame, prompt_tokens)
+        logits = self.frame_logits(low_res)
+        bce, dice = [], []
+        for j, row in enumerate(idx.tolist()):
+            h, wd = batch.resized_hw[row].tolist()  # the label's resolution: padding excluded
+            pred, true = logits[j : j + 1, :h, :wd], batch.mask[row : row + 1, :h, :wd]
+            bce.append(bce_loss(pred, true))
+            dice.append(dice_loss(pred, true))
+        return dict(
+            bce=torch.cat(bce).mean(), dice=torch.cat(dice).mean(), box_l1=l1.mean(), box_giou=giou.mean()
         )
 
-    def _generate(self, clip: torch.Tensor, query: str, max_new_tokens: int) -> str:
-        ids, _ = self.text.build(query, None)
-        input_ids = torch.tensor([ids], device=self.device)
-        with self.autocast():
-            out = self.llava.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                pixel_values=normalize_clip(clip),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.text.tokenizer.pad_token_id,
-                eos_token_id=self.text.tokenizer.eos_token_id,
-                # each row generates on its own rank; transformers would otherwise sync every step
-                # across ranks once it sees FSDP, and ranks with different rows would deadlock
-                synced_gpus=False,
-            )
-        new = out[0, input_ids.shape[1] :].tolist()
-        eos = self.text.tokenizer.eos_token_id
-        new = new[: new.index(eos)] if eos in new else new
-        return self.text.tokenizer.decode(new, skip_special_tokens=False).strip()
-
-    @torch.no_grad()
-    def decode(
-        self, images: list[np.ndarray], encoding: QueryEncoding | torch.Tensor, mask_threshold: float = 0.0
-    ) -> list[Prediction]:
-        """Decoder stage: boxes and masks from candidate states (the MLLM's output)."""
-        candidates = encoding.candidates if isinstance(encoding, QueryEncoding) else encoding
-        candidates = candidates.to(self.device)
-        sam_images, frames = zip(*(sam_input(im, self.sam_size) for im in images), strict=True)
-        resized = torch.tensor([f.resized_hw for f in frames], device=self.device)
-        with self.autocast():
-            embeddings = self.image_embeddings(
-                torch.from_numpy(np.stack(sam_images)).to(self.device), resized
-            )
-            box_norm, prompt_tok = self.heads(candidates)
-            box_frame = box_ops.normalized_to_frame(box_norm.float(), resized)
-            low_res, iou = self.decode_masks(
-                embeddings, torch.arange(len(images), device=self.device), box_frame, prompt_tok
-            )
-            logits = self.frame_logits(low_res)
-        original = torch.tensor([im.shape[:2] for im in images], device=self.device)
-        boxes = box_ops.normalized_to_original(box_norm.float(), original).cpu().numpy()
-        out = []
-        for i, image in enumerate(images):
-            h, w = frames[i].resized_hw
-            crop = logits[i : i + 1, :h, :w].unsqueeze(0)
-            full = F.interpolate(crop, image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-            probs = full.sigmoid()
-            mask = full > mask_threshold
-            out.append(
-                Prediction(
-                    answer=encoding.answers[i]
-                    if isinstance(encoding, QueryEncoding)
-                    else prompts.FIXED_ANSWER,
-                    box=tuple(float(v) for v in boxes[i]),
-                    mask=mask.cpu().numpy(),
-                    similarity=encoding.similarity[i]
-                    if isinstance(encoding, QueryEncoding)
-                    else np.zeros(0, np.float32),
-                    mask_score=float(probs[mask].mean()) if mask.any() else 0.0,
-                    iou_score=float(iou[i, 0]),
-                    area_fraction=float(mask.float().mean()),
-                )
-            )
-        return out
-
-    @torch.no_grad()
-    def predict(
-        self,
-        images: list[np.ndarray],
-        queries: list[str],
-        mode: str = "teacher_forced",
-        max_new_tokens: int = 32,
-        mask_threshold: float = 0.0,
-    ) -> list[Prediction]:
-        """images: uint8 H×W×3 of any size; one query per image."""
-        if len(images) != len(queries):
-            raise ValueError(f"{len(images)} images but {len(queries)} queries")
-        images = [_as_rgb_uint8(im) for im in images]
-        encoding = self.encode_query(images, queries, mode=mode, max_new_tokens=max_new_tokens)
-        return self.decode(images, encoding, mask_threshold=mask_threshold)
+    def pair_similarity_loss(self, batch: TrainingBatch, hidden, candidates, found, zero) -> torch.Tensor:
+        """Similarity loss between a reasoning row's map and its referring row's map (same image, class)."""
+        pair = batch.pair_index
+        rows = ((pair >= 0) & found & found[pair.clamp_min(0)]).nonzero().flatten()
+        if rows.numel() == 0:
+            return zero
+        sims = self.similarity_maps(self.image_token_states(hidden, batch.input_ids), candidates[:, 0])
+        return similarity_loss(sims[rows], sims[pair[rows]]).mean()
 
     # ----- what is trained ---------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -378,14 +311,3 @@ class MediSee(nn.Module):
                 unexpected=unexpected,
                 mismatched=[f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched],
             )
-
-
-def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {image.dtype}")
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, 2)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"images must be H×W×3, got {image.shape}")
-    return image

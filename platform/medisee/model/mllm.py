@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from medisee.config import PRESET_IMAGE_SIZES
+
 
 @dataclass(frozen=True)
 class MllmConfig:
@@ -14,7 +16,7 @@ class MllmConfig:
     vision_intermediate: int = 4096
     vision_layers: int = 24
     vision_heads: int = 16
-    image_size: int = 336
+    image_size: int = PRESET_IMAGE_SIZES["medisee-7b"]["clip_image_size"]
     patch_size: int = 14
     # language model
     lm_type: str = "mistral"
@@ -36,7 +38,7 @@ MLLM_TINY = MllmConfig(
     vision_intermediate=384,
     vision_layers=3,
     vision_heads=4,
-    image_size=128,
+    image_size=PRESET_IMAGE_SIZES["tiny"]["clip_image_size"],
     patch_size=16,
     lm_type="llama",
     hidden=128,

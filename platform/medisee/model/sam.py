@@ -8,10 +8,12 @@ from functools import partial
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from medisee.config import PRESET_IMAGE_SIZES
+
 
 @dataclass(frozen=True)
 class SamConfig:
-    image_size: int = 1024
+    image_size: int = PRESET_IMAGE_SIZES["medisee-7b"]["sam_image_size"]
     patch_size: int = 16
     encoder_dim: int = 768
     encoder_depth: int = 12
@@ -28,7 +30,7 @@ class SamConfig:
 
 SAM_VIT_B = SamConfig()
 SAM_TINY = SamConfig(
-    image_size=128,
+    image_size=PRESET_IMAGE_SIZES["tiny"]["sam_image_size"],
     patch_size=8,
     encoder_dim=96,
     encoder_depth=2,

@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from medisee import storage
-from medisee.data.codec import decode_image, row_mask
+from medisee.data.codec import row_mask
 from medisee.data.reader import shard_files
+from medisee.infer.rows import predict_rows
 from medisee.metrics import MetricSums, all_reduce
 
 
@@ -42,45 +43,32 @@ def load_eval_rows(
     return rows
 
 
-def predict_rows(model, rows: list[dict], batch_size: int = 16, max_new_tokens: int = 48) -> list:
-    """Predictions for shard rows. Referring rows and false queries are teacher-forced with the fixed
-    answer; reasoning rows generate their answer, because the [SEG] state of a reasoning answer
-    follows the explanation the model writes first."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        images = [decode_image(r["image_png"]) for r in chunk]
-        preds = [None] * len(chunk)
-        for mode in ("teacher_forced", "generate"):
-            idx = [
-                i
-                for i, r in enumerate(chunk)
-                if r["query_kind"].startswith("reasoning") == (mode == "generate")
-            ]
-            if idx:
-                got = model.predict(
-                    [images[i] for i in idx],
-                    [chunk[i]["query"] for i in idx],
-                    mode=mode,
-                    max_new_tokens=max_new_tokens,
-                )
-                for i, pred in zip(idx, got, strict=True):
-                    preds[i] = pred
-        out.extend(preds)
-    model.train(was_training)
-    return out
-
-
 def evaluate_rows(model, rows: list[dict], batch_size: int = 16, reduce: bool = True) -> dict[str, float]:
-    """Score predictions for positive rows against their masks and boxes (see predict_rows)."""
+    """Segmentation and box metrics for positive rows, teacher-forced with the fixed answer for every
+    query kind (as the reference evaluates). Box IoU uses the unclipped predicted box."""
     sums = MetricSums()
-    for row, pred in zip(rows, predict_rows(model, rows, batch_size), strict=True):
-        sums.add(row["query_kind"], pred.mask, row_mask(row), list(pred.box), list(row["box"]))
+    for row, pred in zip(rows, predict_rows(model, rows, batch_size=batch_size), strict=True):
+        sums.add(row["query_kind"], pred.mask, row_mask(row), list(pred.box_unclipped), list(row["box"]))
     if reduce:
         sums = all_reduce(sums)
     return sums.finalize()
+
+
+def generate_report(model, rows: list[dict], batch_size: int = 16, max_new_tokens: int = 48) -> dict:
+    """Generate mode: the share of answers that hold the candidate tokens, and the metrics on those."""
+    from medisee.infer.predictor import Predictor
+
+    predictor = Predictor(model, early_reject=False, mode="generate", max_new_tokens=max_new_tokens)
+    preds = predict_rows(predictor, rows, batch_size=batch_size)
+    sums = MetricSums()
+    for row, pred in zip(rows, preds, strict=True):
+        if pred.found:
+            sums.add(row["query_kind"], pred.mask, row_mask(row), list(pred.box_unclipped), list(row["box"]))
+    found = sum(p.found for p in preds)
+    metrics = sums.finalize()
+    return {"queries": len(preds), "with_tokens": found, "share_with_tokens": found / max(1, len(preds))} | {
+        f"{k}_on_found": v for k, v in metrics.items() if "/" not in k
+    }
 
 
 def mean_mask_baseline(

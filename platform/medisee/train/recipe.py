@@ -10,7 +10,6 @@ under FSDP; see medisee.train.parallel) plus optimiser, scheduler, RNG and data 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import time
@@ -20,17 +19,18 @@ import numpy as np
 import torch
 
 from medisee import storage, tracking
-from medisee.config import MediSeeConfig, build_config, config_to_yaml, flatten
-from medisee.model import build_model
+from medisee.config import MediSeeConfig, build_config, config_to_yaml, flatten, resume_differences
+from medisee.data.batch import collate
+from medisee.model.artifact import build_from_config
 from medisee.model.checkpoint import read_torch, write_torch
-from medisee.model.collate import collate
-from medisee.model.medisee import LossWeights
 from medisee.storage import StorageSettings
 from medisee.train import parallel
 from medisee.train.evaluate import evaluate_rows, load_eval_rows
+from medisee.train.step import train_step
 
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.pt$")
 CHECKPOINT_FORMAT = "medisee-train-checkpoint/2"  # /2: optimiser state keyed by parameter name
+MODEL_ARTIFACT = "model"  # where the run's model artifact lives among its MLflow artifacts
 
 
 def run_dir(cfg: MediSeeConfig) -> str:
@@ -67,6 +67,7 @@ class RecipeState:
     best: dict = field(default_factory=dict)  # step -> metric value
     mlflow_client: object = None
     mlflow_run_id: str | None = None
+    last_validation: dict = field(default_factory=dict)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -78,39 +79,11 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def build_from_config(
-    cfg: MediSeeConfig, settings: StorageSettings, medisee_checkpoint: str | None, training: bool
-):
-    """The model a config describes: what the recipe trains, and what a registered version (whose
-    config is stored with it) is rebuilt as. Loss weights and gradient checkpointing only for training."""
-    training_only = (
-        {
-            "loss_weights": LossWeights(
-                box=cfg.model.box_loss_weight, similarity=cfg.model.similarity_loss_weight
-            ),
-            "gradient_checkpointing": cfg.trainer.gradient_checkpointing,
-        }
-        if training
-        else {}
-    )
-    return build_model(
-        cfg.model.preset,
-        llava_path=cfg.model.llava_path,
-        sam_checkpoint=cfg.model.sam_checkpoint,
-        medisee_checkpoint=medisee_checkpoint,
-        num_candidate_tokens=cfg.model.num_candidate_tokens,
-        finetune=cfg.trainer.finetune,
-        settings=settings,
-        seed=cfg.run.seed,
-        **training_only,
-    )
-
-
 def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) -> RecipeState:
     import ray.train.torch
 
     torch.manual_seed(cfg.run.seed)
-    module = build_from_config(cfg, settings, cfg.model.medisee_checkpoint, training=True)
+    module = build_from_config(cfg, settings, medisee_checkpoint=cfg.model.medisee_checkpoint, training=True)
     model = parallel.wrap(
         module,
         cfg.trainer.strategy,
@@ -150,6 +123,7 @@ def load_checkpoint(state: RecipeState) -> bool:
     payload = parallel.broadcast_object(payload, state.model)  # step, RNG, scheduler, ...: small
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{uri}: format {payload.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+    check_resumable(payload["config"], state.cfg, uri)
     parallel.load_trainable_state(state.module, state.optimizer, weights, optimizer_state, uri)
     state.scheduler.load_state_dict(payload["scheduler"])
     state.step, state.epoch, state.step_in_epoch = payload["step"], payload["epoch"], payload["step_in_epoch"]
@@ -160,6 +134,19 @@ def load_checkpoint(state: RecipeState) -> bool:
             f"[medisee] resumed from {uri} at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch})"
         )
     return True
+
+
+def check_resumable(saved_yaml: str, cfg: MediSeeConfig, uri: str) -> None:
+    """A resume may change how long and where the run goes, never the model or the data."""
+    import yaml
+
+    changed = resume_differences(build_config(yaml.safe_load(saved_yaml)), cfg)
+    if changed:
+        details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        raise ValueError(
+            f"cannot resume from {uri}: the configuration changed in keys that alter the model or the data "
+            f"({details}). Use a new run.name for a different model or data."
+        )
 
 
 def _rng_state() -> dict:
@@ -231,7 +218,8 @@ def _gather_objects(obj, world: int) -> list:
 
 def evaluate(state: RecipeState) -> dict[str, float]:
     with parallel.full_parameters(state.model):
-        return evaluate_rows(state.module, state.eval_rows, reduce=state.world > 1)
+        state.last_validation = evaluate_rows(state.module, state.eval_rows, reduce=state.world > 1)
+    return state.last_validation
 
 
 def _maybe_fail(state: RecipeState) -> None:
@@ -246,17 +234,15 @@ def _maybe_fail(state: RecipeState) -> None:
     raise RuntimeError(f"injected failure at step {at} on rank {state.rank}")
 
 
-def train(state: RecipeState) -> None:
+def batch_stream(state: RecipeState):
+    """Training batches forever, from the current data position; the recipe decides where an epoch ends."""
     import ray.train
 
-    cfg, t = state.cfg, state.cfg.trainer
+    cfg = state.cfg
     shard = ray.train.get_dataset_shard("train")
-    micro = t.grad_accum_steps
     device = next(state.module.parameters()).device
-    started, samples, data_wait = time.time(), 0, 0.0
 
-    def batches():
-        """Cycle the stream forever; the recipe decides where an epoch ends (fixed steps)."""
+    def cycle():
         while True:
             # rows of one image sit next to each other in a shard: mix them across images
             yield from shard.iter_batches(
@@ -267,71 +253,85 @@ def train(state: RecipeState) -> None:
                 local_shuffle_seed=cfg.data.seed + state.epoch,
             )
 
-    stream = batches()
-    for _ in range(state.step_in_epoch * micro):  # same data position after a resume
+    stream = cycle()
+    for _ in range(state.step_in_epoch * cfg.trainer.grad_accum_steps):  # same position after a resume
         next(stream)
+    for raw in stream:
+        yield collate(raw, state.module.text, device)
+
+
+def train(state: RecipeState) -> None:
+    t = state.cfg.trainer
+    stream = batch_stream(state)
+    progress = Progress(state)
     state.model.train()
     while state.step < t.max_steps:
         _maybe_fail(state)
-        state.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        for m in range(micro):
-            waited = time.perf_counter()
-            raw = next(stream)
-            data_wait += time.perf_counter() - waited
-            batch = collate(raw, state.module.text, device)
-            with parallel.gradient_sync(state.model, enabled=m == micro - 1):
-                losses = state.model(batch)
-                (losses["loss"] / micro).backward()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / micro
-            samples += len(batch["input_ids"])
-        totals["grad_norm"] = parallel.clip_gradients(state.module, t.grad_clip)
-        state.optimizer.step()
-        state.scheduler.step()
+        micro = [progress.next_batch(stream) for _ in range(t.grad_accum_steps)]
+        losses = train_step(state.model, state.module, state.optimizer, state.scheduler, micro, t.grad_clip)
         state.step += 1
         state.step_in_epoch += 1
         if state.step_in_epoch >= t.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-
-        metrics = {f"train/{k}": v for k, v in totals.items()}
-        metrics["lr"] = state.scheduler.get_last_lr()[0]
-        if state.rank == 0 and (state.step % t.log_every == 0 or state.step == t.max_steps):
-            rate = samples * state.world / max(1e-6, time.time() - started)
-            eta = (
-                (t.max_steps - state.step)
-                * (time.time() - started)
-                / max(1, samples / (cfg.data.batch_size * micro))
-            )
-            print(
-                f"[medisee] step {state.step}/{t.max_steps} loss {totals['loss']:.4f} "
-                f"{rate:.1f} samples/s data-wait {data_wait / max(1e-6, time.time() - started):.0%} ETA {eta:.0f}s",
-                flush=True,
-            )
-            tracking.log_metrics(
-                state.mlflow_client, state.mlflow_run_id, metrics | {"samples_per_s": rate}, state.step
-            )
-        val = None
-        if state.step % t.eval_every == 0 or state.step == t.max_steps:
-            val = evaluate(state)
-            if state.rank == 0:
-                tracking.log_metrics(
-                    state.mlflow_client,
-                    state.mlflow_run_id,
-                    {f"val/{k}": v for k, v in val.items()},
-                    state.step,
-                )
-                print(
-                    f"[medisee] step {state.step} validation "
-                    + json.dumps({k: round(v, 4) for k, v in val.items() if "/" not in k}),
-                    flush=True,
-                )
+        metrics = {f"train/{k}": v for k, v in losses.items()} | {"lr": state.scheduler.get_last_lr()[0]}
+        progress.log(metrics)
+        val = evaluate(state) if state.step % t.eval_every == 0 or state.step == t.max_steps else None
+        if val is not None:
+            progress.log_validation(val)
         if val is not None or state.step % t.checkpoint_every == 0:
             save_checkpoint(state, None if val is None else val.get(t.best_metric))
-        if val is not None or state.step % t.log_every == 0:  # a report is a round trip to the controller
-            ray.train.report(
-                {"step": state.step, **metrics, **({f"val/{k}": v for k, v in val.items()} if val else {})}
-            )
+        progress.report(metrics, val)
+
+
+class Progress:
+    """Rank 0's progress lines and MLflow metrics; every rank's reports to Ray Train."""
+
+    def __init__(self, state: RecipeState):
+        self.state, self.started, self.samples, self.data_wait = state, time.time(), 0, 0.0
+
+    def next_batch(self, stream):
+        waited = time.perf_counter()
+        batch = next(stream)
+        self.data_wait += time.perf_counter() - waited
+        self.samples += len(batch)
+        return batch
+
+    def log(self, metrics: dict) -> None:
+        state, t = self.state, self.state.cfg.trainer
+        if state.rank != 0 or not (state.step % t.log_every == 0 or state.step == t.max_steps):
+            return
+        elapsed = max(1e-6, time.time() - self.started)
+        rate = self.samples * state.world / elapsed
+        done = self.samples / (state.cfg.data.batch_size * t.grad_accum_steps)
+        eta = (t.max_steps - state.step) * elapsed / max(1.0, done)
+        print(
+            f"[medisee] step {state.step}/{t.max_steps} loss {metrics['train/loss']:.4f} "
+            f"{rate:.1f} samples/s data-wait {self.data_wait / elapsed:.0%} ETA {eta:.0f}s",
+            flush=True,
+        )
+        tracking.log_metrics(
+            state.mlflow_client, state.mlflow_run_id, metrics | {"samples_per_s": rate}, state.step
+        )
+
+    def log_validation(self, val: dict) -> None:
+        state = self.state
+        if state.rank != 0:
+            return
+        tracking.log_metrics(
+            state.mlflow_client, state.mlflow_run_id, {f"val/{k}": v for k, v in val.items()}, state.step
+        )
+        summary = {k: round(v, 4) for k, v in val.items() if "/" not in k}
+        print(f"[medisee] step {state.step} validation {json.dumps(summary)}", flush=True)
+
+    def report(self, metrics: dict, val: dict | None) -> None:
+        """A report is a round trip to the controller: only at log and validation steps."""
+        import ray.train
+
+        if val is None and self.state.step % self.state.cfg.trainer.log_every:
+            return
+        ray.train.report(
+            {"step": self.state.step, **metrics, **({f"val/{k}": v for k, v in val.items()} if val else {})}
+        )
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -340,9 +340,32 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = build_config(config["cfg"])
     settings = StorageSettings(**config["settings"])
     torch.set_num_threads(cfg.trainer.torch_threads)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     ctx = ray.train.get_context()
     state = setup(cfg, settings, ctx.get_world_rank(), ctx.get_world_size())
     load_checkpoint(state)
     if state.step < cfg.trainer.max_steps:
         train(state)  # the last step always evaluates and saves
+    publish_model(state)
+
+
+def publish_model(state: RecipeState) -> None:
+    """Rank 0 logs the model artifact (weights gathered from every rank) into the run."""
+    import tempfile
+
+    from medisee.model.artifact import save_model_dir
+
+    gathered = parallel.trainable_state(state.module, state.optimizer)  # every rank joins the gather
+    if state.rank != 0:
+        return
+    latest = storage.join(checkpoint_dir(state.cfg), f"step-{state.step:08d}.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_dir(
+            state.module,
+            state.cfg,
+            tmp,
+            settings=state.settings,
+            weights=gathered[0],
+            metrics=state.last_validation,
+            source=latest,
+        )
+        tracking.log_artifact_dir(state.mlflow_client, state.mlflow_run_id, tmp, MODEL_ARTIFACT)

@@ -14,9 +14,9 @@ def collect_evidence(
     model, rows: list[dict], batch_size: int = 16
 ) -> tuple[list[Evidence], list[bool], list]:
     """Run the model on true and false queries; return evidence, presence labels and predictions."""
-    from medisee.train.evaluate import predict_rows
+    from medisee.infer.rows import predict_rows
 
-    preds = predict_rows(model, rows, batch_size)
+    preds = predict_rows(model, rows, batch_size=batch_size)
     scores = score_maps(np.stack([p.similarity.reshape(-1) for p in preds])) if preds else []
     evidence = [
         Evidence(s, p.mask_score, p.iou_score, p.area_fraction) for s, p in zip(scores, preds, strict=True)

@@ -1,0 +1,125 @@
+"""Predictor: numpy images and free-text queries in, one QueryResult per query out.
+
+The three stages in one process, in the order batch scoring and serving run them on separate
+actors / replicas: MLLM -> verifier screening -> decoder (skipped for rejected queries when
+`early_reject`) -> final verdict.
+
+    predictor = Predictor.from_artifact("models:/medisee@candidate")
+    results = predictor.predict(image, ["Segment the liver.", "Where is the spleen?"])
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from medisee.infer.decoder_stage import DecoderStage
+from medisee.infer.images import as_rgb_uint8
+from medisee.infer.mllm_stage import MLLMStage
+from medisee.infer.results import QueryResult
+from medisee.infer.verifier_stage import VerifierStage
+
+
+class Predictor:
+    def __init__(
+        self,
+        model,
+        calibration=None,
+        judge=None,
+        *,
+        mode: str = "teacher_forced",
+        max_new_tokens: int = 48,
+        mask_threshold: float = 0.0,
+        early_reject: bool = True,
+        artifact=None,
+    ):
+        self.model = model
+        self.mllm = MLLMStage(model, mode, max_new_tokens)
+        self.verifier = VerifierStage(calibration, judge, model.clip_size)
+        self.decoder = DecoderStage(model, mask_threshold)
+        self.early_reject = early_reject
+        self.artifact = artifact  # medisee.model.artifact.LoadedModel when loaded from one
+
+    @classmethod
+    def from_artifact(
+        cls, ref: str, *, device="cpu", dtype=None, settings=None, tracking_uri=None, judge=None, **options
+    ) -> Predictor:
+        from medisee.model.artifact import load_model_dir
+
+        loaded = load_model_dir(ref, settings=settings, tracking_uri=tracking_uri, device=device, dtype=dtype)
+        return cls(loaded.model, loaded.calibration, judge, artifact=loaded, **options)
+
+    def predict(
+        self, image: np.ndarray, queries: list[str] | str, mode: str | None = None
+    ) -> list[QueryResult]:
+        """Every query about one image; the image is encoded once."""
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        return self.predict_batch([image], [queries], mode)[0]
+
+    def predict_batch(
+        self, images: list[np.ndarray], queries: list[list[str]], mode: str | None = None
+    ) -> list[list[QueryResult]]:
+        """images[i] with queries[i]; one list of results per image."""
+        if len(images) != len(queries):
+            raise ValueError(f"{len(images)} images but {len(queries)} query lists")
+        images = [as_rgb_uint8(im) for im in images]
+        started = time.perf_counter()
+        encodings = self.mllm(images, queries, mode)
+        after_mllm = time.perf_counter()
+        screenings = self.verifier.screen(encodings)
+        to_decode = [
+            i
+            for i, s in enumerate(screenings)
+            if s is not None and not (self.early_reject and s.rule == "absent")
+        ]
+        after_screen = time.perf_counter()
+        decoded = dict(
+            zip(
+                to_decode,
+                self.decoder(
+                    images,
+                    [encodings[i].image_index for i in to_decode],
+                    np.stack([encodings[i].candidates for i in to_decode]) if to_decode else [],
+                ),
+                strict=True,
+            )
+        )
+        after_decode = time.perf_counter()
+        results: list[list[QueryResult]] = [[] for _ in images]
+        for i, (enc, screening) in enumerate(zip(encodings, screenings, strict=True)):
+            verdict, decided_by = self.verifier.decide(
+                screening, decoded.get(i), images[enc.image_index], enc
+            )
+            results[enc.image_index].append(assemble(enc, screening, decoded.get(i), verdict, decided_by))
+        timings = {
+            "mllm_s": after_mllm - started,
+            "verifier_s": after_screen - after_mllm + (time.perf_counter() - after_decode),
+            "decoder_s": after_decode - after_screen,
+        }
+        for per_image in results:
+            for result in per_image:
+                result.timings = dict(timings)
+        return results
+
+
+def assemble(encoding, screening, decoded, verdict: str, decided_by: str) -> QueryResult:
+    result = QueryResult(
+        query=encoding.query,
+        answer=encoding.answer,
+        found=encoding.found,
+        verdict=verdict,
+        decided_by=decided_by,
+        similarity=encoding.similarity,
+    )
+    if screening is not None:
+        result.strength, result.compactness, result.purity = (
+            screening.strength,
+            screening.compactness,
+            screening.purity,
+        )
+    if decoded is not None:
+        result.box, result.box_unclipped, result.mask = decoded.box, decoded.box_unclipped, decoded.mask
+        result.mask_score, result.iou_score = decoded.mask_score, decoded.iou_score
+        result.area_fraction = decoded.area_fraction
+    return result

@@ -1,0 +1,63 @@
+"""Verifier stage (MedVeriSeg): scores of the similarity map and the calibrated decision.
+
+Two steps, so that batch scoring and serving can skip the decoder for rejected queries:
+  screen(encodings)            the three scores and the rule's verdict (before decoding)
+  decide(screening, decoded)   the final verdict: the rule, else the judge, else the calibrated
+                               fallback on the scores plus the decoder-side signals
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medisee.infer.results import Decoded, QueryEncoding, Screening
+from medisee.verify.calibrate import CalibratedVerifier, Evidence
+from medisee.verify.decision import decide
+from medisee.verify.scores import Scores, score_maps
+from medisee.verify.verifier import verify
+
+
+class VerifierStage:
+    def __init__(self, calibration: CalibratedVerifier | None = None, judge=None, clip_size: int = 336):
+        self.calibration = calibration or CalibratedVerifier()
+        self.judge, self.clip_size = judge, clip_size
+
+    def screen(self, encodings: list[QueryEncoding]) -> list[Screening | None]:
+        """None for a query whose answer has no candidate tokens (there is no map to score)."""
+        found = [i for i, e in enumerate(encodings) if e.found]
+        out: list[Screening | None] = [None] * len(encodings)
+        if not found:
+            return out
+        scores = score_maps(np.stack([encodings[i].similarity.reshape(-1) for i in found]))
+        for i, s in zip(found, scores, strict=True):
+            rule = decide(s, self.calibration.thresholds).value
+            out[i] = Screening(s.strength, s.compactness, s.purity, rule)
+        return out
+
+    def decide(
+        self,
+        screening: Screening | None,
+        decoded: Decoded | None = None,
+        image: np.ndarray | None = None,
+        encoding: QueryEncoding | None = None,
+    ) -> tuple[str, str]:
+        """(verdict, decided_by); the judge is asked only for uncertain cases and only with the image."""
+        if screening is None:
+            return "absent", "answer"
+        scores = Scores(screening.strength, screening.compactness, screening.purity)
+        evidence = Evidence(
+            scores,
+            decoded.mask_score if decoded else 0.0,
+            decoded.iou_score if decoded else 0.0,
+            decoded.area_fraction if decoded else 0.0,
+        )
+        decision = verify(
+            evidence,
+            self.calibration,
+            self.judge,
+            image=image,
+            similarity=encoding.similarity if encoding else None,
+            query=encoding.query if encoding else "",
+            clip_size=self.clip_size,
+        )
+        return decision.verdict.value, decision.source

@@ -1,0 +1,257 @@
+"""The model artifact: one self-describing directory that every consumer loads.
+
+    <dir>/medisee.json          format version, preset, tokens, template version, base-model
+                                references (+ sha256 of files), metrics summary, sha256 of every file
+    <dir>/config.yaml           the resolved configuration the model was trained with
+    <dir>/weights.safetensors   the trained parameters only (the base models are referenced)
+    <dir>/tokenizer/            the tokenizer with [SEG] / [BBOX] added
+    <dir>/verifier.json         the verifier calibration (optional)
+
+`save_model_dir` writes one (locally or to s3://); `load_model_dir` reads one from a local path,
+s3://, `runs:/<id>/model`, `models:/<name>@<alias>` or `models:/<name>/<version>`;
+`build_from_config` is the one way a config becomes a model (the recipe uses it too).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from medisee import storage
+from medisee.config import MediSeeConfig, build_config, config_to_yaml
+from medisee.model.build import MODEL_PARTS, build_model
+from medisee.model.checkpoint import CheckpointError
+from medisee.model.medisee import LossWeights, MediSee
+from medisee.storage import StorageSettings
+
+ARTIFACT_FORMAT = "medisee-model/1"
+MANIFEST = "medisee.json"
+WEIGHTS = "weights.safetensors"
+CALIBRATION = "verifier.json"
+
+
+@dataclass
+class LoadedModel:
+    model: MediSee
+    config: MediSeeConfig
+    manifest: dict
+    calibration: object  # medisee.verify.calibrate.CalibratedVerifier
+    local_dir: Path
+    ref: str
+    run_id: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        """One digest for the artifact: of its weights file."""
+        return self.manifest["files"][WEIGHTS]
+
+
+def build_from_config(
+    cfg: MediSeeConfig,
+    settings: StorageSettings | None = None,
+    *,
+    medisee_checkpoint: str | None = None,
+    training: bool = False,
+    tokenizer=None,
+    parts: tuple[str, ...] = MODEL_PARTS,
+) -> MediSee:
+    """The model a config describes. Loss weights and gradient checkpointing only matter for training."""
+    m = cfg.model
+    return build_model(
+        m.preset,
+        llava_path=m.llava_path,
+        sam_checkpoint=m.sam_checkpoint,
+        medisee_checkpoint=medisee_checkpoint,
+        tokenizer=tokenizer,
+        num_candidate_tokens=m.num_candidate_tokens,
+        loss_weights=LossWeights(box=m.box_loss_weight, similarity=m.similarity_loss_weight),
+        finetune=cfg.trainer.finetune,
+        gradient_checkpointing=training and cfg.trainer.gradient_checkpointing,
+        settings=settings,
+        seed=cfg.run.seed,
+        parts=parts,
+    )
+
+
+# ----- saving ------------------------------------------------------------------------------------
+def save_model_dir(
+    model: MediSee,
+    cfg: MediSeeConfig,
+    output: str | Path,
+    *,
+    settings: StorageSettings | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    calibration=None,
+    metrics: dict | None = None,
+    source: str | None = None,
+) -> dict:
+    """Write the artifact to `output` (local or s3://); returns the manifest.
+
+    `weights` defaults to the model's trainable parameters (pass gathered ones from a sharded run).
+    """
+    if storage.is_s3(str(output)):
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = save_model_dir(
+                model, cfg, tmp, weights=weights, calibration=calibration, metrics=metrics, source=source
+            )
+            storage.upload_dir(tmp, str(output), settings)
+            return manifest
+    from safetensors.torch import save_file
+
+    from medisee.data.prompts import TEMPLATE_VERSION
+
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = weights if weights is not None else model.trainable_state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / WEIGHTS))
+    (folder / "config.yaml").write_text(config_to_yaml(cfg))
+    model.text.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    if calibration is not None:
+        (folder / CALIBRATION).write_text(calibration.to_json())
+    text = model.text
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "preset": cfg.model.preset,
+        "finetune": cfg.trainer.finetune,
+        "template_version": TEMPLATE_VERSION,
+        "candidate_tokens": text.tokenizer.convert_ids_to_tokens(list(text.candidate_ids)),
+        "candidate_ids": list(text.candidate_ids),
+        "image_token_id": text.image_token_id,
+        "num_image_tokens": text.num_image_tokens,
+        "vocab_size": len(text.tokenizer),
+        "base": base_references(cfg, settings),
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "source": source,
+        "created_unix": int(time.time()),
+    }
+    manifest["files"] = file_digests(folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def base_references(cfg: MediSeeConfig, settings: StorageSettings | None) -> dict:
+    """Where the base models come from, with the sha256 of those that are single files."""
+    refs = {"llava_path": cfg.model.llava_path, "sam_checkpoint": cfg.model.sam_checkpoint}
+    for key in ("sam_checkpoint",):
+        if refs[key]:
+            refs[f"{key}_sha256"] = storage.sha256(storage.read_bytes(refs[key], settings))
+    return refs
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): storage.sha256(p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+# ----- loading -----------------------------------------------------------------------------------
+def load_model_dir(
+    ref: str | Path,
+    *,
+    settings: StorageSettings | None = None,
+    tracking_uri: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    parts: tuple[str, ...] = MODEL_PARTS,
+) -> LoadedModel:
+    """Load an artifact; `parts` = ("mllm",) or ("decoder",) builds only what a stage runs.
+
+    `dtype` (e.g. torch.bfloat16) applies to the LLaVA part; the decoder side stays float32.
+    """
+    from medisee.verify.calibrate import CalibratedVerifier
+
+    local, run_id = fetch(str(ref), settings, tracking_uri)
+    manifest = read_manifest(local, str(ref))
+    cfg = build_config(yaml.safe_load((local / "config.yaml").read_text()))
+    tokenizer = load_tokenizer(local / "tokenizer") if "mllm" in parts else None
+    model = build_from_config(cfg, settings, tokenizer=tokenizer, parts=parts)
+    check_tokens(model, manifest, str(ref))
+    model.load_trainable_state_dict(weights_for(model, local / WEIGHTS), source=str(ref))
+    model.requires_grad_(False)
+    model.eval().to(device)
+    if dtype is not None and model.llava is not None:
+        model.llava.to(dtype)
+    calibration_file = local / CALIBRATION
+    calibration = (
+        CalibratedVerifier.from_json(calibration_file.read_text())
+        if calibration_file.exists()
+        else CalibratedVerifier()
+    )
+    return LoadedModel(model, cfg, manifest, calibration, local, str(ref), run_id)
+
+
+def fetch(ref: str, settings: StorageSettings | None, tracking_uri: str | None) -> tuple[Path, str | None]:
+    """A local directory holding the artifact, and the MLflow run that produced it (when known)."""
+    if ref.startswith(("models:/", "runs:/")):
+        from medisee import tracking
+
+        client = tracking.client_for(tracking_uri, settings)
+        return tracking.download_model(client, ref), tracking.trained_run_id(client, ref)
+    if storage.is_s3(ref):
+        target = Path(tempfile.mkdtemp(prefix="medisee-model-"))
+        root = ref.rstrip("/") + "/"
+        files = storage.list_files(ref, (), settings)
+        if not files:
+            raise CheckpointError(ref, detail="no files under this prefix")
+        for uri in files:
+            dest = target / uri[len(root) :]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(storage.read_bytes(uri, settings))
+        return target, None
+    path = Path(ref.removeprefix("file://"))
+    if not path.is_dir():
+        raise CheckpointError(ref, detail="not a directory, s3:// prefix, runs:/ or models:/ reference")
+    return path, None
+
+
+def read_manifest(local: Path, ref: str) -> dict:
+    path = local / MANIFEST
+    if not path.exists():
+        raise CheckpointError(ref, detail=f"no {MANIFEST}: not a MediSee model artifact")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise CheckpointError(ref, detail=f"format {manifest.get('format')!r} is not {ARTIFACT_FORMAT!r}")
+    for name, digest in manifest["files"].items():
+        if not (local / name).exists():
+            raise CheckpointError(ref, detail=f"{name} is missing")
+        if storage.sha256((local / name).read_bytes()) != digest:
+            raise CheckpointError(
+                ref, detail=f"{name}: sha256 differs from the manifest (modified or truncated)"
+            )
+    return manifest
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def check_tokens(model: MediSee, manifest: dict, ref: str) -> None:
+    """The rebuilt tokenizer must give the candidate and image tokens the ids the weights were trained with."""
+    if model.text is None:
+        return
+    ids = list(model.text.candidate_ids)
+    if ids != manifest["candidate_ids"] or model.text.image_token_id != manifest["image_token_id"]:
+        raise CheckpointError(
+            ref,
+            detail=f"token ids {ids} / image {model.text.image_token_id} differ from the artifact's "
+            f"{manifest['candidate_ids']} / {manifest['image_token_id']}",
+        )
+
+
+def weights_for(model: MediSee, path: Path) -> dict[str, torch.Tensor]:
+    """The artifact's weights, without those of a part this model was built without."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    skip = tuple(prefix for prefix, part in (("llava.", model.llava), ("sam.", model.sam)) if part is None)
+    return {k: v for k, v in weights.items() if not (skip and k.startswith(skip))}
