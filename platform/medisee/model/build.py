@@ -97,9 +97,11 @@ def build_model(
         hidden = _llava_hidden_size(llava_path, settings)
     sam = None
     if "decoder" in parts:
+        torch.manual_seed(seed + 1)  # each part's random init independent of which parts are built
         sam = build_sam(spec.sam)
         if sam_checkpoint:
             ckpt.load_sam_checkpoint(sam, sam_checkpoint, settings)
+    torch.manual_seed(seed + 2)
     model = MediSee(llava, sam, text, hidden, num_candidate_tokens, spec.sam.prompt_dim, loss_weights)
     model.preset = preset
     if official_release:

@@ -1,21 +1,36 @@
-"""Calibrations live with the model version: `model/verifier.json` in the run that produced it."""
+"""Calibrations live with the model: `verifier.json` inside the run's model artifact.
+
+The artifact's manifest lists the file with its sha256, so a registered version that points at
+the run's `model` folder loads the calibration together with the weights.
+"""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
-from medisee import tracking
+from medisee import storage, tracking
+from medisee.model.artifact import CALIBRATION, MANIFEST
+from medisee.train.recipe import MODEL_ARTIFACT
 from medisee.verify.calibrate import CalibratedVerifier
-
-ARTIFACT = "model/verifier.json"
 
 
 def save_calibration(
     cfg, settings, run_id: str, verifier: CalibratedVerifier, report: dict | None = None
 ) -> None:
+    import mlflow
+
     client = tracking.configure(cfg.tracking, settings)
-    client.log_text(run_id, verifier.to_json(), ARTIFACT)
+    text = verifier.to_json()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"{MODEL_ARTIFACT}/{MANIFEST}", dst_path=tmp
+        )
+        manifest = json.loads(Path(local).read_text())
+        manifest["files"][CALIBRATION] = storage.sha256(text.encode())
+        client.log_text(run_id, text, f"{MODEL_ARTIFACT}/{CALIBRATION}")
+        client.log_text(run_id, json.dumps(manifest, indent=2), f"{MODEL_ARTIFACT}/{MANIFEST}")
     if report:
         client.log_text(run_id, json.dumps(report, indent=2), "verifier/report.json")
         tracking.log_metrics(
@@ -24,9 +39,3 @@ def save_calibration(
             {f"verifier/{k}": v for k, v in report.items() if isinstance(v, float) and v == v},
             step=0,
         )
-
-
-def load_calibration(model_dir: str | Path) -> CalibratedVerifier:
-    """The calibrated verifier stored with a downloaded model, or the release's defaults."""
-    path = Path(model_dir) / "verifier.json"
-    return CalibratedVerifier.from_json(path.read_text()) if path.exists() else CalibratedVerifier()
