@@ -113,9 +113,11 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
 
 
 def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> dict:
+    from medisee.console import quiet_logs
     from medisee.raylib import apply_env_defaults, ensure_ray
 
     apply_env_defaults()
+    quiet_logs()
     from medisee.model.artifact import build_from_config, load_model_dir
     from medisee.storage import StorageSettings
     from medisee.train.evaluate import evaluate_rows, generate_report, load_eval_rows, mean_mask_baseline
