@@ -62,3 +62,32 @@ def test_flatten_gives_dotted_params():
     flat = flatten(load_config("tiny"))
     assert flat["trainer.num_workers"] == 2
     assert "data.mix.sa-med2d" in flat
+
+
+def test_image_sizes_follow_the_model_preset():
+    cfg = load_config("medisee-7b", ["model.llava_path=x", "model.sam_checkpoint=y"])
+    assert (cfg.data.sam_image_size, cfg.data.clip_image_size) == (1024, 336)
+    assert load_config("tiny", ["data.sam_image_size=128"]).data.sam_image_size == 128
+    with pytest.raises(ConfigError, match=r"data\.sam_image_size=1024.*model\.preset='tiny'"):
+        load_config("tiny", ["data.sam_image_size=1024"])
+
+
+def test_a_resume_may_change_run_length_but_not_the_model_or_data():
+    from medisee.config import resume_differences
+
+    saved = load_config("tiny")
+    longer = load_config("tiny", ["trainer.max_steps=5000", "trainer.eval_every=7", "trainer.strategy=fsdp"])
+    assert resume_differences(saved, longer) == []
+    changed = load_config("tiny", ["trainer.lr=0.5", "model.num_candidate_tokens=3", "data.batch_size=9"])
+    keys = [key for key, _, _ in resume_differences(saved, changed)]
+    assert keys == ["data.batch_size", "model.num_candidate_tokens", "trainer.lr"]
+
+
+def test_resuming_with_a_changed_model_is_an_error_naming_the_key():
+    from medisee.config import config_to_yaml
+    from medisee.train.recipe import check_resumable
+
+    saved = config_to_yaml(load_config("tiny"))
+    check_resumable(saved, load_config("tiny", ["trainer.max_steps=9"]), "step-00000003.pt")
+    with pytest.raises(ValueError, match=r"step-00000003\.pt.*trainer\.finetune: 'full' -> 'lora'"):
+        check_resumable(saved, load_config("tiny", ["trainer.finetune=lora"]), "step-00000003.pt")

@@ -2,38 +2,12 @@ import numpy as np
 import pytest
 import torch
 
+from medisee.data.batch import pack_masks
 from medisee.data.preprocess import sam_input
 from medisee.model import boxes as box_ops
 from medisee.model.build import build_model
 from medisee.model.heads import Router
 from medisee.model.losses import box_loss, dice_loss, similarity_loss
-from tests.model.conftest import QUERIES
-
-
-def test_predict_shapes_and_types(tiny, images):
-    preds = tiny.predict(images, QUERIES)
-    assert len(preds) == 3
-    for image, pred in zip(images, preds, strict=True):
-        assert pred.mask.dtype == bool and pred.mask.shape == image.shape[:2]
-        x1, y1, x2, y2 = pred.box
-        assert 0 <= x1 <= x2 <= image.shape[1] and 0 <= y1 <= y2 <= image.shape[0]
-        assert pred.similarity.shape == (8, 8) and pred.similarity.dtype == np.float32
-        assert "[SEG]" in pred.answer and "[BBOX]" in pred.answer
-
-
-def test_generate_mode_returns_text(tiny, images):
-    pred = tiny.predict(images[:1], QUERIES[:1], mode="generate", max_new_tokens=4)[0]
-    assert isinstance(pred.answer, str) and pred.mask.shape == images[0].shape[:2]
-
-
-def test_encode_then_decode_equals_predict(tiny, images):
-    preds = tiny.predict(images, QUERIES)
-    encoding = tiny.encode_query(images, QUERIES)
-    decoded = tiny.decode(images, encoding)
-    for a, b in zip(preds, decoded, strict=True):
-        assert (
-            a.box == b.box and np.array_equal(a.mask, b.mask) and np.array_equal(a.similarity, b.similarity)
-        )
 
 
 def test_hidden_state_offset_is_the_position_before_each_candidate(tiny):
@@ -53,7 +27,7 @@ def test_similarity_map_is_raw_dot_product_over_image_tokens(tiny):
     input_ids = torch.tensor([[1] + [img] * n + [10, 11]])
     hidden = torch.randn(1, n + 3, 6)
     seg = torch.randn(1, 6)
-    sims = tiny.similarity_maps(hidden, input_ids, seg)
+    sims = tiny.similarity_maps(tiny.image_token_states(hidden, input_ids), seg)
     assert torch.allclose(sims[0], hidden[0, 1 : n + 1] @ seg[0])
 
 
@@ -136,8 +110,8 @@ def test_full_finetune_trains_the_lm_but_not_clip():
 def test_a_few_steps_on_one_batch_drive_the_loss_down(tmp_path):
     from medisee.config import PrepareConfig
     from medisee.data.prepare import prepare
+    from medisee.data.batch import collate
     from medisee.data.reader import Preprocess
-    from medisee.model.collate import collate
 
     prepare(
         "phantom", "-", str(tmp_path), PrepareConfig(phantom_images=4, val_fraction=0.0), executor="local"
@@ -175,14 +149,55 @@ def test_forward_with_similarity_loss_pairs_reasoning_with_referring():
         "query_kind": np.array(["referring", "reasoning_short"], object),
         "sam_image": rng.integers(0, 255, (2, s, s, 3), dtype=np.uint8),
         "clip_image": rng.integers(0, 255, (2, model.clip_size, model.clip_size, 3), dtype=np.uint8),
-        "mask_bits": np.packbits(np.ones((2, s * s), np.uint8), axis=1),
+        "mask_bits": pack_masks(np.ones((2, s, s), np.uint8)),
         "box_sam": np.array([[10, 10, 50, 60]] * 2, np.float32),
         "resized_hw": np.array([[s, s]] * 2),
     }
-    from medisee.model.collate import collate
+    from medisee.data.batch import collate
 
     batch = collate(batch_np, model.text)
-    assert batch["pair_index"].tolist() == [-1, 0] and batch["image_index"].tolist() == [0, 0]
+    assert batch.pair_index.tolist() == [-1, 0] and batch.image_index.tolist() == [0, 0]
+    assert batch.clip_image.shape[0] == batch.sam_image.shape[0] == 1  # one image, encoded once
     losses = model(batch)
     assert losses["similarity"].item() > 0
     losses["loss"].backward()
+
+
+def test_the_mask_loss_reaches_the_box_decoder_through_the_box_prompt():
+    """As in the reference, the predicted box enters SAM's prompt encoder without detach."""
+    from medisee.data.batch import collate
+
+    model = build_model("tiny", finetune="full", seed=2)
+    s, c = model.sam_size, model.clip_size
+    rng = np.random.default_rng(1)
+    batch = collate(
+        {
+            "query": np.array(["Can you segment and locate the liver in this image?"], object),
+            "answer": np.array(["[SEG] and [BBOX]."], object),
+            "has_target": np.array([True]),
+            "image_id": np.array(["a"], object),
+            "class_name": np.array(["liver"], object),
+            "query_kind": np.array(["referring"], object),
+            "sam_image": rng.integers(0, 255, (1, s, s, 3), dtype=np.uint8),
+            "clip_image": rng.integers(0, 255, (1, c, c, 3), dtype=np.uint8),
+            "mask_bits": pack_masks((rng.random((1, s, s)) > 0.7).astype(np.uint8)),
+            "box_sam": np.array([[10, 10, 50, 60]], np.float32),
+            "resized_hw": np.array([[s, s]]),
+        },
+        model.text,
+    )
+    losses = model(batch)
+    (losses["bce"] + losses["dice"]).backward()
+    last = [m for m in model.box_decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny"])
+def test_image_sizes_come_from_the_preset(preset):
+    from medisee.config import PRESET_IMAGE_SIZES, load_config
+
+    model = build_model(preset)
+    sizes = PRESET_IMAGE_SIZES[preset]
+    assert (model.sam_size, model.clip_size) == (sizes["sam_image_size"], sizes["clip_image_size"])
+    cfg = load_config(preset)
+    assert (cfg.data.sam_image_size, cfg.data.clip_image_size) == (model.sam_size, model.clip_size)
