@@ -3,15 +3,18 @@ checkpoints in the moto S3 (one worker fails once mid-run; a re-run with the sam
 the FSDP strategy (fails, resumes, checkpoints whole weights)."""
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from medisee import storage
 from medisee.config import PrepareConfig, load_config
 from medisee.data.prepare import prepare
+from medisee.infer import Predictor
 from medisee.train.recipe import list_checkpoints
-from medisee.train.trainer import load_registered_model, run_training
+from medisee.train.trainer import run_training
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,11 +63,13 @@ def test_train_fail_resume_register(ray_local, s3_bucket, mlflow_server, tmp_pat
     tags = client.get_run(first["mlflow_run_id"]).data.tags
     assert tags["checkpoint.latest"].endswith("step-00000009.pt") and tags["system.world_size"] == "2"
 
-    model = load_registered_model("models:/medisee-it@candidate", cfg2)
-    preds = model.predict(
-        images_for_predict, ["Can you segment the liver in this image?"] * len(images_for_predict)
-    )
-    assert preds[0].mask.shape == images_for_predict[0].shape[:2]
+    assert second["model_uri"] == "models:/medisee-it@candidate"
+    predictor = Predictor.from_artifact(second["model_uri"], settings=settings, tracking_uri=tracking_uri)
+    assert predictor.artifact.run_id == first["mlflow_run_id"]
+    assert predictor.artifact.manifest["source"].endswith("step-00000009.pt")
+    assert predictor.artifact.manifest["metrics"]["dice"] >= 0.0
+    result = predictor.predict(images_for_predict[0], "Can you segment the liver in this image?")[0]
+    assert result.found and result.verdict in ("present", "absent")
 
     # the verifier is calibrated and evaluated against the registered version, and stored with it
     from typer.testing import CliRunner
@@ -92,7 +97,9 @@ def test_train_fail_resume_register(ray_local, s3_bucket, mlflow_server, tmp_pat
     assert result.exit_code == 0, result.output
     assert "| balanced_accuracy |" in table.read_text()
     artifacts = {a.path for a in client.list_artifacts(first["mlflow_run_id"], "model")}
-    assert "model/verifier.json" in artifacts and "model/trainable.pt" in artifacts
+    assert {"model/verifier.json", "model/weights.safetensors", "model/medisee.json"} <= artifacts
+    calibrated = Predictor.from_artifact(second["model_uri"], settings=settings, tracking_uri=tracking_uri)
+    assert calibrated.artifact.calibration.balanced_accuracy is not None  # the stored calibration loads
 
 
 @pytest.fixture()
@@ -157,3 +164,41 @@ def test_fsdp_full_finetune_fails_resumes_and_checkpoints_whole_weights(ray_loca
     assert sorted(m.step for m in client.get_metric_history(result["mlflow_run_id"], "val/dice")) == [2, 4]
     losses = client.get_metric_history(result["mlflow_run_id"], "train/loss")
     assert losses and all(math.isfinite(m.value) for m in losses)
+
+
+def test_a_registered_model_outlives_the_ray_session_that_trained_it(tmp_path):
+    """`medisee train --register` with the default local MLflow store, in its own process and Ray
+    (its temp directory under our control); then Ray's directory is deleted and the model loads."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from medisee import tracking
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shards = project / "shards"
+    prepare("phantom", "-", str(shards), PrepareConfig(phantom_images=8, val_fraction=0.25), executor="local")
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    cmd = [
+        sys.executable, "-m", "medisee.cli", "train", "-c", "tiny", "--register", "durable", "--alias", "candidate",
+        f"data.sources={{phantom: {shards}}}", "run.name=durable", "data.batch_size=2",
+        "data.preprocess_concurrency=1", "trainer.max_steps=2", "trainer.eval_every=2", "trainer.eval_limit=2",
+        "trainer.warmup_steps=1", "trainer.num_workers=1",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert any(Path(ray_tmp).rglob("session_*"))  # Ray really kept its session there
+    shutil.rmtree(ray_tmp)
+
+    tracking_uri = f"sqlite:///{project}/.medisee/mlflow.db"
+    client = tracking.client_for(tracking_uri)
+    version = client.get_model_version_by_alias("durable", "candidate")
+    location = client.get_run(version.run_id).info.artifact_uri
+    assert location.startswith(str(project / ".medisee" / "mlartifacts")) and ray_tmp not in location
+    predictor = Predictor.from_artifact("models:/durable@candidate", tracking_uri=tracking_uri)
+    image = (np.arange(80 * 96) % 251).astype(np.uint8).reshape(80, 96)
+    assert predictor.predict(image, "Can you segment and locate the liver in this image?")[0].found
