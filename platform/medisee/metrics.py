@@ -1,8 +1,13 @@
 """Segmentation / detection metrics of the paper, computed in one place and reducible across workers.
 
-Accumulate per-sample sums in a `MetricSums` (intersections, unions, IoUs, Dice, box IoU, hits
-per query kind); sum the raw arrays across workers (all-reduce), then `finalize`. Never a mean
-of means: cIoU = ΣI / ΣU over all samples, gIoU = mean of per-sample IoU.
+Definitions follow LISA's `intersectionAndUnionGPU` and MediSee's `evaluate.py` (see docs/metrics.md):
+per sample I = |P ∩ G|, U = |P ∪ G|; gIoU = mean of I / (U + 1e-5) with 1.0 for a sample whose
+prediction and target are both empty; cIoU = ΣI / (ΣU + 1e-10); Dice = 2I / (|P| + |G| + 1e-6),
+1.0 when both are empty; box IoU on the predicted box as the decoder gives it (the caller passes
+the UNCLIPPED box); Acc@0.5 = share of boxes with IoU > 0.5 (strict).
+
+Accumulate per-sample sums in a `MetricSums` per query kind; sum the raw arrays across workers
+(all-reduce), then `finalize`. Never a mean of means.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ class MetricSums:
             self.sums = np.zeros((len(self.kinds), len(FIELDS)), np.float64)
 
     def add(self, kind: str, pred_mask: np.ndarray, true_mask: np.ndarray, pred_box, true_box) -> None:
+        """One sample: binary masks (pred = logits > 0, thresholded by the caller) and xyxy boxes.
+
+        `pred_box` is the predicted box before any clipping to the image, as the reference scores it.
+        """
         if kind not in self.kinds:
             return
         pred, true = np.asarray(pred_mask, bool), np.asarray(true_mask, bool)
@@ -42,10 +51,10 @@ class MetricSums:
             1,
             inter,
             union,
-            inter / union if union else 1.0,
-            2 * inter / total if total else 1.0,
+            inter / (union + 1e-5) if union else 1.0,
+            2 * inter / (total + 1e-6) if total else 1.0,
             biou,
-            float(biou >= 0.5),
+            float(biou > 0.5),
         ]
 
     def merge(self, other: MetricSums) -> MetricSums:
@@ -62,7 +71,7 @@ class MetricSums:
             suffix = "" if name == "all" else f"/{name}"
             out[f"dice{suffix}"] = float(s[4] / count)
             out[f"giou{suffix}"] = float(s[3] / count)
-            out[f"ciou{suffix}"] = float(s[1] / s[2]) if s[2] else 1.0
+            out[f"ciou{suffix}"] = float(s[1] / (s[2] + 1e-10))
             out[f"box_iou{suffix}"] = float(s[5] / count)
             out[f"acc50{suffix}"] = float(s[6] / count)
             out[f"count{suffix}"] = float(count)

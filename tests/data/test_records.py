@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from medisee.data import prompts
 from medisee.data.codec import (
     BadRecord,
     check_mask,
@@ -54,3 +55,44 @@ def test_bad_image_quarantines_every_record_it_carries():
     rows = rows_for_image("src", loaded)
     assert len(rows) == 3 and {r["reason"] for r in rows} == {"unreadable_image"}
     assert {r["input_ref"] for r in rows} == {"m1", "m2", "ref"}
+
+
+def good_image(targets, absent=()):
+    image = np.zeros((8, 8, 3), np.uint8)
+    return LoadedImage("k", "ref", "ct", "train", image, targets, list(absent))
+
+
+def test_referring_and_false_rows_use_the_reference_templates():
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:5] = True
+    rows = rows_for_image("src", good_image([LoadedTarget("inferior_vena_cava", mask, "m")], ["kidney"]))
+    by_kind = {r["query_kind"]: r for r in rows}
+    ref, false = by_kind["referring"], by_kind["false_query"]
+    assert ref["query"] in [q.format(name="inferior vena cava") for q in prompts.REFERRING_QUERIES]
+    assert ref["answer"] in prompts.ANSWERS
+    assert false["query"] in [q.format(name="kidney") for q in prompts.REFERRING_QUERIES]
+    assert false["answer"] == "There is no kidney in this image."
+    again = rows_for_image("src", good_image([LoadedTarget("inferior_vena_cava", mask, "m")], ["kidney"]))
+    assert [(r["query"], r["answer"]) for r in again] == [(r["query"], r["answer"]) for r in rows]
+
+
+def test_reference_template_text():
+    assert prompts.REFERRING_QUERIES[0] == "Can you segment and locate the {name} in this image?"
+    assert len(prompts.REFERRING_QUERIES) == 4 and len(prompts.ANSWERS) == 5
+    assert len(prompts.REASONING_SUFFIXES) == 6 and len(prompts.REASONING_ANSWERS) == 5
+    assert prompts.FIXED_ANSWER == "[SEG] and [BBOX]." and prompts.TEMPLATE_VERSION == "medisee-ref-1"
+
+
+def test_reasoning_puts_the_suffix_after_the_query_and_the_tokens_before_the_explanation():
+    seen = set()
+    for i in range(60):
+        question, answer = prompts.reasoning("Which organ makes bile?", "It makes bile.", f"id/{i}")
+        query, suffix = question.split("? ", 1)
+        assert query == "Which organ makes bile" and suffix in prompts.REASONING_SUFFIXES
+        tokens, explanation = answer.split("[BBOX]. ", 1)
+        assert explanation == "It makes bile." and "[SEG]" in tokens
+        seen.add(answer)
+    assert len(seen) == 5  # every form, and the first form's extra full stop is not doubled
+    assert prompts.reasoning("Q?", "E", "x") == prompts.reasoning("Q?", "E", "x")
+    _, plain = prompts.reasoning("Q?", None, "x")
+    assert plain in prompts.ANSWERS

@@ -7,15 +7,26 @@ import pytest
 import torch
 
 from medisee import storage
+from medisee.infer.predictor import Predictor
 from medisee.model import build_model
-from medisee.model.checkpoint import CheckpointError, load_trainable, save_trainable, write_torch
+from medisee.model.checkpoint import (
+    CheckpointError,
+    convert_official_file,
+    convert_official_state_dict,
+    load_official_release,
+    load_trainable,
+    save_trainable,
+    write_torch,
+)
 from tests.model.conftest import QUERIES
 
 
 def same_predictions(a, b, images, exact=True):
     """Identical outputs; `exact=False` allows float rounding (a merged LoRA reorders the sums)."""
-    pa, pb = a.predict(images, QUERIES), b.predict(images, QUERIES)
-    for x, y in zip(pa, pb, strict=True):
+    queries = [QUERIES] * len(images)
+    pa = Predictor(a, early_reject=False).predict_batch(images, queries)
+    pb = Predictor(b, early_reject=False).predict_batch(images, queries)
+    for x, y in zip(sum(pa, []), sum(pb, []), strict=True):
         if exact:
             assert (
                 x.box == y.box
@@ -86,28 +97,56 @@ def test_loaders_read_from_s3(saved, s3_bucket, images):
     same_predictions(model, loaded, images)
 
 
-def official_layout(model) -> dict[str, torch.Tensor]:
-    """Our state dict written with the official release's key names, q/v as LoRA-wrapped base layers."""
-    renames = [
-        (r"^llava\.model\.language_model\.", "model."),
-        (r"^llava\.lm_head\.", "lm_head."),
-        (r"^llava\.model\.multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
-        (r"^llava\.model\.multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
-        (r"^llava\.model\.vision_tower\.", "model.vision_tower.vision_tower."),
-        (r"^sam\.", "model.visual_model."),
-        (r"^text_projection\.fc1\.", "model.text_hidden_fcs.0.0."),
-        (r"^text_projection\.fc2\.", "model.text_hidden_fcs.0.2."),
-        (r"^(seg_router|box_router|box_decoder)\.", r"model.\1."),
-    ]
+RELEASE_NAMES = [
+    (r"^llava\.model\.language_model\.", "model."),
+    (r"^llava\.lm_head\.", "lm_head."),
+    (r"^llava\.model\.multi_modal_projector\.linear_1\.", "model.mm_projector.0."),
+    (r"^llava\.model\.multi_modal_projector\.linear_2\.", "model.mm_projector.2."),
+    (r"^llava\.model\.vision_tower\.", "model.vision_tower.vision_tower."),
+    (r"^sam\.", "model.visual_model."),
+    (r"^text_projection\.fc1\.", "model.text_hidden_fcs.0.0."),
+    (r"^text_projection\.fc2\.", "model.text_hidden_fcs.0.2."),
+    (r"^seg_router\.", "model.router_seg."),
+    (r"^box_router\.", "model.router_box."),
+    (r"^box_decoder\.", "model.bbox_decoder."),
+]
+
+
+def release_name(key: str) -> str:
+    for a, b in RELEASE_NAMES:
+        if re.search(a, key):
+            return re.sub(a, b, key, count=1)
+    return key
+
+
+HEADS = ("seg_router.", "box_router.", "box_decoder.", "text_projection.")
+
+
+def release_heads(model) -> dict[str, torch.Tensor]:
+    """The heads exactly as the release stores them: its routers see cat([e_bbox, e_seg]) and
+    output 0 weights [BBOX], so the gate's input blocks and output rows are the other way round."""
     out = {}
+    for key, value in model.state_dict().items():
+        if not key.startswith(HEADS):
+            continue
+        if key.endswith("gate.0.weight"):
+            d = value.shape[1] // 2
+            value = torch.cat([value[:, d:], value[:, :d]], 1)
+        elif ".gate.2." in key:
+            value = value.flip(0)
+        out[release_name(key)] = value.clone()
+    return out
+
+
+def official_layout(model, lora: bool = True) -> dict[str, torch.Tensor]:
+    """The whole model in the release's names and conventions; `lora`: q/v as LoRA-wrapped base layers."""
+    out = release_heads(model)
     gen = torch.Generator().manual_seed(0)
     for key, value in model.state_dict().items():
-        new = key
-        for a, b in renames:
-            if re.search(a, new):
-                new = re.sub(a, b, new, count=1)
-                break
-        if re.search(r"\.(q_proj|v_proj)\.weight$", new) and new.startswith("model.layers"):
+        new = release_name(key)
+        if key.startswith(HEADS):
+            continue
+        if lora and re.search(r"\.(q_proj|v_proj)\.weight$", new) and new.startswith("model.layers"):
             base = new[: -len(".weight")]
             a = torch.randn(8, value.shape[1], generator=gen) * 0.1
             b = torch.randn(value.shape[0], 8, generator=gen) * 0.1
@@ -117,6 +156,81 @@ def official_layout(model) -> dict[str, torch.Tensor]:
         else:
             out[new] = value
     return out
+
+
+def release_router_weights(state: dict[str, torch.Tensor], router: str, e_seg, e_bbox) -> torch.Tensor:
+    """The release's gate on cat([e_bbox, e_seg]): sigmoid weights normalised to 1, [w_bbox, w_seg]."""
+    p = f"model.{router}.gate."
+    x = torch.cat([e_bbox, e_seg], -1)
+    hidden = torch.nn.functional.gelu(x @ state[p + "0.weight"].T + state[p + "0.bias"])
+    gates = torch.sigmoid(hidden @ state[p + "2.weight"].T + state[p + "2.bias"])
+    return gates / gates.sum(-1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def random_heads():
+    """A tiny model whose heads have random, non-trivial weights (the box decoder's last layer too)."""
+    model = build_model("tiny", seed=3)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.startswith(HEADS):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def test_release_head_names_and_shapes(random_heads):
+    release = release_heads(random_heads)
+    d = random_heads.seg_router.gate[0].in_features // 2
+    assert set(release) == {
+        *(
+            f"model.router_{r}.gate.{i}.{w}"
+            for r in ("seg", "box")
+            for i in (0, 2)
+            for w in ("weight", "bias")
+        ),
+        *(f"model.bbox_decoder.layers.{i}.{w}" for i in (0, 1, 2) for w in ("weight", "bias")),
+        *(f"model.text_hidden_fcs.0.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")),
+    }
+    assert release["model.router_seg.gate.0.weight"].shape == (1024, 2 * d)
+    assert release["model.router_box.gate.2.weight"].shape == (2, 1024)
+    shapes = [tuple(release[f"model.bbox_decoder.layers.{i}.weight"].shape) for i in range(3)]
+    assert shapes == [(512, d), (512, 512), (4, 512)]
+
+
+@pytest.mark.parametrize("via_file", [False, True])
+def test_release_converts_to_the_same_tensors_and_heads(random_heads, tmp_path, via_file):
+    release = official_layout(random_heads, lora=False)
+    write_torch(release, str(tmp_path / "release.pth"))
+    source = tmp_path / "release.pth"
+    if via_file:
+        assert convert_official_file(str(source), str(tmp_path / "converted.pth")) == len(release)
+        source = tmp_path / "converted.pth"
+    loaded = build_model("tiny", seed=4).eval()
+    assert load_official_release(loaded, str(source)) == []
+    theirs = loaded.state_dict()
+    for key, value in random_heads.state_dict().items():
+        assert torch.equal(theirs[key], value), key
+
+    d = random_heads.seg_router.gate[0].in_features // 2
+    candidates = torch.randn(5, 2, d, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for a, b in zip(random_heads.heads(candidates), loaded.heads(candidates), strict=True):
+            assert torch.equal(a, b)
+        e_seg, e_bbox = candidates[:, 0], candidates[:, 1]
+        for ours, name in (("seg_router", "router_seg"), ("box_router", "router_box")):
+            w_bbox, w_seg = release_router_weights(release, name, e_seg, e_bbox).unbind(-1)
+            router = getattr(loaded, ours)
+            torch.testing.assert_close(router.weights(candidates), torch.stack([w_seg, w_bbox], -1))
+            torch.testing.assert_close(router(candidates), w_bbox[:, None] * e_bbox + w_seg[:, None] * e_seg)
+
+
+def test_lora_wrapped_release_merges_to_the_original_weights(random_heads):
+    state = convert_official_state_dict(official_layout(random_heads))
+    own = random_heads.state_dict()
+    assert set(state) == set(own) and not any(".lora_" in k or "base_layer" in k for k in state)
+    for key, value in own.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-5)
 
 
 def test_official_release_layout_loads_and_matches(saved, images, tmp_path):

@@ -1,10 +1,15 @@
 """The three MedVeriSeg scores on hand-made maps with known answers."""
 
+import math
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
 from medisee.verify import Thresholds, Verdict, decide, score_map, score_maps
-from medisee.verify.scores import Scores
+from medisee.verify.scores import Scores, box_mean
 
 
 def blob(side=24, cy=8, cx=10, r=1.5, peak=10.0):
@@ -92,3 +97,100 @@ def test_decision_rule():
     assert decide(Scores(0.1, 0.1, 0.1), t) is Verdict.ABSENT
     assert decide(Scores(0.9, 0.1, 0.9), t) is Verdict.UNCERTAIN
     assert decide(Scores(0.475, 0.40, 0.70), t) is Verdict.PRESENT
+
+
+# ---- an independent re-derivation of presence_judge.py, one map at a time ----------------------
+
+
+def avg_pool_3x3(score: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(score)[None, None]
+    return F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=True)[0, 0].numpy()
+
+
+def uniform_3x3(score: np.ndarray) -> np.ndarray:
+    return ndimage.uniform_filter(score, 3, mode="constant", cval=0.0)
+
+
+def rederived(flat: np.ndarray, smooth=avg_pool_3x3) -> tuple[float, float, float, int]:
+    """(strength, compactness, purity, active count) with plain loops over one map."""
+    eps, side = 1e-6, int(round(math.sqrt(flat.size)))
+    raw = flat.reshape(side, side).astype(np.float64)
+    q50, q95 = np.quantile(raw, 0.50), np.quantile(raw, 0.95)
+    topk = np.sort(raw.ravel())[::-1][: max(1, int(flat.size * 0.05))].mean()
+    ratio = max((topk - q50) / (q95 - q50 + eps), 0.0)
+    strength = 1 / (1 + math.exp(-(ratio - 1.2) / 0.6))
+    score = smooth(np.maximum((raw - q50) / (q95 - q50 + eps), 0.0))
+    positive = score[score > 0]
+    if positive.size == 0:
+        return strength, 0.0, 0.0, 0
+    active = score >= max(float(np.quantile(positive, 0.8)), 0.4)
+    if not active.any():
+        return strength, 0.0, 0.0, 0
+    ys, xs = np.nonzero(active)
+    w = score[ys, xs]
+    cy, cx = (w * ys).sum() / (w.sum() + eps), (w * xs).sum() / (w.sum() + eps)
+    spread = (w * np.hypot(ys - cy, xs - cx)).sum() / (w.sum() * (math.hypot(side - 1, side - 1) + eps) + eps)
+    compactness = min(max(math.exp(-spread / 0.18), 0.0), 1.0)
+    labels, count = ndimage.label(active, structure=np.ones((3, 3), bool))
+    best = max(score[labels == j].sum() for j in range(1, count + 1))
+    purity = min(best / (score[active].sum() + eps), 1.0)
+    return strength, compactness, purity, int(active.sum())
+
+
+def residue_map(seed: int = 0) -> np.ndarray:
+    """Large responses next to zeros, and a few tiny isolated ones: a running-sum filter leaves
+    ±1e-17 residues around the large values that join the positive set and move the threshold."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((24, 24))
+    m[3:8, 3:10] = rng.random((5, 7)) * 1e3 + 1
+    m[14:17, 15:18] = rng.random((3, 3)) * 1e3 + 1
+    cells = rng.integers(0, 24, (30, 2))
+    m[cells[:, 0], cells[:, 1]] = rng.random(30) * 1e-3
+    return m
+
+
+def varied_maps(side: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(side)
+    c = side / 24
+    maps = [
+        noisy(blob(side, int(8 * c), int(10 * c), 1.5 * c)),
+        noisy(blob(side, int(5 * c), int(5 * c)) + blob(side, int(18 * c), int(18 * c)), seed=1),
+        rng.normal(0, 1, (side, side)),
+        np.full((side, side), 2.5),
+        noisy(blob(side, 0, 0, 2.0) + 0.5 * blob(side, side - 1, side // 2, 1.5), seed=2),  # border blobs
+        rng.exponential(1.0, (side, side)) * (rng.random((side, side)) > 0.7),  # sparse, many exact zeros
+    ]
+    return [*maps, residue_map()] if side == 24 else maps
+
+
+@pytest.mark.parametrize("side", [24, 16])
+def test_score_maps_equal_an_independent_rederivation(side):
+    maps = varied_maps(side)
+    batch = score_maps(np.stack([m.ravel() for m in maps]))
+    for m, got in zip(maps, batch, strict=True):
+        strength, compactness, purity, count = rederived(m.ravel())
+        assert got.active_count == count
+        assert got.strength == pytest.approx(strength, abs=1e-6)
+        assert got.compactness == pytest.approx(compactness, abs=1e-6)
+        assert got.purity == pytest.approx(purity, abs=1e-6)
+        assert got == score_map(m)
+
+
+def test_smoothing_is_exact_where_a_running_sum_filter_leaves_residues():
+    m = residue_map()
+    pooled = rederived(m.ravel(), avg_pool_3x3)
+    running = rederived(m.ravel(), uniform_3x3)
+    assert running[3] != pooled[3]  # the map really exercises the residues
+    got = score_map(m)
+    assert got.active_count == pooled[3]
+    assert got.purity == pytest.approx(pooled[2], abs=1e-9)
+    assert got.compactness == pytest.approx(pooled[1], abs=1e-9)
+
+
+def test_box_mean_is_avg_pool2d_exactly():
+    rng = np.random.default_rng(3)
+    maps = rng.random((3, 16, 16)) * (rng.random((3, 16, 16)) > 0.8) * 1e3
+    expected = F.avg_pool2d(torch.from_numpy(maps)[:, None], 3, 1, 1, count_include_pad=True)[:, 0].numpy()
+    got = box_mean(maps, 3)
+    assert np.abs(got - expected).max() < 1e-12
+    assert np.array_equal(got > 0, expected > 0)

@@ -154,7 +154,7 @@ def generate(seed: int, index: int, size: int = 128) -> tuple[np.ndarray, dict[s
     return np.clip(image, 0, 255).astype(np.uint8), masks
 
 
-def location_query(name: str, masks: dict[str, np.ndarray]) -> Query | None:
+def location_query(name: str, masks: dict[str, np.ndarray], key: str = "") -> Query | None:
     """A location-oriented query when the target is the unique extreme of its image."""
     if len(masks) < 2:
         return None
@@ -184,8 +184,13 @@ def location_query(name: str, masks: dict[str, np.ndarray]) -> Query | None:
     )
     for target, text, explanation in phrases:
         if target == name:
-            return Query("reasoning_short", text, prompts.reasoning(explanation), explanation)
+            return reasoning_query("reasoning_short", text, explanation, key)
     return None
+
+
+def reasoning_query(kind: str, text: str, explanation: str, key: str) -> Query:
+    question, answer = prompts.reasoning(text, explanation, key)
+    return Query(kind, question, answer, explanation)
 
 
 def queries_for(name: str, masks: dict[str, np.ndarray], key: str) -> list[Query]:
@@ -193,16 +198,14 @@ def queries_for(name: str, masks: dict[str, np.ndarray], key: str) -> list[Query
     text, answer = prompts.referring(name, key)
     out = [Query("referring", text, answer)]
     location = (
-        location_query(name, masks) if prompts.pick(range(100), key + "/loc") < LOCATION_SHARE * 100 else None
+        location_query(name, masks, key + "/reasoning")
+        if prompts.pick(range(100), key + "/loc") < LOCATION_SHARE * 100
+        else None
     )
     if location is not None:
         out.append(location)
     elif prompts.pick((0, 1), key + "/len"):
-        out.append(
-            Query("reasoning_long", organ.long, prompts.reasoning(organ.explanation), organ.explanation)
-        )
+        out.append(reasoning_query("reasoning_long", organ.long, organ.explanation, key + "/reasoning"))
     else:
-        out.append(
-            Query("reasoning_short", organ.short, prompts.reasoning(organ.explanation), organ.explanation)
-        )
+        out.append(reasoning_query("reasoning_short", organ.short, organ.explanation, key + "/reasoning"))
     return out

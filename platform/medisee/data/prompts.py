@@ -1,37 +1,56 @@
-"""Query and answer templates.
+"""Query and answer templates, as the MediSee reference code writes them (`utils/utils.py`).
 
-Referring queries follow the form the MediSee reference code uses for SA-Med2D-20M
-(a short request naming the class); answers carry the candidate tokens. Choices are
-made by hashing the record id so a conversion is reproducible.
+Referring rows (SA-Med2D-20M style) ask for a class by name; reasoning rows (MLMR-SD style) append
+one of six request suffixes to the query, and their answers put the candidate tokens first and the
+explanation after. Choices are made by hashing the record id so a conversion is reproducible.
+`TEMPLATE_VERSION` names this set of sentences; model artifacts record it.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+TEMPLATE_VERSION = "medisee-ref-1"
+
 SEG_TOKEN = "[SEG]"
 BBOX_TOKEN = "[BBOX]"
 CANDIDATE_TOKENS = (SEG_TOKEN, BBOX_TOKEN)
 
 REFERRING_QUERIES = (
-    "Can you segment the {name} in this image?",
-    "Please segment the {name} in this image.",
-    "What is the {name} in this image? Please respond with a segmentation mask and a box.",
-    "Where is the {name} in this image? Please output its mask and bounding box.",
-    "Could you locate and segment the {name} in this image?",
+    "Can you segment and locate the {name} in this image?",
+    "Please segment and locate the {name} in this image.",
+    "What is {name} in this image? Please respond with segmentation mask and location bounding box.",
+    "What is {name} in this image? Please output segmentation mask and location bounding box.",
 )
 
 ANSWERS = (
-    "Sure, it is [SEG] and [BBOX].",
-    "[SEG] and [BBOX].",
-    "Sure, the segmentation result is [SEG] and [BBOX].",
     "It is [SEG] and [BBOX].",
+    "Sure, [SEG] and [BBOX].",
+    "Sure, it is [SEG] and [BBOX].",
+    "Sure, the segmentation and bounding box result is [SEG] and [BBOX].",
+    "[SEG] and [BBOX].",
 )
 
-REASONING_ANSWER = "{explanation} It is [SEG] and [BBOX]."
+REASONING_SUFFIXES = (
+    "Please respond with segmentation mask and location bounding box.",
+    "Please output segmentation mask and location bounding box.",
+    "Please respond with segmentation mask and location bounding box, and explain the reason.",
+    "Please output segmentation mask and location bounding box, and explain the reason.",
+    "Please respond with segmentation mask and location bounding box, and explain why.",
+    "Please respond with segmentation mask and location bounding box, and give some explanation.",
+)
+
+REASONING_ANSWERS = (
+    "It is [SEG] and [BBOX]. {explanation}.",
+    "Sure, [SEG] and [BBOX]. {explanation}",
+    "Sure, it is [SEG] and [BBOX]. {explanation}",
+    "Sure, the segmentation and bounding box result is [SEG] and [BBOX]. {explanation}",
+    "[SEG] and [BBOX]. {explanation}",
+)
+
 FALSE_ANSWER = "There is no {name} in this image."
 
-# The fixed answer used for teacher-forced, segmentation-only scoring.
+# The fixed answer used for teacher-forced, segmentation-only scoring (as the reference evaluates).
 FIXED_ANSWER = "[SEG] and [BBOX]."
 
 
@@ -50,10 +69,14 @@ def referring(name: str, key: str) -> tuple[str, str]:
     return pick(REFERRING_QUERIES, key + "/q").format(name=class_text(name)), pick(ANSWERS, key + "/a")
 
 
-def reasoning(explanation: str | None) -> str:
-    if not explanation:
-        return pick(ANSWERS, explanation or "")
-    return REASONING_ANSWER.format(explanation=explanation.strip())
+def reasoning(query: str, explanation: str | None, key: str) -> tuple[str, str]:
+    """(question, answer) of a reasoning row: the query plus a request suffix; tokens, then the explanation."""
+    question = f"{query.strip()} {pick(REASONING_SUFFIXES, key + '/s')}"
+    if not explanation or not explanation.strip():
+        return question, pick(ANSWERS, key + "/a")
+    answer = pick(REASONING_ANSWERS, key + "/a").format(explanation=explanation.strip())
+    # the first form adds a full stop of its own: do not double the explanation's
+    return question, answer[:-1] if answer.endswith("..") else answer
 
 
 def false_query(name: str, key: str) -> tuple[str, str]:

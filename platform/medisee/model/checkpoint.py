@@ -2,8 +2,9 @@
 
 - transformers LLaVA directory (config.json + weights + tokenizer files): `load_llava_dir`
 - SAM / MedSAM `.pth` state dict: `load_sam_checkpoint` (map_location cpu, weights_only)
-- the official MediSee release (original LLaVA-Mistral key names, LoRA merged or `.base_layer`
-  wrapped): `convert_official_state_dict` (also `medisee convert-checkpoint`)
+- the official MediSee release (`model.router_seg`, `model.bbox_decoder.layers.{0,1,2}`,
+  `model.text_hidden_fcs`, `model.visual_model`, the LM under its original LLaVA-Mistral names, LoRA
+  merged or `.base_layer` wrapped): `convert_official_state_dict` (also `medisee convert-checkpoint`)
 - ours: `{"format": "medisee-trainable/1", "preset", "state_dict"}` with only what is trained
 
 Paths may be local or s3:// (through medisee.storage). A missing or mismatched checkpoint is an
@@ -110,14 +111,14 @@ def load_llava_dir(uri: str, settings: StorageSettings | None = None):
     return llava, tokenizer
 
 
-# Official MediSee / LISA-style key names -> ours. Applied in order, first match wins.
+# Official MediSee release key names -> ours. Applied in order, first match wins.
 OFFICIAL_RENAMES: tuple[tuple[str, str], ...] = (
-    (r"^base_model\.model\.", ""),
     (r"^model\.visual_model\.", "sam."),
     (r"^model\.text_hidden_fcs\.0\.0\.", "text_projection.fc1."),
     (r"^model\.text_hidden_fcs\.0\.2\.", "text_projection.fc2."),
-    (r"^model\.(seg_router|box_router|box_decoder)\.", r"\1."),
-    (r"^model\.(bbox_decoder|bbox_head)\.", "box_decoder."),
+    (r"^model\.router_seg\.", "seg_router."),
+    (r"^model\.router_box\.", "box_router."),
+    (r"^model\.bbox_decoder\.", "box_decoder."),  # layers.{0,1,2}: the same ModuleList naming
     (r"^model\.mm_projector\.0\.", "llava.model.multi_modal_projector.linear_1."),
     (r"^model\.mm_projector\.2\.", "llava.model.multi_modal_projector.linear_2."),
     (r"^model\.vision_tower\.vision_tower\.", "llava.model.vision_tower."),
@@ -126,20 +127,44 @@ OFFICIAL_RENAMES: tuple[tuple[str, str], ...] = (
 )
 
 
-def convert_official_state_dict(state: dict[str, torch.Tensor], extra_renames=()) -> dict[str, torch.Tensor]:
-    """Rename an official-release state dict to our module names; `.base_layer` is stripped."""
+def rename_official_keys(state: dict[str, torch.Tensor], extra_renames=()) -> dict[str, torch.Tensor]:
+    """Official key names -> ours; `base_model.model.` and `.base_layer` are stripped."""
     rules = [(re.compile(a), b) for a, b in (*extra_renames, *OFFICIAL_RENAMES)]
     out = {}
     for key, value in state.items():
-        new = key.replace(".base_layer", "")
-        if new.startswith("base_model.model."):
-            new = new[len("base_model.model.") :]
+        new = key.replace(".base_layer", "").removeprefix("base_model.model.")
         for pattern, repl in rules:
             if pattern.search(new):
                 new = pattern.sub(repl, new, count=1)
                 break
         out[new] = value
     return out
+
+
+def reorder_release_routers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The release calls `router(e_bbox, e_seg)`: its gate sees cat([e_[BBOX], e_[SEG]]) and output 0
+    weights [BBOX]. Ours sees [SEG] first: swap the two d-wide input blocks of the first Linear and
+    the two rows of the last one, which gives the same fused states."""
+    out = dict(state)
+    for router in ("seg_router", "box_router"):
+        first = out.get(f"{router}.gate.0.weight")
+        if first is not None:
+            d = first.shape[1] // 2
+            out[f"{router}.gate.0.weight"] = torch.cat([first[:, d:], first[:, :d]], 1)
+        for name in ("weight", "bias"):
+            last = out.get(f"{router}.gate.2.{name}")
+            if last is not None:
+                if last.shape[0] != 2:
+                    raise CheckpointError(
+                        "official release", detail=f"{router} has {last.shape[0]} outputs, not 2"
+                    )
+                out[f"{router}.gate.2.{name}"] = last.flip(0)
+    return out
+
+
+def convert_official_state_dict(state: dict[str, torch.Tensor], extra_renames=()) -> dict[str, torch.Tensor]:
+    """An official-release state dict in our names and conventions: renamed, LoRA merged, routers reordered."""
+    return reorder_release_routers(merge_lora(rename_official_keys(state, extra_renames)))
 
 
 def load_official_release(
@@ -154,7 +179,7 @@ def load_official_release(
     if payload.get("format") == CONVERTED_FORMAT:
         state = payload["state_dict"]
     else:
-        state = merge_lora(convert_official_state_dict(payload.get("state_dict", payload), extra_renames))
+        state = convert_official_state_dict(payload.get("state_dict", payload), extra_renames)
     own = model.state_dict()
     own = {k.replace(".base_layer", ""): k for k in own}
     unexpected = [k for k in state if k not in own]
@@ -172,9 +197,9 @@ def load_official_release(
 def convert_official_file(
     src: str, dst: str, settings: StorageSettings | None = None, extra_renames=()
 ) -> int:
-    """`medisee convert-checkpoint`: rename + merge an official release once; returns the tensor count."""
+    """`medisee convert-checkpoint`: convert an official release once; returns the tensor count."""
     payload = read_torch(src, settings)
-    state = merge_lora(convert_official_state_dict(payload.get("state_dict", payload), extra_renames))
+    state = convert_official_state_dict(payload.get("state_dict", payload), extra_renames)
     write_torch({"format": CONVERTED_FORMAT, "source": src, "state_dict": state}, dst, settings)
     return len(state)
 

@@ -7,7 +7,11 @@ from torch import nn
 
 
 class Router(nn.Module):
-    """Fuses the n candidate-token states: gate Linear(n·d,1024)-GELU-Linear(1024,n), sigmoid weights normalised to 1."""
+    """Fuses the n candidate-token states: gate Linear(n·d,1024)-GELU-Linear(1024,n), sigmoid weights normalised to 1.
+
+    The gate sees the candidates in order ([SEG], [BBOX], ...); the official release concatenates
+    [BBOX] first, which `checkpoint.convert_official_state_dict` permutes on import.
+    """
 
     def __init__(self, hidden_size: int, num_candidates: int, gate_hidden: int = 1024):
         super().__init__()
@@ -39,15 +43,21 @@ class TextProjection(nn.Module):
 
 
 class BoxDecoder(nn.Module):
-    """Fused state -> normalised (cx, cy, w, h): MLP d-512-512-4, sigmoid, last layer zero-initialised."""
+    """Fused state -> normalised (cx, cy, w, h): Linears d-512-512-4 with ReLU between, sigmoid.
+
+    A ModuleList of the three Linears, named as in the official release (`layers.{0,1,2}`);
+    the last layer is zero-initialised, as there.
+    """
 
     def __init__(self, hidden_size: int, width: int = 512):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4)
+        self.layers = nn.ModuleList(
+            [nn.Linear(hidden_size, width), nn.Linear(width, width), nn.Linear(width, 4)]
         )
         nn.init.zeros_(self.layers[-1].weight)
         nn.init.zeros_(self.layers[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.layers(x))
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return torch.sigmoid(self.layers[-1](x))

@@ -30,8 +30,11 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def box_loss(pred_xyxy: torch.Tensor, target_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-box L1 (summed over the 4 coordinates) and GIoU loss on normalised xyxy. Returns ((N,), (N,))."""
-    l1 = (pred_xyxy - target_xyxy).abs().sum(-1)
+    """Per-box L1 (mean over the 4 coordinates) and GIoU loss on normalised xyxy. Returns ((N,), (N,)).
+
+    The mean of the per-box L1 over boxes equals the reference's `nn.L1Loss()` on the (N, 4) boxes.
+    """
+    l1 = (pred_xyxy - target_xyxy).abs().mean(-1)
     giou = generalized_box_iou_loss(pred_xyxy, target_xyxy, reduction="none", eps=1e-7)
     return l1, giou
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -75,29 +77,64 @@ class TextSpec:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def tiny_vocabulary() -> list[str]:
-    """Words of every template, phantom text and common medical class name: the tiny preset's vocabulary."""
+# The tiny preset's vocabulary is fixed data (tiny_vocab.txt) so that editing a template sentence does
+# not change the embedding size of saved tiny checkpoints. `vocabulary_from_text` recomputes the words
+# of the current templates and phantom text; a test checks they are all in the file.
+TINY_VOCAB_FILE = "tiny_vocab.txt"
+WORD_PATTERN = r"\w+|[^\w\s]"
+EXTRA_TEXT = (
+    "It is the leftmost structure. It is the rightmost structure. It is the largest structure in the slice.",
+    "It is the smallest structure in the slice. Which labelled structure lies furthest to the left right of",
+    "the image? Which structure takes up the largest area in this slice? Which structure is the smallest one",
+    "heart lung lobe upper lower middle left right vena cava inferior kidney bladder prostate rib hip femur",
+    "vertebrae colon duodenum esophagus trachea brain tumour tumor lesion cyst nodule polyp ventricle atrium",
+    "myocardium gluteus maximus autochthon muscle bone vessel artery vein and or no not yes is are a an",
+)
+
+
+def template_texts() -> list[str]:
+    """Every template sentence, phantom organ text and extra medical word the tiny preset must know."""
     from medisee.data import phantom, prompts
 
-    texts = (
-        list(prompts.REFERRING_QUERIES)
-        + list(prompts.ANSWERS)
-        + [prompts.FALSE_ANSWER, prompts.REASONING_ANSWER]
-    )
+    texts = [
+        *prompts.REFERRING_QUERIES,
+        *prompts.ANSWERS,
+        *prompts.REASONING_SUFFIXES,
+        *prompts.REASONING_ANSWERS,
+        prompts.FALSE_ANSWER,
+        prompts.FIXED_ANSWER,
+        *EXTRA_TEXT,
+    ]
     for organ in phantom.ORGANS:
         texts += [organ.name, organ.short, organ.long, organ.explanation]
-    texts += [
-        "It is the leftmost structure. It is the rightmost structure. It is the largest structure in the slice.",
-        "It is the smallest structure in the slice. Which labelled structure lies furthest to the left right of",
-        "the image? Which structure takes up the largest area in this slice? Which structure is the smallest one",
-        "heart lung lobe upper lower middle left right vena cava inferior kidney bladder prostate rib hip femur",
-        "vertebrae colon duodenum esophagus trachea brain tumour tumor lesion cyst nodule polyp ventricle atrium",
-        "myocardium gluteus maximus autochthon muscle bone vessel artery vein and or no not yes is are a an",
-    ]
+    return texts
+
+
+def vocabulary_from_text(texts: list[str] | None = None) -> list[str]:
+    """The sorted lower-cased words and punctuation of `texts` (default: `template_texts()`)."""
     words = set()
-    for text in texts:
-        words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    for text in template_texts() if texts is None else texts:
+        words.update(re.findall(WORD_PATTERN, text.lower()))
     return sorted(words)
+
+
+def tiny_vocabulary() -> list[str]:
+    """The tiny preset's word list, read from the packaged tiny_vocab.txt (one token a line, sorted)."""
+    text = resources.files("medisee.model").joinpath(TINY_VOCAB_FILE).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line]
+
+
+def write_tiny_vocabulary(path: str | Path | None = None) -> Path:
+    """Regenerate tiny_vocab.txt: the current file plus every word of `template_texts()`.
+
+    Adding words changes the tiny preset's embedding size: tiny checkpoints saved before no longer load.
+    """
+    target = Path(path) if path else Path(str(resources.files("medisee.model").joinpath(TINY_VOCAB_FILE)))
+    words = set(vocabulary_from_text())
+    if target.exists():
+        words.update(line for line in target.read_text(encoding="utf-8").splitlines() if line)
+    target.write_text("".join(f"{w}\n" for w in sorted(words)), encoding="utf-8")
+    return target
 
 
 def build_tiny_tokenizer():

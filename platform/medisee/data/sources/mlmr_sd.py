@@ -34,12 +34,13 @@ def _pooled(pool: dict, length: str, key: str) -> dict | None:
         )
     else:
         explanation = None
-    return {
-        "kind": f"reasoning_{length}",
-        "text": questions[i],
-        "answer": prompts.reasoning(explanation),
-        "explanation": explanation,
-    }
+    question, answer = prompts.reasoning(questions[i], explanation, key)
+    return {"kind": f"reasoning_{length}", "text": question, "answer": answer, "explanation": explanation}
+
+
+def _test_query(text: str, length: str, key: str) -> dict:
+    question, answer = prompts.reasoning(text, None, key)
+    return {"kind": f"reasoning_{length}", "text": question, "answer": answer}
 
 
 def _reasoning_queries(pools: dict, class_name: str, key: str) -> list[dict] | None:
@@ -101,7 +102,7 @@ def specs(input_uri: str, ctx):
                 ),
             )
             queries = [
-                {"kind": f"reasoning_{length}", "text": item[length], "answer": prompts.reasoning(None)}
+                _test_query(item[length], length, f"{key}/{item['mask']}/{length}")
                 for length in ("long", "short")
                 if item.get(length)
             ]
