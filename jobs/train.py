@@ -3,6 +3,13 @@
 import sys
 
 from medisee.cli import app
+from medisee.raylib import apply_env_defaults
+
+
+def main() -> None:
+    apply_env_defaults()
+    app(["train", *sys.argv[1:]])
+
 
 if __name__ == "__main__":
-    app(["train", *sys.argv[1:]])
+    main()

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from medisee.raylib import RAY_ENV_DEFAULTS
+
 os.environ.update(
     {
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
+        **RAY_ENV_DEFAULTS,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",

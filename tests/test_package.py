@@ -1,3 +1,5 @@
+import json
+import os
 import subprocess
 import sys
 
@@ -20,6 +22,46 @@ def test_importing_medisee_first_keeps_stdlib_platform_in_a_fresh_interpreter():
     code = "import medisee, platform; print(platform.python_version())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ".".join(map(str, sys.version_info[:3]))
+
+
+IMPORT_EVERY_MODULE = """
+import importlib, json, os, pkgutil, sys
+import medisee
+
+changes, errors = {}, {}
+for info in pkgutil.walk_packages(medisee.__path__, "medisee."):
+    before = dict(os.environ)
+    try:
+        importlib.import_module(info.name)
+    except Exception as exc:
+        errors[info.name] = f"{type(exc).__name__}: {exc}"
+    after = dict(os.environ)
+    diff = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if diff:
+        changes[info.name] = diff
+print(json.dumps({"changes": changes, "errors": errors}))
+"""
+
+# torch._dynamo (imported by torchvision.ops) sets its cache dir when loaded: not ours to fix.
+SET_BY_DEPENDENCIES = {"TORCHINDUCTOR_CACHE_DIR"}
+
+
+def test_importing_any_module_leaves_the_environment_alone():
+    """Entry points apply the environment defaults; a library import must not change os.environ."""
+    # a bare environment: a default set by an import (setdefault) must show up too
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR", "LANG")}
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_EVERY_MODULE],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+        env=env,
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["errors"] == {}
+    changes = {m: keys for m, keys in report["changes"].items() if set(keys) - SET_BY_DEPENDENCIES}
+    assert changes == {}, "modules that change os.environ when imported (keys changed)"
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,6 @@ import typer
 
 from medisee.raylib import apply_env_defaults
 
-apply_env_defaults()
-
 app = typer.Typer(
     help="MediSee platform: prepare data, train, batch-score and serve on Ray.", no_args_is_help=True
 )
@@ -27,6 +25,12 @@ def _config(config: str | None, overrides: list[str] | None):
     except ConfigError as exc:
         typer.secho(f"config error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+
+
+@app.callback()
+def setup() -> None:
+    """Runs before every command (not for --help)."""
+    apply_env_defaults()
 
 
 @app.command()
@@ -118,31 +122,42 @@ def prepare(
     executor: str = typer.Option("ray", help="ray (default) or local (in-process, for debugging)"),
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
-    """Convert a dataset layout into Parquet shards with a manifest and a quarantine table."""
-    from medisee.data.prepare import FORMAT_NAMES
-    from medisee.data.prepare import prepare as run_prepare
-    from medisee.storage import StorageSettings
+    """Convert a dataset layout into Parquet shards with a manifest and a quarantine table.
 
-    if fmt not in FORMAT_NAMES:
-        typer.secho(f"unknown format {fmt!r}; choose one of {', '.join(FORMAT_NAMES)}", fg="red", err=True)
-        raise typer.Exit(2)
-    if fmt != "phantom" and input_uri == "-":
-        typer.secho("--input is required for this format", fg="red", err=True)
-        raise typer.Exit(2)
+    Exits 2, writing nothing, on an unknown format or an input that is missing or holds nothing
+    the format recognises; exits 1 after writing the quarantine when every record was bad.
+    """
+    from medisee import storage
+    from medisee.data.prepare import PrepareError
+    from medisee.data.prepare import prepare as run_prepare
+
     cfg = _config(config, overrides)
-    manifest = run_prepare(
-        fmt,
-        input_uri,
-        output_uri,
-        cfg.prepare,
-        StorageSettings.from_config(cfg.storage),
-        executor=executor,
-        mask_format=mask_format,
-        modality=modality,
-    )
+    try:
+        manifest = run_prepare(
+            fmt,
+            input_uri,
+            output_uri,
+            cfg.prepare,
+            storage.StorageSettings.from_config(cfg.storage),
+            executor=executor,
+            mask_format=mask_format,
+            modality=modality,
+        )
+    except PrepareError as exc:
+        typer.secho(f"prepare: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
     summary = {k: v for k, v in manifest.items() if k not in ("shards", "schema", "prepare")}
     summary["shards"] = len(manifest["shards"])
     typer.echo(json.dumps(summary, indent=2))
+    if not manifest["rows_written"]:
+        quarantine = storage.join(output_uri, manifest["quarantine"])
+        typer.secho(
+            f"prepare: no rows written from {fmt} input {input_uri}: "
+            f"all {manifest['rows_quarantined']} rows quarantined, see {quarantine}",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 @app.command()

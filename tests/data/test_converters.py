@@ -1,15 +1,18 @@
 """Every converter on real or format-exact inputs; bad records land in quarantine with a reason."""
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from medisee import storage
 from medisee.config import PrepareConfig
 from medisee.data.codec import decode_image, row_mask
-from medisee.data.prepare import prepare
+from medisee.data.prepare import PrepareError, prepare
+from medisee.data.prompts import REASONING_SUFFIXES
 from tests.data.layouts import image_folder_layout, mlmr_sd_layout, sa_med2d_layout
 
 
@@ -90,8 +93,10 @@ def test_mlmr_sd_train_and_test(tmp_path):
         if r["class_name"] == "liver" and r["query_kind"] == "reasoning_long" and r["split"] != "test"
     ][0]
     pair = {"Long liver question A?": "Because bile A.", "Long liver question B?": "Because bile B."}
-    assert pair[liver_long["query"]] == liver_long["explanation"]
-    assert liver_long["answer"].startswith(liver_long["explanation"])
+    question, suffix = liver_long["query"].split("? ", 1)
+    assert pair[question + "?"] == liver_long["explanation"] and suffix in REASONING_SUFFIXES
+    assert liver_long["answer"].startswith(("[SEG]", "It is", "Sure"))
+    assert liver_long["answer"].endswith(liver_long["explanation"])
     test_row = [r for r in rows if r["split"] == "test" and r["query_kind"] == "reasoning_short"][0]
     assert test_row["box"] == [26, 16, 45, 35]
 
@@ -186,6 +191,69 @@ def test_rle_mask_format(tmp_path):
             np.testing.assert_array_equal(row_mask(a), row_mask(b))
 
 
-def test_unknown_format_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="unknown format"):
-        prepare("nope", "-", str(tmp_path), executor="local")
+def unusable_input(tmp_path, kind: str):
+    """An input folder that no format can turn into rows."""
+    root = tmp_path / "input"
+    if kind == "missing":
+        return root
+    root.mkdir()
+    if kind == "other files":
+        for name in ("notes.txt", "README.md", ".DS_Store", "images/scan.txt"):
+            (root / name).parent.mkdir(exist_ok=True)
+            (root / name).write_text("not an image")
+    if kind == "no volumes":
+        (root / "index.json").write_text(json.dumps({"volumes": []}))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kind", "message"),
+    [
+        ("image-folder", "missing", "does not exist"),
+        ("image-folder", "empty", "has nothing recognisable; image-folder expects images/<stem>"),
+        ("image-folder", "other files", "has nothing recognisable; image-folder expects images/<stem>"),
+        ("dicom", "empty", "has nothing recognisable; dicom expects DICOM files"),
+        ("dicom", "other files", "has nothing recognisable; dicom expects DICOM files"),
+        ("nifti", "no volumes", "has nothing recognisable; nifti expects index.json"),
+        ("nifti", "empty", "is unreadable (FileNotFoundError"),
+        ("sa-med2d", "other files", "is unreadable (FileNotFoundError"),
+        ("mlmr-sd", "empty", "is unreadable (FileNotFoundError: no train.json or test.jsonl"),
+        ("sam-med2d-demo", "other files", "has nothing recognisable; sam-med2d-demo expects images/"),
+    ],
+)
+def test_unusable_input_is_an_error_and_writes_nothing(tmp_path, fmt, kind, message):
+    source, out = unusable_input(tmp_path, kind), tmp_path / "out"
+    with pytest.raises(PrepareError, match=re.escape(message)) as info:
+        prepare(fmt, str(source), str(out), executor="local")
+    assert f"{fmt} input {source} " in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_unknown_format_and_no_input_are_errors(tmp_path):
+    with pytest.raises(PrepareError, match="unknown format 'nope'; choose one of sa-med2d"):
+        prepare("nope", str(tmp_path), str(tmp_path / "out"), executor="local")
+    with pytest.raises(PrepareError, match="image-folder needs an input"):
+        prepare("image-folder", "-", str(tmp_path / "out"), executor="local")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_missing_or_unusable_s3_prefix_is_an_error(s3_bucket):
+    settings, root = s3_bucket
+    storage.write_bytes(f"{root}/notes/readme.txt", b"no images here", settings)
+    for source, message in [
+        (f"{root}/nothing", "does not exist"),
+        ("s3://no-such-bucket-medisee/x", "does not exist"),
+        (f"{root}/notes", "has nothing recognisable"),
+    ]:
+        with pytest.raises(PrepareError, match=message):
+            prepare("image-folder", source, f"{root}/out", settings=settings, executor="local")
+    assert storage.list_files(f"{root}/out", (), settings) == []
+
+
+def test_every_record_bad_is_a_run_with_a_quarantine(tmp_path):
+    (tmp_path / "in" / "images").mkdir(parents=True)
+    (tmp_path / "in" / "images" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    manifest, rows, quarantine = read_output_of("image-folder", tmp_path / "in", tmp_path)
+    assert manifest["rows_written"] == 0 and manifest["shards"] == [] and not rows
+    assert [q["reason"] for q in quarantine] == ["unreadable_image"]

@@ -7,6 +7,10 @@ the results into bounded-size shards per split, a quarantine table and a manifes
     <output>/<split>/part-00000.parquet
     <output>/quarantine.parquet
     <output>/manifest.json
+
+An input that is missing or holds nothing the format recognises raises PrepareError before
+anything is written: an empty dataset never looks like a finished one. An input whose every
+record is bad is a real run (all rows in quarantine, rows_written == 0).
 """
 
 from __future__ import annotations
@@ -25,11 +29,47 @@ from medisee.config import PrepareConfig
 from medisee.data.codec import BadRecord
 from medisee.data.records import LoadedImage, LoadedTarget, Query, rows_for_image
 from medisee.data.schema import QUARANTINE_SCHEMA, SHARD_SCHEMA, rows_to_table
-from medisee.data.sources import FORMATS, load_spec
+from medisee.data.sources import EXPECTS, FORMATS, load_spec
 from medisee.data.sources.context import ConvertContext
 from medisee.storage import StorageSettings
 
 FORMAT_NAMES = tuple(FORMATS)
+
+
+class PrepareError(ValueError):
+    """The input cannot be prepared (unknown format, missing input, nothing recognisable)."""
+
+
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def _check_input(fmt: str, input_uri: str, settings: StorageSettings) -> None:
+    if fmt not in FORMATS:
+        raise PrepareError(f"unknown format {fmt!r}; choose one of {', '.join(FORMAT_NAMES)}")
+    if fmt == "phantom":
+        return
+    if input_uri in ("", "-"):
+        raise PrepareError(f"{fmt} needs an input: a local path or an s3:// prefix")
+    try:
+        found = storage.exists(input_uri, settings)
+    except OSError as exc:
+        raise PrepareError(f"{fmt} input {input_uri} cannot be reached ({_one_line(exc)})") from exc
+    if not found:
+        raise PrepareError(f"{fmt} input {input_uri} does not exist")
+
+
+def enumerate_specs(fmt: str, input_uri: str, ctx: ConvertContext) -> list[dict]:
+    """The input's specs; PrepareError when there are none or the layout's index is unreadable."""
+    _check_input(fmt, input_uri, ctx.settings)
+    expects = f"{fmt} expects {EXPECTS[fmt]}"
+    try:
+        specs = list(FORMATS[fmt].specs(input_uri, ctx))
+    except (OSError, ValueError, KeyError) as exc:
+        raise PrepareError(f"{fmt} input {input_uri} is unreadable ({_one_line(exc)}); {expects}") from exc
+    if not specs:
+        raise PrepareError(f"{fmt} input {input_uri} has nothing recognisable; {expects}")
+    return specs
 
 
 def _fallback(spec: dict, err: BadRecord) -> LoadedImage:
@@ -135,14 +175,15 @@ def prepare(
     modality: str = "unknown",
     progress: bool = True,
 ) -> dict:
-    """Convert `input_uri` (layout `fmt`) into shards under `output_uri`; return the manifest."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMAT_NAMES)}")
+    """Convert `input_uri` (layout `fmt`) into shards under `output_uri`; return the manifest.
+
+    Raises PrepareError, having written nothing, when the input has no spec to process.
+    """
     prepare_cfg = prepare_cfg or PrepareConfig()
     settings = settings or StorageSettings.resolve()
     ctx = ConvertContext(settings=settings, prepare=prepare_cfg, source=fmt, modality=modality)
     started = time.time()
-    specs = FORMATS[fmt].specs(input_uri, ctx)
+    specs = enumerate_specs(fmt, input_uri, ctx)
     spec_jsons = [json.dumps(s) for s in specs]
 
     writer = ShardWriter(output_uri, settings, prepare_cfg.shard_max_bytes)

@@ -28,6 +28,17 @@ FORMATS = {
     "phantom": phantom_source,
 }
 
+# What each layout must contain, for the message when an input has nothing usable.
+EXPECTS = {
+    "sa-med2d": "SAMed2D_v1.json, a *class_mapping*.json and the images/ and masks/ they list",
+    "mlmr-sd": "train.json and/or test.jsonl (with prompts.json) and the images/ and masks/ they list",
+    "sam-med2d-demo": "images/*.png|jpg, optionally image2label_train.json / label2image_test.json",
+    "image-folder": "images/<stem>.(png|jpg|jpeg|bmp|tif|tiff), optionally masks/<stem>/<class>.png",
+    "nifti": "index.json (or the input is a .json index) listing at least one volume",
+    "dicom": "DICOM files (not hidden, not *.png|jpg|json|txt|md|csv), optionally labels.json",
+    "phantom": "prepare.phantom_images > 0 (no input is read)",
+}
+
 # Specs whose loading is shared: a plain image file plus mask files.
 LOADERS = {"file": files.load, "nifti": nifti.load, "dicom": dicom.load, "phantom": phantom_source.load}
 

@@ -1,6 +1,7 @@
 """DICOM files (single- or multi-frame), optionally labelled.
 
-    <input>/**/*           every file is tried as DICOM (the DICM preamble is not required)
+    <input>/**/*           every file is tried as DICOM (the DICM preamble is not required),
+                           except hidden files and NOT_DICOM suffixes
     <input>/labels.json    optional: {"<relative dicom path>": {"<class>": "<mask png path>"}}
 
 Pixel values go through the modality LUT (rescale slope/intercept); the display window is the
@@ -20,6 +21,8 @@ from medisee import storage
 from medisee.data.codec import BadRecord, as_rgb, window_to_uint8
 from medisee.data.records import LoadedImage, LoadedTarget, split_for
 
+NOT_DICOM = (".png", ".jpg", ".jpeg", ".json", ".txt", ".md", ".csv")
+
 
 def specs(input_uri: str, ctx):
     labels_uri = storage.join(input_uri, "labels.json")
@@ -30,7 +33,7 @@ def specs(input_uri: str, ctx):
     root = input_uri.rstrip("/")
     for uri in storage.list_files(input_uri, (), ctx.settings):
         rel = uri[len(root) + 1 :] if uri.startswith(root) else posixpath.basename(uri)
-        if rel == "labels.json" or rel.endswith((".png", ".json", ".txt")):
+        if rel.lower().endswith(NOT_DICOM) or posixpath.basename(rel).startswith("."):
             continue
         key = (
             rel.replace("/", "_").rsplit(".", 1)[0] if rel.lower().endswith(".dcm") else rel.replace("/", "_")
