@@ -168,8 +168,10 @@ def train(
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Run (or resume, by run name) the LoRA / full fine-tune recipe on Ray Train."""
+    from medisee.console import quiet_logs
     from medisee.train.trainer import run_training
 
+    quiet_logs()
     cfg = _config(config, overrides)
     if not cfg.data.sources:
         typer.secho(
@@ -179,18 +181,44 @@ def train(
     typer.echo(json.dumps(run_training(cfg, register, alias), default=str))
 
 
+MODEL_HELP = "Model artifact: models:/name@alias, models:/name/N, runs:/id/model, s3://... or a local folder."
+
+
+def _load_model(model_uri: str, cfg, parts=None):
+    from medisee.model.artifact import load_model_dir
+    from medisee.model.checkpoint import CheckpointError
+    from medisee.storage import StorageSettings
+
+    try:
+        return load_model_dir(
+            model_uri,
+            settings=StorageSettings.from_config(cfg.storage),
+            tracking_uri=cfg.tracking.uri,
+            **({"parts": parts} if parts else {}),
+        )
+    except (CheckpointError, OSError) as exc:
+        typer.secho(f"cannot load {model_uri}: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
 def _verifier_inputs(model_uri: str, data_uri: str, split: str, limit: int, config, overrides):
     from medisee.storage import StorageSettings
     from medisee.train.evaluate import load_eval_rows
-    from medisee.train.trainer import load_registered_model
     from medisee.verify.evaluate import collect_evidence
 
     cfg = _config(config, overrides)
     settings = StorageSettings.from_config(cfg.storage)
-    model = load_registered_model(model_uri, cfg)
+    loaded = _load_model(model_uri, cfg)
     rows = load_eval_rows(data_uri, split, settings, limit=limit, include_false=True)
-    evidence, present, preds = collect_evidence(model, rows)
-    return cfg, settings, model, evidence, present, rows, preds
+    evidence, present, preds = collect_evidence(loaded.model, rows)
+    return cfg, settings, loaded, evidence, present, rows, preds
+
+
+def _run_id(loaded, model_uri: str) -> str:
+    if loaded.run_id is None:
+        typer.secho(f"{model_uri} is not an MLflow model: give runs:/ or models:/", fg="red", err=True)
+        raise typer.Exit(2)
+    return loaded.run_id
 
 
 @app.command()
@@ -204,15 +232,15 @@ def calibrate(
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
-    """Fit the verifier's thresholds and fallback on a validation split; store them with the model version."""
+    """Fit the verifier's thresholds and fallback on a validation split; store them in the model artifact."""
     from medisee.verify.calibrate import calibrate as fit
     from medisee.verify.store import save_calibration
 
-    cfg, settings, model, evidence, present, rows, preds = _verifier_inputs(
+    cfg, settings, loaded, evidence, present, rows, preds = _verifier_inputs(
         model_uri, data_uri, split, limit, config, overrides
     )
     verifier = fit(evidence, present)
-    save_calibration(cfg, settings, model.source_run_id, verifier)
+    save_calibration(cfg, settings, _run_id(loaded, model_uri), verifier)
     typer.echo(verifier.to_json())
 
 
@@ -230,38 +258,123 @@ def evaluate_verifier_cmd(
 ) -> None:
     """Rejection benchmark: accuracy, rejection P/R/F1, balanced accuracy, AUROCs, share sent to the judge."""
     from medisee.verify.evaluate import evaluate_verifier, markdown_table
-    from medisee.verify.store import load_calibration, save_calibration
+    from medisee.verify.store import save_calibration
 
-    cfg, settings, model, evidence, present, rows, preds = _verifier_inputs(
+    cfg, settings, loaded, evidence, present, rows, preds = _verifier_inputs(
         model_uri, data_uri, split, limit, config, overrides
     )
-    verifier = load_calibration(model.source_dir)
+    verifier = loaded.calibration
     verdicts = None
     if cfg.verifier.judge_base_url:
         from medisee.data.codec import decode_image
-        from medisee.verify.judge import Judge, JudgeConfig
         from medisee.verify.verifier import verify
 
-        v = cfg.verifier
-        judge = Judge(
-            JudgeConfig(
-                v.judge_base_url, v.judge_model, v.judge_api_key_env, v.judge_timeout_s, v.judge_max_attempts
-            )
-        )
+        judge = _judge(cfg)
         verdicts = [
             verify(
-                e, verifier, judge, decode_image(r["image_png"]), p.similarity, r["query"], model.clip_size
+                e,
+                verifier,
+                judge,
+                decode_image(r["image_png"]),
+                p.similarity,
+                r["query"],
+                loaded.model.clip_size,
             ).verdict
             for e, r, p in zip(evidence, rows, preds, strict=True)
         ]
     report = evaluate_verifier(verifier, evidence, present, verdicts)
-    save_calibration(cfg, settings, model.source_run_id, verifier, report)
+    save_calibration(cfg, settings, _run_id(loaded, model_uri), verifier, report)
     table = markdown_table(report)
     if output:
         from pathlib import Path
 
         Path(output).write_text(table)
     typer.echo(table)
+
+
+def _judge(cfg):
+    """The configured judge for uncertain cases, or None."""
+    if not cfg.verifier.judge_base_url:
+        return None
+    from medisee.verify.judge import Judge, JudgeConfig
+
+    v = cfg.verifier
+    return Judge(
+        JudgeConfig(
+            v.judge_base_url, v.judge_model, v.judge_api_key_env, v.judge_timeout_s, v.judge_max_attempts
+        )
+    )
+
+
+@app.command()
+def predict(
+    model_uri: str = typer.Option(..., "--model", help=MODEL_HELP),
+    image: str = typer.Option(
+        ..., "--image", help="An image file (PNG, JPEG, TIFF; 8/16-bit) or a DICOM file."
+    ),
+    query: list[str] = typer.Option(..., "--query", "-q", help="A question about the image (repeatable)."),
+    mode: str = typer.Option(
+        "teacher_forced", help="teacher_forced (fixed answer) or generate (answer text)."
+    ),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """Answer questions about one image: one JSON line per query (answer, verdict, box, mask as COCO RLE)."""
+    from medisee.infer import Predictor
+
+    cfg = _config(config, overrides)
+    loaded = _load_model(model_uri, cfg)
+    try:
+        pixels = _read_image(image, cfg)
+    except Exception as exc:
+        typer.secho(f"cannot read image {image}: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    predictor = Predictor(loaded.model, loaded.calibration, _judge(cfg), mode=mode, artifact=loaded)
+    for result in predictor.predict(pixels, query):
+        typer.echo(json.dumps(result_json(result, loaded)))
+
+
+def _read_image(path: str, cfg):
+    """uint8 H×W×3 from an image file, or the first frame of a DICOM file (modality LUT + window)."""
+    from medisee import storage
+    from medisee.data.codec import BadRecord, decode_image
+
+    data = storage.read_bytes(path, storage.StorageSettings.from_config(cfg.storage))
+    try:
+        return decode_image(data)
+    except BadRecord:
+        from medisee.data.sources.context import ConvertContext
+        from medisee.data.sources.dicom import read_frames
+
+        ctx = ConvertContext(settings=None, prepare=cfg.prepare, source="dicom", modality="unknown")
+        return read_frames(data, ctx)[1][0]
+
+
+def result_json(result, loaded) -> dict:
+    """A QueryResult as JSON: the mask as COCO RLE, no similarity map."""
+    from medisee.data.codec import mask_to_rle
+
+    out = {k: v for k, v in vars(result).items() if k not in ("mask", "similarity")}
+    out["mask_rle"] = None if result.mask is None else json.loads(mask_to_rle(result.mask))
+    out["model"] = {"ref": loaded.ref, "run_id": loaded.run_id, "sha256": loaded.sha256}
+    return out
+
+
+@app.command()
+def export(
+    model_uri: str = typer.Option(..., "--model", help=MODEL_HELP),
+    output: str = typer.Option(..., "--output", "-o", help="Local folder for the export."),
+    max_shard_size: str = typer.Option("2GB", help="Largest safetensors shard of the LLaVA part."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """LoRA merged: a transformers LLaVA folder + tokenizer, SAM and heads as safetensors, sha256 of every file."""
+    from medisee.model.export import export_model
+
+    cfg = _config(config, overrides)
+    loaded = _load_model(model_uri, cfg)
+    report = export_model(loaded.model, output, max_shard_size=max_shard_size)
+    typer.echo(json.dumps(report, indent=2, default=str))
 
 
 @app.command("convert-checkpoint")

@@ -24,6 +24,9 @@ RAY_NOISE = (
     r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor",
     r"Reporting training result",
     r"Checkpoint successfully created",
+    r"Starting execution of Dataset",
+    r"Execution plan of Dataset",
+    r"Dataset .* execution finished in",
 )
 
 QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "mlflow", "alembic")

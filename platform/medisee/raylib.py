@@ -12,6 +12,9 @@ RAY_ENV_DEFAULTS = {
     "AWS_EC2_METADATA_DISABLED": "true",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray Train's print patch echoes a print twice once anything wraps sys.stdout (colorama does)
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 

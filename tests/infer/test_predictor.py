@@ -174,3 +174,14 @@ def test_bad_images_are_refused_with_a_reason(tiny):
         predictor.predict(np.zeros((8, 8), np.float32), "liver")
     with pytest.raises(BadImage, match="shape"):
         predictor.predict(np.zeros((8, 8, 5), np.uint8), "liver")
+
+
+def test_a_query_judged_absent_after_decoding_keeps_no_mask(tiny, images):
+    """Uncertain by the rule, then absent by the fallback: the signals stay, the mask does not."""
+    uncertain = Thresholds(0.0, 2.0, 2.0)  # strength always above, the others always below
+    always_absent = CalibratedVerifier(thresholds=uncertain, bias=-50.0)
+    result = Predictor(tiny, always_absent).predict(images[0], QUERIES[0])[0]
+    assert (result.verdict, result.decided_by) == ("absent", "fallback")
+    assert result.mask is None and result.box is None and result.mask_score is not None
+    kept = Predictor(tiny, always_absent, early_reject=False).predict(images[0], QUERIES[0])[0]
+    assert kept.verdict == "absent" and kept.mask is not None

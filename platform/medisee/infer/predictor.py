@@ -2,7 +2,9 @@
 
 The three stages in one process, in the order batch scoring and serving run them on separate
 actors / replicas: MLLM -> verifier screening -> decoder (skipped for rejected queries when
-`early_reject`) -> final verdict.
+`early_reject`) -> final verdict. With `early_reject`, a query whose final verdict is absent gets
+no box and no mask (its decoder signals stay in the result as evidence); without it (evaluation),
+every query keeps its box and mask.
 
     predictor = Predictor.from_artifact("models:/medisee@candidate")
     results = predictor.predict(image, ["Segment the liver.", "Where is the spleen?"])
@@ -91,7 +93,10 @@ class Predictor:
             verdict, decided_by = self.verifier.decide(
                 screening, decoded.get(i), images[enc.image_index], enc
             )
-            results[enc.image_index].append(assemble(enc, screening, decoded.get(i), verdict, decided_by))
+            result = assemble(enc, screening, decoded.get(i), verdict, decided_by)
+            if self.early_reject and verdict == "absent":
+                result.box = result.box_unclipped = result.mask = None  # rejected: no mask is shown
+            results[enc.image_index].append(result)
         timings = {
             "mllm_s": after_mllm - started,
             "verifier_s": after_screen - after_mllm + (time.perf_counter() - after_decode),
