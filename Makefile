@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/train_ingest.py
+	$(BIN)/python benchmarks/predict.py
 
 clean:
 	rm -rf $(VENV) .medisee build *.egg-info

@@ -59,37 +59,46 @@ def flops_7b(text_tokens: int = 64) -> dict:
     }
 
 
+def reader_batch(batch_size: int, sam_size: int, clip_size: int) -> dict[str, np.ndarray]:
+    """A synthetic reader batch (medisee.data.batch.READER_FIELDS), one conversation per image."""
+    from medisee.data.batch import READER_FIELDS, pack_masks
+
+    rng = np.random.default_rng(0)
+    s, c, n = sam_size, clip_size, batch_size
+    batch = {
+        "sam_image": rng.integers(0, 255, (n, s, s, 3), dtype=np.uint8),
+        "clip_image": rng.integers(0, 255, (n, c, c, 3), dtype=np.uint8),
+        "mask_bits": pack_masks(rng.random((n, s, s)) > 0.8),
+        "box_sam": np.array([[10, 10, 60, 70]] * n, np.float32),
+        "has_target": np.ones(n, bool),
+        "resized_hw": np.array([[s, s]] * n, np.int32),
+        "original_hw": np.array([[s, s]] * n, np.int32),
+        "record_id": np.array([f"r{i}" for i in range(n)], object),
+        "image_id": np.array([f"i{i}" for i in range(n)], object),
+        "query": np.array(["Can you segment the liver in this image?"] * n, object),
+        "answer": np.array(["Sure, it is [SEG] and [BBOX]."] * n, object),
+        "query_kind": np.array(["referring"] * n, object),
+        "class_name": np.array(["liver"] * n, object),
+        "modality": np.array(["CT"] * n, object),
+    }
+    assert batch.keys() == READER_FIELDS.keys()
+    return batch
+
+
 def bench_tiny(batch_size: int, steps: int) -> float:
+    from medisee.data.batch import collate
     from medisee.model import build_model
-    from medisee.model.collate import collate
+    from medisee.train.step import train_step
 
     model = build_model("tiny", finetune="lora")
     model.train()
-    rng = np.random.default_rng(0)
-    s, c = model.sam_size, model.clip_size
-    batch_np = {
-        "query": np.array(["Can you segment the liver in this image?"] * batch_size, object),
-        "answer": np.array(["Sure, it is [SEG] and [BBOX]."] * batch_size, object),
-        "has_target": np.ones(batch_size, bool),
-        "image_id": np.array([f"i{i}" for i in range(batch_size)], object),
-        "class_name": np.array(["liver"] * batch_size, object),
-        "query_kind": np.array(["referring"] * batch_size, object),
-        "sam_image": rng.integers(0, 255, (batch_size, s, s, 3), dtype=np.uint8),
-        "clip_image": rng.integers(0, 255, (batch_size, c, c, 3), dtype=np.uint8),
-        "mask_bits": np.packbits((rng.random((batch_size, s * s)) > 0.8).astype(np.uint8), axis=1),
-        "box_sam": np.array([[10, 10, 60, 70]] * batch_size, np.float32),
-        "resized_hw": np.array([[s, s]] * batch_size),
-    }
-    batch = collate(batch_np, model.text)
+    batch = collate(reader_batch(batch_size, model.sam_size, model.clip_size), model.text)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for _ in range(3):  # warm-up
-        model(batch)["loss"].backward()
+        train_step(model, model, opt, None, [batch], grad_clip=1.0)
     start = time.perf_counter()
     for _ in range(steps):
-        loss = model(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, model, opt, None, [batch], grad_clip=1.0)
     return batch_size * steps / (time.perf_counter() - start)
 
 

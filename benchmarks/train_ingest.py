@@ -24,9 +24,10 @@ def loop(config: dict) -> None:
     import ray.train
     import torch
 
+    from medisee.data.batch import collate
     from medisee.model import build_model
-    from medisee.model.collate import collate
     from medisee.train import parallel
+    from medisee.train.step import train_step
 
     torch.set_num_threads(1)
     steps, warmup, batch_size = config["steps"], config["warmup"], config["batch_size"]
@@ -46,10 +47,7 @@ def loop(config: dict) -> None:
         batches = iter(held * 2)
 
     def step(raw):
-        loss = model(collate(raw, inner.text))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, inner, opt, None, [collate(raw, inner.text)], grad_clip=1.0)
 
     for _ in range(warmup):
         step(next(batches))

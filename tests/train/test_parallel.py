@@ -60,18 +60,13 @@ def micro_batches(shards, sam_size: int, clip_size: int) -> list[list[list[dict]
 
 
 def train_steps(model, module, optimizer, batches, steps: int, offset: int = 0) -> None:
-    from medisee.model.collate import collate
-    from medisee.train import parallel
+    from medisee.data.batch import collate
+    from medisee.train.step import train_step
 
     model.train()
     for step in range(offset, offset + steps):
-        optimizer.zero_grad(set_to_none=True)
-        for m in range(MICRO_BATCHES):
-            batch = collate(batches[step * MICRO_BATCHES + m], module.text)
-            with parallel.gradient_sync(model, enabled=m == MICRO_BATCHES - 1):
-                (model(batch)["loss"] / MICRO_BATCHES).backward()
-        parallel.clip_gradients(module, 1.0)
-        optimizer.step()
+        micro = batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]
+        train_step(model, module, optimizer, None, [collate(b, module.text) for b in micro], grad_clip=1.0)
 
 
 def build(strategy: str, finetune: str):
