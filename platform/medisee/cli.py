@@ -373,7 +373,11 @@ def export(
 
     cfg = _config(config, overrides)
     loaded = _load_model(model_uri, cfg)
-    report = export_model(loaded.model, output, max_shard_size=max_shard_size)
+    try:
+        report = export_model(loaded.model, output, max_shard_size=max_shard_size)
+    except FileExistsError:
+        typer.secho(f"{output} is not empty: give a new or empty folder", fg="red", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps(report, indent=2, default=str))
 
 
