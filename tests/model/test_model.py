@@ -7,7 +7,7 @@ from medisee.data.preprocess import sam_input
 from medisee.model import boxes as box_ops
 from medisee.model.build import build_model
 from medisee.model.heads import Router
-from medisee.model.losses import box_loss, dice_loss, similarity_loss
+from medisee.model.losses import bce_loss, box_loss, dice_loss, similarity_loss
 
 
 def test_hidden_state_offset_is_the_position_before_each_candidate(tiny):
@@ -201,3 +201,38 @@ def test_image_sizes_come_from_the_preset(preset):
     assert (model.sam_size, model.clip_size) == (sizes["sam_image_size"], sizes["clip_image_size"])
     cfg = load_config(preset)
     assert (cfg.data.sam_image_size, cfg.data.clip_image_size) == (model.sam_size, model.clip_size)
+
+
+def test_batched_mask_decoding_equals_sams_own_decoder_per_prompt():
+    """One pass over prompts of several images equals segment-anything's MaskDecoder per prompt."""
+    model = build_model("tiny", seed=4).eval()
+    torch.manual_seed(0)
+    g = model.sam.image_encoder.img_size // 8
+    embeddings = torch.randn(3, model.sam.prompt_encoder.embed_dim, g, g)
+    image_index = torch.tensor([2, 0, 2, 1])
+    boxes = torch.tensor([[5.0, 6, 60, 70], [0, 0, 128, 128], [30, 20, 40, 90], [10, 10, 20, 20]])
+    prompts = torch.randn(4, model.sam.prompt_encoder.embed_dim)
+    with torch.no_grad():
+        masks, iou = model.decode_masks(embeddings, image_index, boxes, prompts)
+        for row, image in enumerate(image_index.tolist()):
+            sparse, dense = model.sam.prompt_encoder(points=None, boxes=boxes[row : row + 1], masks=None)
+            want_masks, want_iou = model.sam.mask_decoder(
+                image_embeddings=embeddings[image : image + 1],
+                image_pe=model.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=torch.cat([sparse, prompts[row : row + 1, None]], 1),
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            assert torch.allclose(masks[row], want_masks[0], atol=1e-5)
+            assert torch.allclose(iou[row], want_iou[0], atol=1e-5)
+
+
+def test_mask_losses_on_a_padded_frame_equal_the_losses_on_the_cropped_image():
+    logits, target = torch.randn(2, 16, 16), (torch.rand(2, 16, 16) > 0.6).float()
+    resized = torch.tensor([[16, 10], [7, 16]])
+    rows, cols = torch.arange(16).view(1, -1, 1), torch.arange(16).view(1, 1, -1)
+    valid = (rows < resized[:, :1, None]) & (cols < resized[:, 1:, None])
+    for i, (h, w) in enumerate(resized.tolist()):
+        crop = (logits[i : i + 1, :h, :w], target[i : i + 1, :h, :w])
+        assert torch.allclose(bce_loss(logits, target, valid)[i], bce_loss(*crop)[0], atol=1e-6)
+        assert torch.allclose(dice_loss(logits, target, valid=valid)[i], dice_loss(*crop)[0], atol=1e-6)

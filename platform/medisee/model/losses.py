@@ -8,25 +8,36 @@ from torchvision.ops import generalized_box_iou_loss
 
 
 def dice_loss(
-    logits: torch.Tensor, targets: torch.Tensor, scale: float = 1000.0, eps: float = 1e-6
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float = 1000.0,
+    eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-mask Dice loss on flattened masks, with the reference code's scale and eps. Returns (N,).
 
     As in the reference: numerator 2·Σ(p/scale·t), denominator Σp/scale + Σt/scale.
+    `valid` (bool, like targets) restricts the sums to the image inside a padded frame: the same
+    as cropping each mask to its image first.
     """
     probs = logits.sigmoid().flatten(1)
     targets = targets.flatten(1).to(probs)
+    if valid is not None:
+        probs, targets = probs * valid.flatten(1), targets * valid.flatten(1)
     numerator = 2 * (probs / scale * targets).sum(-1)
     denominator = (probs / scale).sum(-1) + (targets / scale).sum(-1)
     return 1 - (numerator + eps) / (denominator + eps)
 
 
-def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-mask mean binary cross-entropy over pixels. Returns (N,)."""
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-mask mean binary cross-entropy over pixels (those in `valid`, when given). Returns (N,)."""
     loss = F.binary_cross_entropy_with_logits(
         logits.flatten(1), targets.flatten(1).to(logits), reduction="none"
     )
-    return loss.mean(-1)
+    if valid is None:
+        return loss.mean(-1)
+    valid = valid.flatten(1).to(loss)
+    return (loss * valid).sum(-1) / valid.sum(-1).clamp_min(1)
 
 
 def box_loss(pred_xyxy: torch.Tensor, target_xyxy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

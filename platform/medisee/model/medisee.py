@@ -182,10 +182,7 @@ class MediSee(nn.Module):
         """(M, S, S, 3) uint8 padded SAM-frame images -> (M, P, g, g). Padding stays zero after normalising."""
         x = sam_images.permute(0, 3, 1, 2).float()
         x = (x - self.sam.pixel_mean) / self.sam.pixel_std
-        rows = torch.arange(x.shape[-2], device=x.device).view(1, -1, 1)
-        cols = torch.arange(x.shape[-1], device=x.device).view(1, 1, -1)
-        valid = (rows < resized_hw[:, 0].view(-1, 1, 1)) & (cols < resized_hw[:, 1].view(-1, 1, 1))
-        x = x * valid.unsqueeze(1)
+        x = x * _inside_images(x.shape[-2:], resized_hw).unsqueeze(1)
         return self.sam.image_encoder(x)
 
     def heads(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,24 +199,25 @@ class MediSee(nn.Module):
         box_frame: torch.Tensor,
         prompt_tokens: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-res mask logits (B, 1, 4g, 4g) and predicted IoU (B, 1); one image embedding serves its targets."""
-        out_masks = [None] * box_frame.shape[0]
-        out_iou = [None] * box_frame.shape[0]
-        dense_pe = self.sam.prompt_encoder.get_dense_pe()
-        for m in image_index.unique().tolist():
-            rows = (image_index == m).nonzero().flatten()
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_frame[rows], masks=None)
-            sparse = torch.cat([sparse, prompt_tokens[rows].unsqueeze(1).to(sparse)], 1)
-            masks, iou = self.sam.mask_decoder(
-                image_embeddings=image_embeddings[m : m + 1],
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            for j, r in enumerate(rows.tolist()):
-                out_masks[r], out_iou[r] = masks[j], iou[j]
-        return torch.stack(out_masks), torch.stack(out_iou)
+        """Low-res mask logits (B, 1, 4g, 4g) and predicted IoU (B, 1) for B prompts in one batch.
+
+        SAM's MaskDecoder.forward takes one image at a time (it repeats that image's embedding for
+        each prompt); here every prompt is paired with its own image's embedding instead, so a batch
+        over many images is one transformer pass. Single-mask output, as SAM's multimask_output=False.
+        """
+        decoder = self.sam.mask_decoder
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_frame, masks=None)
+        sparse = torch.cat([sparse, prompt_tokens.unsqueeze(1).to(sparse)], 1)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], 1)
+        src = image_embeddings[image_index] + dense
+        pos = self.sam.prompt_encoder.get_dense_pe().expand(src.shape[0], -1, -1, -1)
+        hs, src = decoder.transformer(src, pos, tokens)
+        b, c, h, w = image_embeddings[image_index].shape
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :]).unsqueeze(1)  # the first mask token
+        masks = (hyper @ upscaled.flatten(2)).view(b, 1, *upscaled.shape[-2:])
+        return masks, decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
 
     def frame_logits(self, low_res: torch.Tensor) -> torch.Tensor:
         return F.interpolate(
@@ -268,14 +266,13 @@ class MediSee(nn.Module):
         box_frame = box_ops.normalized_to_frame(box_pred.float(), resized)
         low_res, _ = self.decode_masks(embeddings, batch.image_index[idx], box_frame, prompt_tokens)
         logits = self.frame_logits(low_res)
-        bce, dice = [], []
-        for j, row in enumerate(idx.tolist()):
-            h, wd = batch.resized_hw[row].tolist()  # the label's resolution: padding excluded
-            pred, true = logits[j : j + 1, :h, :wd], batch.mask[row : row + 1, :h, :wd]
-            bce.append(bce_loss(pred, true))
-            dice.append(dice_loss(pred, true))
+        valid = _inside_images(logits.shape[-2:], resized)  # the label's resolution: padding excluded
+        target = batch.mask[idx]
         return dict(
-            bce=torch.cat(bce).mean(), dice=torch.cat(dice).mean(), box_l1=l1.mean(), box_giou=giou.mean()
+            bce=bce_loss(logits, target, valid).mean(),
+            dice=dice_loss(logits, target, valid=valid).mean(),
+            box_l1=l1.mean(),
+            box_giou=giou.mean(),
         )
 
     def pair_similarity_loss(self, batch: TrainingBatch, hidden, candidates, found, zero) -> torch.Tensor:
@@ -311,3 +308,10 @@ class MediSee(nn.Module):
                 unexpected=unexpected,
                 mismatched=[f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched],
             )
+
+
+def _inside_images(frame_hw, resized_hw: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) bool: the top-left resized_hw[b] region of each padded frame."""
+    rows = torch.arange(frame_hw[0], device=resized_hw.device).view(1, -1, 1)
+    cols = torch.arange(frame_hw[1], device=resized_hw.device).view(1, 1, -1)
+    return (rows < resized_hw[:, 0].view(-1, 1, 1)) & (cols < resized_hw[:, 1].view(-1, 1, 1))
