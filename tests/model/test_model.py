@@ -109,8 +109,8 @@ def test_full_finetune_trains_the_lm_but_not_clip():
 
 def test_a_few_steps_on_one_batch_drive_the_loss_down(tmp_path):
     from medisee.config import PrepareConfig
-    from medisee.data.prepare import prepare
     from medisee.data.batch import collate
+    from medisee.data.prepare import prepare
     from medisee.data.reader import Preprocess
 
     prepare(
