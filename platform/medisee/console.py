@@ -27,6 +27,9 @@ RAY_NOISE = (
     r"Starting execution of Dataset",
     r"Execution plan of Dataset",
     r"Dataset .* execution finished in",
+    r"world_rank=\d+, local_rank=\d+",
+    r"ExecutionOptions\.exclude_resources|self\.exclude_resources = exclude_resources",
+    r"Progress bars disabled",
 )
 
 QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "mlflow", "alembic")

@@ -47,7 +47,7 @@ def prepare_data(cfg, root: Path, settings) -> tuple[str, str]:
     from medisee.data.prepare import prepare
 
     shards = cfg.data.sources["phantom"]
-    manifest = prepare("phantom", "-", shards, cfg.prepare, settings, progress=False)
+    manifest = prepare("phantom", "-", shards, cfg.prepare, settings)
     log(
         f"prepared {manifest['rows_written']} rows ({manifest['rows_by_split']}), "
         f"{manifest['rows_quarantined']} quarantined -> {shards}"
@@ -61,7 +61,7 @@ def prepare_data(cfg, root: Path, settings) -> tuple[str, str]:
             "false_queries_per_image": 2,
         }
     )
-    manifest = prepare("phantom", "-", verifier_shards, verifier_prepare, settings, progress=False)
+    manifest = prepare("phantom", "-", verifier_shards, verifier_prepare, settings)
     log(
         f"prepared {manifest['rows_written']} verifier rows (seed {verifier_prepare.seed}) -> {verifier_shards}"
     )

@@ -15,6 +15,7 @@ RAY_ENV_DEFAULTS = {
     # Ray Train's print patch echoes a print twice once anything wraps sys.stdout (colorama does)
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 
 
