@@ -93,3 +93,17 @@ def test_doctor_reports_versions_and_reachability(tmp_path, monkeypatch):
     assert report["versions"]["ray"] != "missing"
     assert report["reachable"]["mlflow"] == "ok"
     assert report["reachable"]["storage"] == "ok"
+
+
+def test_model_infer_and_verify_do_not_depend_on_training():
+    """Batch scoring and serving load the model and the verifier without the training code."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import medisee.infer, medisee.model, medisee.verify\n"
+        "for pkg in (medisee.infer, medisee.model, medisee.verify):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(info.name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('medisee.train')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -321,17 +321,28 @@ def predict(
 ) -> None:
     """Answer questions about one image: one JSON line per query (answer, verdict, box, mask as COCO RLE)."""
     from medisee.infer import Predictor
+    from medisee.model.checkpoint import CheckpointError
+    from medisee.storage import StorageSettings
 
     cfg = _config(config, overrides)
-    loaded = _load_model(model_uri, cfg)
     try:
         pixels = _read_image(image, cfg)
     except Exception as exc:
         typer.secho(f"cannot read image {image}: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
-    predictor = Predictor(loaded.model, loaded.calibration, _judge(cfg), mode=mode, artifact=loaded)
+    try:
+        predictor = Predictor.from_artifact(
+            model_uri,
+            settings=StorageSettings.from_config(cfg.storage),
+            tracking_uri=cfg.tracking.uri,
+            judge=_judge(cfg),
+            mode=mode,
+        )
+    except (CheckpointError, OSError) as exc:
+        typer.secho(f"cannot load {model_uri}: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
     for result in predictor.predict(pixels, query):
-        typer.echo(json.dumps(result_json(result, loaded)))
+        typer.echo(json.dumps(result_json(result, predictor.artifact)))
 
 
 def _read_image(path: str, cfg):

@@ -31,6 +31,7 @@ from medisee.model.medisee import LossWeights, MediSee
 from medisee.storage import StorageSettings
 
 ARTIFACT_FORMAT = "medisee-model/1"
+MLFLOW_PATH = "model"  # where a training run keeps its model artifact among its MLflow artifacts
 MANIFEST = "medisee.json"
 WEIGHTS = "weights.safetensors"
 CALIBRATION = "verifier.json"

@@ -21,6 +21,7 @@ import torch
 from medisee import storage, tracking
 from medisee.config import MediSeeConfig, build_config, config_to_yaml, flatten, resume_differences
 from medisee.data.batch import collate
+from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.model.artifact import build_from_config
 from medisee.model.checkpoint import read_torch, write_torch
 from medisee.storage import StorageSettings
@@ -30,7 +31,6 @@ from medisee.train.step import train_step
 
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.pt$")
 CHECKPOINT_FORMAT = "medisee-train-checkpoint/2"  # /2: optimiser state keyed by parameter name
-MODEL_ARTIFACT = "model"  # where the run's model artifact lives among its MLflow artifacts
 
 
 def run_dir(cfg: MediSeeConfig) -> str:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from medisee import storage, tracking
 from medisee.config import MediSeeConfig
+from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.storage import StorageSettings
-from medisee.train.recipe import MODEL_ARTIFACT, list_checkpoints, run_dir, train_loop_per_worker
+from medisee.train.recipe import list_checkpoints, run_dir, train_loop_per_worker
 
 
 def build_trainer(cfg: MediSeeConfig, settings: StorageSettings):

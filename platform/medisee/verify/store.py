@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medisee import storage, tracking
 from medisee.model.artifact import CALIBRATION, MANIFEST
-from medisee.train.recipe import MODEL_ARTIFACT
+from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.verify.calibrate import CalibratedVerifier
 
 
