@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = (
     "storage.",
     "tracking.",
     "verifier.",
+    "infer.",
     "prepare.",
     "data.preprocess_concurrency",
     "data.preprocess_num_cpus",
@@ -150,6 +151,41 @@ class VerifierConfig(Section):
     judge_max_attempts: int = Field(3, ge=1)
 
 
+class ScoringConfig(Section):
+    """Batch scoring (`medisee infer`): inputs, queries, the stages' resources and the outputs."""
+
+    input: str | None = None  # a folder or s3:// prefix: shards, images, DICOM, NIfTI (mixed is fine)
+    queries: str = "records"  # records | <manifest.jsonl> | template=<text with {class}>;classes=a,b
+    output: str | None = None
+    model: str | None = None  # artifact reference: path, s3://, runs:/, models:/name@alias
+    split: str | None = None  # shards only: read this split
+    mode: Literal["teacher_forced", "generate"] = "teacher_forced"
+    max_new_tokens: int = Field(48, ge=1)
+    early_reject: bool = True  # queries the verifier calls absent skip the decoder
+    mask_threshold: float = 0.0
+    images_per_partition: int = Field(64, ge=1)  # image files per output partition (folders of images)
+    max_file_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    decode_num_cpus: float = Field(0.25, gt=0)
+    mllm_actors: int = Field(1, ge=1)
+    mllm_batch_images: int = Field(8, ge=1)
+    mllm_num_cpus: float = Field(0.5, gt=0)
+    mllm_num_gpus: float = Field(0.0, ge=0)
+    decoder_actors: int = Field(1, ge=1)
+    decoder_batch_images: int = Field(8, ge=1)
+    decoder_num_cpus: float = Field(0.5, gt=0)
+    decoder_num_gpus: float = Field(0.0, ge=0)
+    task_num_cpus: float = Field(0.1, gt=0)  # verifier screening, final decision, writer
+    torch_threads: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    overlay_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of images drawn as PNG overlays
+    dicom_seg: bool = False  # one DICOM SEG per series
+    nifti_labels: bool = False  # one label volume on the input grid per NIfTI volume
+    slice_axis: int = Field(2, ge=0, le=2)  # NIfTI slicing axis
+    resample_spacing: bool = False  # NIfTI: resample slices to square pixels before scoring
+    keep_empty_slices: bool = False  # NIfTI: score slices of constant intensity too
+
+
 class RunConfig(Section):
     name: str = "medisee-run"
     storage_uri: str = ".medisee/runs"
@@ -165,6 +201,7 @@ class MediSeeConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    infer: ScoringConfig = Field(default_factory=ScoringConfig)
 
     @model_validator(mode="after")
     def _image_sizes_from_preset(self) -> MediSeeConfig:
