@@ -7,8 +7,8 @@ import pytest
 
 from medisee import storage
 from medisee.config import DataConfig, PrepareConfig
-from medisee.data.prepare import prepare
 from medisee.data.batch import unpack_masks
+from medisee.data.prepare import prepare
 from medisee.data.reader import mix_fractions, shard_dataset, shard_files
 from tests.data.layouts import sa_med2d_layout
 
