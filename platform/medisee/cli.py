@@ -294,16 +294,9 @@ def evaluate_verifier_cmd(
 
 def _judge(cfg):
     """The configured judge for uncertain cases, or None."""
-    if not cfg.verifier.judge_base_url:
-        return None
-    from medisee.verify.judge import Judge, JudgeConfig
+    from medisee.verify.judge import judge_from_config
 
-    v = cfg.verifier
-    return Judge(
-        JudgeConfig(
-            v.judge_base_url, v.judge_model, v.judge_api_key_env, v.judge_timeout_s, v.judge_max_attempts
-        )
-    )
+    return judge_from_config(cfg.verifier)
 
 
 @app.command()
@@ -390,6 +383,79 @@ def export(
         typer.secho(f"{output} is not empty: give a new or empty folder", fg="red", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps(report, indent=2, default=str))
+
+
+@app.command()
+def infer(
+    input_uri: str = typer.Option(
+        ..., "--input", "-i", help="Folder or s3:// prefix: shards, images, DICOM, NIfTI (may be mixed)."
+    ),
+    queries: str = typer.Option(
+        "records",
+        "--queries",
+        "-q",
+        help="records (shards) | a .jsonl manifest | 'template=Segment the {class}.;classes=liver,spleen'",
+    ),
+    model_uri: str = typer.Option(..., "--model", help=MODEL_HELP),
+    output_uri: str = typer.Option(..., "--output", "-o", help="Output folder or s3:// prefix."),
+    config: str | None = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. infer.mllm_actors=2."),
+) -> None:
+    """Batch-score an archive on Ray Data: results and errors as Parquet per input partition, exactly once.
+
+    Run it again with the same output to resume after a failure: finished partitions are kept.
+    Exits 2 on a bad input, query spec, model or output; 1 when the counts do not reconcile.
+    """
+    from medisee.console import quiet_logs
+    from medisee.model.checkpoint import CheckpointError
+    from medisee.raylib import ensure_ray
+    from medisee.scoring.pipeline import score_archive
+    from medisee.scoring.plan import PlanError
+    from medisee.scoring.queries import QuerySpecError
+    from medisee.scoring.writer import JobMismatch
+    from medisee.storage import StorageSettings
+
+    quiet_logs()
+    cfg = _config(
+        config,
+        [
+            *(overrides or []),
+            f"infer.input={input_uri}",
+            f"infer.output={output_uri}",
+            f"infer.model={model_uri}",
+        ],
+    )
+    cfg.infer.queries = queries
+    ensure_ray()
+    try:
+        summary = score_archive(
+            cfg, StorageSettings.from_config(cfg.storage), log=lambda m: typer.echo(m, err=True)
+        )
+    except (PlanError, QuerySpecError, JobMismatch, CheckpointError) as exc:
+        typer.secho(f"infer: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary_table(summary), err=True)
+    typer.echo(json.dumps(summary))
+    if not summary["reconciled"]:
+        typer.secho("infer: inputs != results + errors (see summary.json)", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+def summary_table(summary: dict) -> str:
+    lines = [
+        f"inputs {summary['inputs']} = results {summary['results']} + errors {summary['errors']}: "
+        + ("reconciled" if summary["reconciled"] else "NOT reconciled"),
+        f"partitions {summary['partitions_done']}/{summary['partitions']}, images {summary['images']}, "
+        f"{summary['seconds']:.1f} s, {summary['results_per_second'] or 0:.2f} results/s",
+        "verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["verdicts"].items())),
+        "errors by reason: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(summary["error_reasons"].items())) or "none"),
+        "stage busy seconds: "
+        + ", ".join(f"{k[2:-2]} {v:.1f}" for k, v in sorted(summary["stage_seconds"].items())),
+    ]
+    if summary["skipped"]:
+        lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())))
+    return "\n".join(lines)
 
 
 @app.command("convert-checkpoint")

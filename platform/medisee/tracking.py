@@ -191,33 +191,37 @@ def register_model(client, run_id: str, artifact_path: str, name: str, alias: st
     return str(version.version)
 
 
-def download_model(client, model_uri: str, dst: str | Path | None = None) -> Path:
-    """Download `models:/name@alias`, `models:/name/3` or `runs:/id/path` to a local folder."""
+def model_version(client, model_uri: str):
+    """The registry entry of `models:/name@alias` or `models:/name/N`."""
+    ref = model_uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, number = ref.split("/", 1)
+    return client.get_model_version(name, number)
+
+
+def artifact_uri(client, model_uri: str) -> str:
+    """Where the files of a `models:/...` or `runs:/...` reference live."""
+    if model_uri.startswith("models:/"):
+        version = model_version(client, model_uri)
+        return client.get_model_version_download_uri(version.name, version.version)
+    return model_uri
+
+
+def download_model(client, model_uri: str, dst: str | Path | None = None, file: str | None = None) -> Path:
+    """Download `models:/name@alias`, `models:/name/3` or `runs:/id/path` (or one `file` of it)."""
     import mlflow
 
     dst = Path(dst or tempfile.mkdtemp(prefix="medisee-model-"))
-    if model_uri.startswith("models:/"):
-        ref = model_uri[len("models:/") :]
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, number = ref.split("/", 1)
-            version = client.get_model_version(name, number)
-        source = client.get_model_version_download_uri(version.name, version.version)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst))
-    else:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))
-    return Path(local)
+    source = artifact_uri(client, model_uri)
+    if file is not None:
+        source = f"{source.rstrip('/')}/{file}"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
 
 
 def trained_run_id(client, model_uri: str) -> str | None:
     """The run that produced a `models:/name@alias`, `models:/name/N` or `runs:/id/...` URI."""
     if model_uri.startswith("runs:/"):
         return model_uri[len("runs:/") :].split("/", 1)[0]
-    ref = model_uri[len("models:/") :]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).run_id
-    name, number = ref.split("/", 1)
-    return client.get_model_version(name, number).run_id
+    return model_version(client, model_uri).run_id

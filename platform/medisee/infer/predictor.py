@@ -70,11 +70,7 @@ class Predictor:
         encodings = self.mllm(images, queries, mode)
         after_mllm = time.perf_counter()
         screenings = self.verifier.screen(encodings)
-        to_decode = [
-            i
-            for i, s in enumerate(screenings)
-            if s is not None and not (self.early_reject and s.rule == "absent")
-        ]
+        to_decode = [i for i, s in enumerate(screenings) if wants_decoder(s, self.early_reject)]
         after_screen = time.perf_counter()
         decoded = dict(
             zip(
@@ -93,9 +89,7 @@ class Predictor:
             verdict, decided_by = self.verifier.decide(
                 screening, decoded.get(i), images[enc.image_index], enc
             )
-            result = assemble(enc, screening, decoded.get(i), verdict, decided_by)
-            if self.early_reject and verdict == "absent":
-                result.box = result.box_unclipped = result.mask = None  # rejected: no mask is shown
+            result = assemble(enc, screening, decoded.get(i), verdict, decided_by, self.early_reject)
             results[enc.image_index].append(result)
         timings = {
             "mllm_s": after_mllm - started,
@@ -108,7 +102,15 @@ class Predictor:
         return results
 
 
-def assemble(encoding, screening, decoded, verdict: str, decided_by: str) -> QueryResult:
+def wants_decoder(screening, early_reject: bool) -> bool:
+    """Decode unless the answer had no candidate tokens, or early rejection is on and the rule said absent."""
+    return screening is not None and not (early_reject and screening.rule == "absent")
+
+
+def assemble(
+    encoding, screening, decoded, verdict: str, decided_by: str, early_reject: bool = False
+) -> QueryResult:
+    """One result; with early rejection, a query whose final verdict is absent shows no box and no mask."""
     result = QueryResult(
         query=encoding.query,
         answer=encoding.answer,
@@ -127,4 +129,6 @@ def assemble(encoding, screening, decoded, verdict: str, decided_by: str) -> Que
         result.box, result.box_unclipped, result.mask = decoded.box, decoded.box_unclipped, decoded.mask
         result.mask_score, result.iou_score = decoded.mask_score, decoded.iou_score
         result.area_fraction = decoded.area_fraction
+    if early_reject and verdict == "absent":
+        result.box = result.box_unclipped = result.mask = None
     return result

@@ -213,6 +213,45 @@ def fetch(ref: str, settings: StorageSettings | None, tracking_uri: str | None) 
     return path, None
 
 
+def describe_model(
+    ref: str, *, settings: StorageSettings | None = None, tracking_uri: str | None = None
+) -> dict:
+    """What jobs record about a model, without fetching its weights: name, version, sha256 (of the
+    weights), run id, and the verifier calibration as JSON (None when the artifact has none)."""
+    ref = str(ref)
+    files: dict[str, str | None] = {}
+    name, version, run_id = ref, "", None
+    if ref.startswith(("models:/", "runs:/")):
+        from medisee import tracking
+
+        client = tracking.client_for(tracking_uri, settings)
+        run_id = tracking.trained_run_id(client, ref)
+        if ref.startswith("models:/"):
+            entry = tracking.model_version(client, ref)
+            name, version = entry.name, str(entry.version)
+        for file in (MANIFEST, CALIBRATION):
+            try:
+                files[file] = tracking.download_model(client, ref, file=file).read_text()
+            except Exception:  # mlflow raises different types for a missing artifact file
+                files[file] = None
+    else:
+        for file in (MANIFEST, CALIBRATION):
+            uri = storage.join(ref.removeprefix("file://"), file)
+            files[file] = storage.read_text(uri, settings) if storage.exists(uri, settings) else None
+    if files[MANIFEST] is None:
+        raise CheckpointError(ref, detail=f"no {MANIFEST}: not a MediSee model artifact")
+    manifest = json.loads(files[MANIFEST])
+    return {
+        "ref": ref,
+        "name": name,
+        "version": version,
+        "run_id": run_id,
+        "sha256": manifest["files"][WEIGHTS],
+        "manifest": manifest,
+        "calibration_json": files[CALIBRATION],
+    }
+
+
 def read_manifest(local: Path, ref: str) -> dict:
     path = local / MANIFEST
     if not path.exists():

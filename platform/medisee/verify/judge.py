@@ -129,3 +129,15 @@ class Judge:
             except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
                 continue
         return None
+
+
+def judge_from_config(verifier_cfg) -> Judge | None:
+    """The judge a `verifier` config section describes, or None when it names no endpoint."""
+    v = verifier_cfg
+    if not v.judge_base_url:
+        return None
+    return Judge(
+        JudgeConfig(
+            v.judge_base_url, v.judge_model, v.judge_api_key_env, v.judge_timeout_s, v.judge_max_attempts
+        )
+    )

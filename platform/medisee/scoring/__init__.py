@@ -1,0 +1,1 @@
+"""Batch scoring of archives on Ray Data."""

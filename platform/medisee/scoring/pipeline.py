@@ -1,0 +1,187 @@
+"""`medisee infer`: score an archive on Ray Data, exactly once.
+
+    plan (driver: list and group the inputs) -> decode (CPU tasks) -> MLLMStep (actor pool)
+    -> screen_rows (tasks) -> DecoderStep (actor pool) -> finish_rows (tasks) -> PartitionWriter (1 actor)
+
+The driver only sees the plan and one small summary per finished partition.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+
+from medisee import storage
+from medisee.config import MediSeeConfig
+from medisee.scoring import schema
+from medisee.scoring.decode import DecodeOptions, decode_partition
+from medisee.scoring.plan import plan_digest, plan_partitions
+from medisee.scoring.queries import QueryPlan, QuerySpecError, parse_query_spec
+from medisee.scoring.stages import DecoderStep, MLLMStep, ModelSpec, finish_rows, screen_rows
+from medisee.scoring.writer import (
+    PartitionWriter,
+    WriterOptions,
+    check_or_start_job,
+    completed_partitions,
+)
+from medisee.storage import StorageSettings
+
+# Options that change what is written: a rerun into the same output must keep them.
+OUTPUT_OPTIONS = (
+    "mode", "max_new_tokens", "early_reject", "mask_threshold", "images_per_partition", "split",
+    "slice_axis", "resample_spacing", "keep_empty_slices", "max_file_bytes", "max_image_pixels",
+)  # fmt: skip
+
+
+def decode_batch(batch: pa.Table, queries: QueryPlan, opts: DecodeOptions) -> pa.Table:
+    rows = [
+        r
+        for p in batch.column("partition").to_pylist()
+        for r in decode_partition(json.loads(p), queries, opts)
+    ]
+    return schema.table(rows, schema.IMAGE_ROW)
+
+
+def job_identity(cfg: MediSeeConfig, model: dict, partitions: list[dict]) -> dict:
+    ic = cfg.infer
+    return {
+        "input": ic.input,
+        "queries": ic.queries,
+        "model_ref": model["ref"],
+        "model_sha256": model["sha256"],
+        "options": {k: getattr(ic, k) for k in OUTPUT_OPTIONS},
+        "plan_sha256": plan_digest(partitions),
+        "partitions": len(partitions),
+    }
+
+
+def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, log=print) -> dict:
+    from medisee.model.artifact import describe_model
+
+    ic = cfg.infer
+    for key in ("input", "output", "model"):
+        if not getattr(ic, key):
+            raise QuerySpecError(f"infer.{key} is required")
+    started = time.time()
+    queries = parse_query_spec(ic.queries, ic.input, settings)
+    partitions = plan_partitions(ic.input, settings, ic.images_per_partition, ic.split)
+    if queries.kind == "records" and any(p["kind"] not in ("shard", "unreadable") for p in partitions):
+        raise QuerySpecError(
+            "infer.queries=records takes the queries from parquet shards; this input has images, "
+            "DICOM or NIfTI files: give a .jsonl manifest or a template"
+        )
+    model = describe_model(ic.model, settings=settings, tracking_uri=cfg.tracking.uri)
+    resumed = check_or_start_job(ic.output, job_identity(cfg, model, partitions), settings)
+    done = completed_partitions(ic.output, settings)
+    todo = [p for p in partitions if p["key"] not in done]
+    log(
+        f"{len(partitions)} partitions planned from {ic.input}; "
+        + (f"resuming: {len(done)} already done, " if resumed else "")
+        + f"{len(todo)} to score with {model['ref']} ({model['sha256'][:12]})"
+    )
+    if todo:
+        run_graph(cfg, todo, queries, model, settings, log)
+    summary = summarize(ic.output, partitions, settings, time.time() - started, len(todo))
+    storage.write_bytes(
+        storage.join(ic.output, "summary.json"), json.dumps(summary, indent=2).encode(), settings
+    )
+    return summary
+
+
+def run_graph(cfg, todo: list[dict], queries: QueryPlan, model: dict, settings, log) -> None:
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    ic = cfg.infer
+    spec = ModelSpec(
+        ic.model, cfg.tracking.uri, settings, model["name"], model["version"], model["sha256"],
+        ic.dtype, ic.torch_threads, "cuda" if ic.mllm_num_gpus or ic.decoder_num_gpus else "cpu",
+    )  # fmt: skip
+    info = {"name": model["name"], "version": model["version"], "sha256": model["sha256"]}
+    opts = DecodeOptions(
+        settings, ic.max_file_bytes, ic.max_image_pixels, ic.slice_axis, ic.resample_spacing,
+        ic.keep_empty_slices, tuple(cfg.prepare.ct_window),
+    )  # fmt: skip
+    items = [{"partition": json.dumps(p)} for p in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=ic.decode_num_cpus,
+        fn_kwargs={"queries": queries, "opts": opts},
+    )  # fmt: skip
+    ds = ds.map_batches(
+        MLLMStep, fn_constructor_kwargs={"spec": spec, "mode": ic.mode, "max_new_tokens": ic.max_new_tokens},
+        batch_size=ic.mllm_batch_images, batch_format="pyarrow", compute=ActorPoolStrategy(size=ic.mllm_actors),
+        num_cpus=ic.mllm_num_cpus, num_gpus=ic.mllm_num_gpus,
+    )  # fmt: skip
+    ds = ds.map_batches(
+        screen_rows, batch_format="pyarrow", num_cpus=ic.task_num_cpus,
+        fn_kwargs={"calibration_json": model["calibration_json"]},
+    )  # fmt: skip
+    ds = ds.map_batches(
+        DecoderStep, fn_constructor_kwargs={"spec": spec, "mask_threshold": ic.mask_threshold, "early_reject": ic.early_reject},
+        batch_size=ic.decoder_batch_images, batch_format="pyarrow", compute=ActorPoolStrategy(size=ic.decoder_actors),
+        num_cpus=ic.decoder_num_cpus, num_gpus=ic.decoder_num_gpus,
+    )  # fmt: skip
+    ds = ds.map_batches(
+        finish_rows, batch_format="pyarrow", num_cpus=ic.task_num_cpus,
+        fn_kwargs={
+            "calibration_json": model["calibration_json"], "judge_config": cfg.verifier,
+            "early_reject": ic.early_reject, "model_info": info, "overlay_fraction": ic.overlay_fraction,
+            "clip_size": cfg.data.clip_image_size,
+        },
+    )  # fmt: skip
+    writer = WriterOptions(ic.output, settings, ic.dicom_seg, ic.nifti_labels, ic.slice_axis, info)
+    ds = ds.map_batches(
+        PartitionWriter, fn_constructor_kwargs={"options": writer}, batch_size=None, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=1), num_cpus=ic.task_num_cpus,
+    )  # fmt: skip
+    finished = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        finished += batch.num_rows
+    log(f"{finished} of {len(todo)} partitions written")
+
+
+def summarize(output: str, partitions: list[dict], settings, seconds: float, scored: int) -> dict:
+    """Totals over every partition's marker; reconciled when the rows the decode step announced
+    (inputs) equal the rows found in the written result and error files."""
+    markers = completed_partitions(output, settings)
+    missing = sorted(p["key"] for p in partitions if p["key"] not in markers)
+    totals = {"inputs": 0, "images": 0, "decoded": 0}
+    counters: dict[str, dict] = {
+        k: {} for k in ("verdicts", "decided_by", "error_reasons", "skipped", "stage_seconds")
+    }
+    for m in markers.values():
+        for k in totals:
+            totals[k] += m[k]
+        for k, counter in counters.items():
+            for name, value in m[k].items():
+                counter[name] = counter.get(name, 0) + value
+    results, errors = written_rows(output, "results", settings), written_rows(output, "errors", settings)
+    return {
+        "partitions": len(partitions),
+        "partitions_done": len(markers),
+        "partitions_missing": missing,
+        **totals,
+        "results": results,
+        "errors": errors,
+        "reconciled": totals["inputs"] == results + errors and not missing,
+        **counters,
+        "seconds": round(seconds, 2),
+        "partitions_scored_this_run": scored,
+        "results_per_second": round(results / seconds, 2) if seconds > 0 and scored else None,
+        "output": output,
+    }
+
+
+def written_rows(output: str, table: str, settings) -> int:
+    """Rows in the committed files of one output table, from the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.filesystem(output, settings)
+    total = 0
+    for uri in storage.list_files(storage.join(output, table), (".parquet",), settings):
+        with fs.open_input_file(storage.filesystem(uri, settings)[1]) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total

@@ -1,0 +1,188 @@
+"""The job's plan: every input file sorted into partitions, the unit of output and of resumption.
+
+    folder of shards   one partition per shard file
+    image files        one partition per `images_per_partition` files (sorted by path)
+    DICOM files        one partition per series (SeriesInstanceUID), files ordered by position
+    NIfTI volumes      one partition per volume
+    anything else      one partition per file, which becomes an error row (unsupported / unreadable)
+
+An archive may mix them. The plan is deterministic for a given listing, so a rerun finds the same
+partitions and skips the finished ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import re
+
+import numpy as np
+
+from medisee import storage
+from medisee.storage import StorageSettings
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SHARD_SUFFIXES = (".parquet",)
+IGNORED_SUFFIXES = (".json", ".jsonl", ".txt", ".md", ".csv", ".yaml", ".yml")
+
+
+class PlanError(ValueError):
+    """The input cannot be planned (missing, empty); the message says what was looked for."""
+
+
+def slug(text: str) -> str:
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+    if len(text) > 120:
+        text = f"{text[:100]}_{hashlib.sha1(text.encode()).hexdigest()[:12]}"
+    return text or "root"
+
+
+def relative(uri: str, root: str) -> str:
+    root = root.rstrip("/")
+    if uri == root:
+        return posixpath.basename(uri)
+    return uri[len(root) + 1 :] if uri.startswith(root + "/") else posixpath.basename(uri)
+
+
+def classify(rel: str) -> str | None:
+    name = posixpath.basename(rel).lower()
+    if name.startswith((".", "_")) or name.endswith(IGNORED_SUFFIXES):
+        return None
+    for kind, suffixes in (("shard", SHARD_SUFFIXES), ("image", IMAGE_SUFFIXES), ("nifti", NIFTI_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    return "dicom"
+
+
+def list_inputs(input_uri: str, settings: StorageSettings | None) -> list[str]:
+    if not storage.exists(input_uri, settings):
+        raise PlanError(f"input {input_uri} does not exist")
+    fs, path = storage.filesystem(input_uri, settings)
+    from pyarrow import fs as pafs
+
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return [input_uri]
+    return storage.list_files(input_uri, (), settings)
+
+
+def plan_partitions(
+    input_uri: str,
+    settings: StorageSettings | None = None,
+    images_per_partition: int = 64,
+    split: str | None = None,
+) -> list[dict]:
+    files = list_inputs(input_uri, settings)
+    root = input_uri if len(files) != 1 or files[0] != input_uri else posixpath.dirname(input_uri)
+    by_kind: dict[str, list[tuple[str, str]]] = {}
+    for uri in files:
+        rel = relative(uri, root)
+        kind = classify(rel)
+        if kind is not None:
+            by_kind.setdefault(kind, []).append((uri, rel))
+    shards = [(u, r) for u, r in by_kind.get("shard", []) if split is None or f"/{split}/" in f"/{r}"]
+    partitions = [
+        {"key": "shard-" + slug(r.removesuffix(".parquet")), "kind": "shard", "uri": u, "rel": r}
+        for u, r in shards
+    ]
+    images = by_kind.get("image", [])
+    for start in range(0, len(images), images_per_partition):
+        chunk = images[start : start + images_per_partition]
+        items = [{"uri": u, "rel": r} for u, r in chunk]
+        partitions.append(
+            {"key": f"images-{start // images_per_partition:05d}", "kind": "image", "items": items}
+        )
+    partitions += [
+        {"key": "nifti-" + slug(r), "kind": "nifti", "uri": u, "rel": r} for u, r in by_kind.get("nifti", [])
+    ]
+    partitions += dicom_partitions(by_kind.get("dicom", []), settings)
+    if not partitions:
+        raise PlanError(
+            f"input {input_uri}: nothing to score (looked for *.parquet shards, images "
+            f"{'/'.join(IMAGE_SUFFIXES)}, NIfTI *.nii(.gz) and DICOM files)"
+        )
+    return partitions
+
+
+def plan_digest(partitions: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(partitions, sort_keys=True).encode()).hexdigest()
+
+
+# ----- DICOM -------------------------------------------------------------------------------------
+def dicom_header(uri: str, rel: str, settings: StorageSettings | None) -> dict:
+    """What planning needs from one file; `error` set when it is not readable DICOM."""
+    import pydicom
+
+    try:
+        fs, path = storage.filesystem(uri, settings)
+        with fs.open_input_file(path) as f:
+            ds = pydicom.dcmread(
+                io.BytesIO(f.read(min(f.size(), 1 << 20))), stop_before_pixels=True, force=True
+            )
+    except Exception as exc:  # pydicom raises many types for damaged files
+        return {
+            "uri": uri,
+            "rel": rel,
+            "error": "unreadable_dicom",
+            "detail": f"{type(exc).__name__}: {exc}"[:200],
+        }
+    if "SOPInstanceUID" not in ds or "Rows" not in ds:
+        return {
+            "uri": uri,
+            "rel": rel,
+            "error": "unsupported_format",
+            "detail": "not an image, DICOM, NIfTI or shard",
+        }
+    return {
+        "uri": uri,
+        "rel": rel,
+        "series_uid": str(ds.get("SeriesInstanceUID", "") or f"no-series-{ds.SOPInstanceUID}"),
+        "sop_uid": str(ds.SOPInstanceUID),
+        "position": _position(ds),
+        "instance": int(ds.get("InstanceNumber", 0) or 0),
+    }
+
+
+def _position(ds) -> float | None:
+    """Distance along the slice normal (ImagePositionPatient · row × column direction)."""
+    try:
+        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        position = np.asarray([float(v) for v in ds.ImagePositionPatient])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return float(np.dot(position, np.cross(orientation[:3], orientation[3:])))
+
+
+def dicom_partitions(files: list[tuple[str, str]], settings: StorageSettings | None) -> list[dict]:
+    if not files:
+        return []
+    headers = read_headers(files, settings)
+    partitions, series = [], {}
+    for h in headers:
+        if h.get("error"):
+            partitions.append({"key": "file-" + slug(h["rel"]), "kind": "unreadable", **h})
+        else:
+            series.setdefault(h["series_uid"], []).append(h)
+    for uid, members in sorted(series.items()):
+        members.sort(key=lambda h: (h["position"] is None, h["position"] or 0.0, h["instance"], h["rel"]))
+        items = [{k: h[k] for k in ("uri", "rel", "sop_uid")} for h in members]
+        partitions.append({"key": "dicom-" + slug(uid), "kind": "dicom", "series_uid": uid, "items": items})
+    return partitions
+
+
+def read_headers(files: list[tuple[str, str]], settings: StorageSettings | None) -> list[dict]:
+    """Headers of many files: Ray tasks when Ray is up and there are many, else in this process."""
+    import ray
+
+    if len(files) < 64 or not ray.is_initialized():
+        return [dicom_header(u, r, settings) for u, r in files]
+    import ray.data
+
+    def headers(batch: dict) -> dict:
+        rows = [dicom_header(u, r, settings) for u, r in zip(batch["uri"], batch["rel"], strict=True)]
+        return {"header": np.asarray([json.dumps(r) for r in rows], dtype=object)}
+
+    ds = ray.data.from_items([{"uri": u, "rel": r} for u, r in files]).map_batches(headers, num_cpus=0.25)
+    return [json.loads(row["header"]) for row in ds.iter_rows()]

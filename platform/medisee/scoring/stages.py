@@ -1,0 +1,331 @@
+"""The Predictor's stages as Ray Data steps over image rows (see schema.py).
+
+    MLLMStep      actor: MLLMStage (CLIP once per image + one LM pass over all queries of the batch)
+    screen_rows   task:  VerifierStage.screen (MedVeriSeg scores and the rule's verdict)
+    DecoderStep   actor: DecoderStage (SAM once per image) for the queries that are not rejected
+    finish_rows   task:  VerifierStage.decide, then one output row per query (or per failed input)
+
+The same functions the in-process Predictor uses decide what is decoded (`wants_decoder`) and how
+a result is assembled (`assemble`), so batch output equals the Predictor's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from medisee.data.codec import mask_to_rle
+from medisee.infer.predictor import assemble, wants_decoder
+from medisee.infer.results import Decoded, QueryEncoding, Screening
+from medisee.scoring import schema
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How an actor loads its part of the model, and what the output rows record about it."""
+
+    ref: str
+    tracking_uri: str | None = None
+    settings: object = None  # medisee.storage.StorageSettings
+    name: str = ""
+    version: str = ""
+    sha256: str = ""
+    dtype: str = "float32"
+    threads: int = 1
+    device: str = "cpu"
+
+    def load(self, part: str):
+        import torch
+
+        from medisee.model.artifact import load_model_dir
+
+        torch.set_num_threads(self.threads)
+        dtype = None if self.dtype == "float32" else getattr(torch, self.dtype)
+        return load_model_dir(
+            self.ref, settings=self.settings, tracking_uri=self.tracking_uri, parts=(part,),
+            device=self.device, dtype=dtype,
+        )  # fmt: skip
+
+
+def scoreable(row: dict) -> bool:
+    return not row.get("error") and row["kind"] != "skip" and bool(row["queries"])
+
+
+def image_of(row: dict) -> np.ndarray:
+    return np.frombuffer(row["image"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+
+
+def _fail(row: dict, stage: str, exc: Exception) -> None:
+    row.update(error="model_error", error_detail=f"{type(exc).__name__}: {exc}"[:300], error_stage=stage)
+
+
+def run_per_image(rows: list[dict], stage: str, fn) -> None:
+    """fn(rows) for the whole batch; if it fails, once per image, so one bad image fails alone."""
+    try:
+        fn(rows)
+    except Exception:
+        for row in rows:
+            try:
+                fn([row])
+            except Exception as exc:  # any model failure becomes this image's error
+                _fail(row, stage, exc)
+
+
+def share_time(rows: list[dict], column: str, started: float) -> None:
+    each = (time.perf_counter() - started) / max(len(rows), 1)
+    for row in rows:
+        row[column] = each
+
+
+# ----- MLLM --------------------------------------------------------------------------------------
+class MLLMStep:
+    def __init__(self, spec: ModelSpec, mode: str = "teacher_forced", max_new_tokens: int = 48):
+        from medisee.infer.mllm_stage import MLLMStage
+
+        self.stage = MLLMStage(spec.load("mllm").model, mode, max_new_tokens)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        started = time.perf_counter()
+        run_per_image([r for r in rows if scoreable(r)], "mllm", self._encode)
+        share_time(rows, "t_mllm", started)
+        return schema.table(rows, schema.ENCODED_ROW)
+
+    def _encode(self, rows: list[dict]) -> None:
+        encodings = self.stage([image_of(r) for r in rows], [r["queries"] for r in rows])
+        per_image: list[list[QueryEncoding]] = [[] for _ in rows]
+        for enc in encodings:
+            per_image[enc.image_index].append(enc)
+        for row, encs in zip(rows, per_image, strict=True):
+            row.update(pack_encodings(encs, self.stage.model))
+
+
+def pack_encodings(encs: list[QueryEncoding], model) -> dict:
+    side = model.grid_side
+    found = [e.candidates for e in encs if e.found]
+    n, d = found[0].shape if found else (len(model.text.candidate_ids), 1)
+    candidates = np.zeros((len(encs), n, d), np.float32)
+    similarity = np.zeros((len(encs), side, side), np.float32)
+    for j, enc in enumerate(encs):
+        if enc.found:
+            candidates[j], similarity[j] = enc.candidates, enc.similarity
+    return {
+        "answers": [e.answer for e in encs],
+        "found": [e.found for e in encs],
+        "candidates": candidates.tobytes(),
+        "candidate_shape": list(candidates.shape),
+        "similarity": similarity.tobytes(),
+        "similarity_side": side,
+    }
+
+
+def unpack_encodings(row: dict) -> list[QueryEncoding]:
+    candidates = np.frombuffer(row["candidates"], np.float32).reshape(row["candidate_shape"])
+    side = row["similarity_side"]
+    similarity = np.frombuffer(row["similarity"], np.float32).reshape(-1, side, side)
+    return [
+        QueryEncoding(0, q, a, f, candidates[j] if f else None, similarity[j] if f else None)
+        for j, (q, a, f) in enumerate(zip(row["queries"], row["answers"], row["found"], strict=True))
+    ]
+
+
+# ----- verifier ----------------------------------------------------------------------------------
+def verifier_stage(calibration_json: str | None, judge_config=None, clip_size: int = 336):
+    from medisee.infer.verifier_stage import VerifierStage
+    from medisee.verify.calibrate import CalibratedVerifier
+
+    calibration = CalibratedVerifier.from_json(calibration_json) if calibration_json else None
+    from medisee.verify.judge import judge_from_config
+
+    judge = judge_from_config(judge_config) if judge_config is not None else None
+    return VerifierStage(calibration, judge, clip_size)
+
+
+def screen_rows(batch: pa.Table, calibration_json: str | None = None) -> pa.Table:
+    rows = batch.to_pylist()
+    started = time.perf_counter()
+    stage = verifier_stage(calibration_json)
+    for row in rows:
+        if not scoreable(row):
+            continue
+        screenings = stage.screen(unpack_encodings(row))
+        row["strength"] = [s.strength if s else None for s in screenings]
+        row["compactness"] = [s.compactness if s else None for s in screenings]
+        row["purity"] = [s.purity if s else None for s in screenings]
+        row["rule"] = [s.rule if s else None for s in screenings]
+    share_time(rows, "t_verifier", started)
+    return schema.table(rows, schema.SCREENED_ROW)
+
+
+def screenings_of(row: dict) -> list[Screening | None]:
+    return [
+        Screening(s, c, p, rule) if rule is not None else None
+        for s, c, p, rule in zip(row["strength"], row["compactness"], row["purity"], row["rule"], strict=True)
+    ]
+
+
+# ----- decoder -----------------------------------------------------------------------------------
+class DecoderStep:
+    def __init__(self, spec: ModelSpec, mask_threshold: float = 0.0, early_reject: bool = True):
+        from medisee.infer.decoder_stage import DecoderStage
+
+        self.stage = DecoderStage(spec.load("decoder").model, mask_threshold)
+        self.early_reject = early_reject
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        started = time.perf_counter()
+        run_per_image([r for r in rows if scoreable(r)], "decoder", self._decode)
+        share_time(rows, "t_decoder", started)
+        return schema.table(rows, schema.DECODED_ROW)
+
+    def _decode(self, rows: list[dict]) -> None:
+        images, image_index, candidates, slots = [], [], [], []
+        for i, row in enumerate(rows):
+            images.append(image_of(row))
+            encs = unpack_encodings(row)
+            for j, screening in enumerate(screenings_of(row)):
+                if wants_decoder(screening, self.early_reject):
+                    image_index.append(i)
+                    candidates.append(encs[j].candidates)
+                    slots.append((i, j))
+        decoded = self.stage(images, image_index, np.stack(candidates)) if candidates else []
+        for row in rows:
+            q = len(row["queries"])
+            row.update(
+                {
+                    k: [None] * q
+                    for k in ("box", "box_unclipped", "mask_rle", "mask_score", "iou_score", "area_fraction")
+                }
+            )
+        for (i, j), d in zip(slots, decoded, strict=True):
+            row = rows[i]
+            row["box"][j], row["box_unclipped"][j] = list(d.box), list(d.box_unclipped)
+            row["mask_rle"][j] = mask_to_rle(d.mask)
+            row["mask_score"][j], row["iou_score"][j] = d.mask_score, d.iou_score
+            row["area_fraction"][j] = d.area_fraction
+
+
+def decoded_of(row: dict, j: int) -> Decoded | None:
+    """The decoder's output for query j, with the mask kept as its RLE text."""
+    if row.get("mask_rle") is None or row["mask_rle"][j] is None:
+        return None
+    return Decoded(
+        box=tuple(row["box"][j]),
+        box_unclipped=tuple(row["box_unclipped"][j]),
+        mask=row["mask_rle"][j],
+        mask_score=row["mask_score"][j],
+        iou_score=row["iou_score"][j],
+        area_fraction=row["area_fraction"][j],
+    )
+
+
+# ----- decision and output rows ------------------------------------------------------------------
+def finish_rows(
+    batch: pa.Table,
+    calibration_json: str | None = None,
+    judge_config=None,
+    early_reject: bool = True,
+    model_info: dict | None = None,
+    overlay_fraction: float = 0.0,
+    clip_size: int = 336,
+) -> pa.Table:
+    stage = verifier_stage(calibration_json, judge_config, clip_size)
+    out: list[dict] = []
+    for row in batch.to_pylist():
+        common = {k: row.get(k) for k in ("partition", "partition_rows", "partition_skipped")}
+        if row["kind"] == "skip":
+            out.append({**common, "status": "skip", "image_id": row["image_id"]})
+        elif row.get("error"):
+            out.extend({**common, **r} for r in error_rows(row))
+        else:
+            results = result_rows(row, stage, early_reject, model_info or {})
+            if overlay_fraction and sampled(row["image_id"], overlay_fraction):
+                from medisee.scoring.overlays import draw_overlay
+
+                results[0]["overlay_png"] = draw_overlay(image_of(row), results, row)
+            out.extend({**common, **r} for r in results)
+    return schema.table(out, schema.OUTPUT_ROW)
+
+
+def error_rows(row: dict) -> list[dict]:
+    """One error row per query when the queries are known, else one for the input."""
+    base = {
+        "status": "error",
+        "image_id": row["image_id"],
+        "source": row["source"],
+        "slice_index": row.get("slice_index"),
+        "stage": row.get("error_stage") or "decode",
+        "reason": row["error"],
+        "detail": row.get("error_detail"),
+    }
+    if not row["queries"]:
+        return [{**base, "record_id": row["image_id"]}]
+    return [
+        {**base, "record_id": rid, "query": q}
+        for rid, q in zip(row["record_ids"], row["queries"], strict=True)
+    ]
+
+
+def result_rows(row: dict, stage, early_reject: bool, model_info: dict) -> list[dict]:
+    encs, screenings = unpack_encodings(row), screenings_of(row)
+    image = None
+    out = []
+    for j, (enc, screening) in enumerate(zip(encs, screenings, strict=True)):
+        decoded = decoded_of(row, j)
+        if stage.judge is not None and image is None:
+            image = image_of(row)
+        verdict, decided_by = stage.decide(screening, decoded, image, enc)
+        result = assemble(enc, screening, decoded, verdict, decided_by, early_reject)
+        out.append(
+            {
+                "status": "result",
+                "record_id": row["record_ids"][j],
+                **{
+                    k: row.get(k)
+                    for k in ("image_id", "source", "series_uid", "sop_uid", "slice_index", "height", "width")
+                },
+                "query": result.query,
+                "answer": result.answer,
+                "found": result.found,
+                "verdict": result.verdict,
+                "decided_by": result.decided_by,
+                "judged": result.decided_by == "judge",
+                "strength": result.strength,
+                "compactness": result.compactness,
+                "purity": result.purity,
+                "mask_score": result.mask_score,
+                "iou_score": result.iou_score,
+                "area_fraction": result.area_fraction,
+                "decoded": decoded is not None,
+                "box": list(result.box) if result.box else None,
+                "box_unclipped": list(result.box_unclipped) if result.box_unclipped else None,
+                "mask_rle": result.mask,  # the RLE text (see decoded_of), None when rejected
+                "mask_area": rle_area(result.mask) if result.mask else None,
+                "t_decode_s": row.get("t_decode"),
+                "t_mllm_s": row.get("t_mllm"),
+                "t_verifier_s": row.get("t_verifier"),
+                "t_decoder_s": row.get("t_decoder"),
+                "model_name": model_info.get("name"),
+                "model_version": model_info.get("version"),
+                "model_sha256": model_info.get("sha256"),
+            }
+        )
+    return out
+
+
+def rle_area(rle_text: str) -> int:
+    from pycocotools import mask as mask_utils
+
+    rle = json.loads(rle_text)
+    return int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode("ascii")}))
+
+
+def sampled(image_id: str, fraction: float) -> bool:
+    """A stable sample: the same images are drawn on every run."""
+    return zlib.crc32(image_id.encode()) / 2**32 < fraction
