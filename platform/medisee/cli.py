@@ -458,6 +458,53 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@app.command()
+def evaluate(
+    model_uri: str = typer.Option(..., "--model", help=MODEL_HELP),
+    data_uri: str = typer.Option(..., "--data", help="Prepared shards (the output of medisee prepare)."),
+    split: str = typer.Option("test", help="Which split to score."),
+    output_uri: str = typer.Option(
+        None, "--output", "-o", help="Where the report goes (default .medisee/eval/<model>-<split>)."
+    ),
+    worst: int = typer.Option(8, help="Overlays of this many worst cases in the report."),
+    config: str | None = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
+) -> None:
+    """The paper's tables on a labelled split (by query kind, per class, verifier rejection,
+    presence-aware), a Markdown report with the worst cases, all logged to MLflow.
+
+    Refuses (exit 2) a model that does not load completely or does not reproduce its golden pair.
+    """
+    from medisee.console import quiet_logs
+    from medisee.infer.golden import GoldenMismatch
+    from medisee.model.checkpoint import CheckpointError
+    from medisee.raylib import ensure_ray
+    from medisee.scoring.evaluate import evaluate_model
+    from medisee.scoring.plan import PlanError, slug
+    from medisee.storage import StorageSettings
+
+    quiet_logs()
+    cfg = _config(config, [*(overrides or []), f"infer.model={model_uri}"])
+    output_uri = output_uri or f".medisee/eval/{slug(model_uri)}-{split}"
+    ensure_ray()
+    try:
+        report = evaluate_model(
+            cfg, StorageSettings.from_config(cfg.storage), data_uri, split, output_uri, worst,
+            log=lambda m: typer.echo(m, err=True),
+        )  # fmt: skip
+    except (CheckpointError, GoldenMismatch) as exc:
+        typer.secho(f"evaluate: refused: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except PlanError as exc:
+        typer.secho(f"evaluate: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    from medisee import storage
+
+    typer.echo(storage.read_text(storage.join(output_uri, "report.md")), err=True)
+    typer.echo(json.dumps({"report": storage.join(output_uri, "report.md"), "mlflow_run_id": report["mlflow_run_id"],
+                           **{k: report["segmentation"].get(k) for k in ("dice", "giou", "ciou", "box_iou", "acc50")}}))  # fmt: skip
+
+
 @app.command("convert-checkpoint")
 def convert_checkpoint(
     input_uri: str = typer.Option(

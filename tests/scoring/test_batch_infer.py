@@ -167,7 +167,11 @@ def test_killed_driver_then_rerun_loses_nothing_and_duplicates_nothing(artifact,
     ids = [r["record_id"] for r in results]
     assert len(ids) == len(set(ids)) == 13 * 2  # 12 phantoms + CT_small, two queries each
     errors = pq.read_table(out / "errors").to_pylist()
-    assert sorted(e["reason"] for e in errors) == ["unreadable_dicom", "unreadable_image", "unsupported_format"]
+    assert sorted(e["reason"] for e in errors) == [
+        "unreadable_dicom",
+        "unreadable_image",
+        "unsupported_format",
+    ]
     assert not list(out.rglob("*.tmp-*"))
 
 

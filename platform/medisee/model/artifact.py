@@ -91,16 +91,19 @@ def save_model_dir(
     calibration=None,
     metrics: dict | None = None,
     source: str | None = None,
+    golden: bool = True,
 ) -> dict:
     """Write the artifact to `output` (local or s3://); returns the manifest.
 
     `weights` defaults to the model's trainable parameters (pass gathered ones from a sharded run).
+    `golden` stores the answer to the golden query (medisee.infer.golden) for later load checks.
     """
     if storage.is_s3(str(output)):
         with tempfile.TemporaryDirectory() as tmp:
             manifest = save_model_dir(
-                model, cfg, tmp, weights=weights, calibration=calibration, metrics=metrics, source=source
-            )
+                model, cfg, tmp, weights=weights, calibration=calibration, metrics=metrics, source=source,
+                golden=golden,
+            )  # fmt: skip
             storage.upload_dir(tmp, str(output), settings)
             return manifest
     from safetensors.torch import save_file
@@ -133,7 +136,21 @@ def save_model_dir(
     }
     manifest["files"] = file_digests(folder)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if golden:
+        add_golden_pair(folder, settings)
+        manifest["files"] = file_digests(folder)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def add_golden_pair(folder: Path, settings: StorageSettings | None = None) -> None:
+    """Answer the golden query with the model as saved (rebuilt from the folder, so a sharded or
+    training-mode model in the caller does not matter) and store the answer."""
+    from medisee.infer.golden import write_golden
+    from medisee.infer.predictor import Predictor
+
+    loaded = load_model_dir(folder, settings=settings)
+    write_golden(folder, Predictor(loaded.model, loaded.calibration, early_reject=False))
 
 
 def base_references(cfg: MediSeeConfig, settings: StorageSettings | None) -> dict:

@@ -74,6 +74,8 @@ def plan_partitions(
     images_per_partition: int = 64,
     split: str | None = None,
 ) -> list[dict]:
+    if storage.exists(storage.join(input_uri, "manifest.json"), settings):
+        return prepared_shards(input_uri, settings, split)
     files = list_inputs(input_uri, settings)
     root = input_uri if len(files) != 1 or files[0] != input_uri else posixpath.dirname(input_uri)
     by_kind: dict[str, list[tuple[str, str]]] = {}
@@ -102,6 +104,22 @@ def plan_partitions(
         raise PlanError(
             f"input {input_uri}: nothing to score (looked for *.parquet shards, images "
             f"{'/'.join(IMAGE_SUFFIXES)}, NIfTI *.nii(.gz) and DICOM files)"
+        )
+    return partitions
+
+
+def prepared_shards(input_uri: str, settings: StorageSettings | None, split: str | None) -> list[dict]:
+    """The output of `medisee prepare`: its manifest lists the shards (the quarantine is not input)."""
+    from medisee.data.reader import shard_files
+
+    partitions = [
+        {"key": "shard-" + slug(relative(u, input_uri).removesuffix(".parquet")), "kind": "shard", "uri": u,
+         "rel": relative(u, input_uri)}
+        for u in shard_files(input_uri, split, settings)
+    ]  # fmt: skip
+    if not partitions:
+        raise PlanError(
+            f"input {input_uri}: its manifest.json lists no shard" + (f" of split {split!r}" if split else "")
         )
     return partitions
 
