@@ -408,7 +408,6 @@ def infer(
     """
     from medisee.console import quiet_logs
     from medisee.model.checkpoint import CheckpointError
-    from medisee.raylib import ensure_ray
     from medisee.scoring.pipeline import score_archive
     from medisee.scoring.plan import PlanError
     from medisee.scoring.queries import QuerySpecError
@@ -426,7 +425,6 @@ def infer(
         ],
     )
     cfg.infer.queries = queries
-    ensure_ray()
     try:
         summary = score_archive(
             cfg, StorageSettings.from_config(cfg.storage), log=lambda m: typer.echo(m, err=True)

@@ -82,6 +82,9 @@ def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, l
         + f"{len(todo)} to score with {model['ref']} ({model['sha256'][:12]})"
     )
     if todo:
+        from medisee.raylib import ensure_ray
+
+        ensure_ray()
         run_graph(cfg, todo, queries, model, settings, log)
     summary = summarize(ic.output, partitions, settings, time.time() - started, len(todo))
     storage.write_bytes(
