@@ -33,20 +33,25 @@ def golden_image() -> np.ndarray:
     return image
 
 
-def expected_answer(predictor, image: np.ndarray) -> dict:
-    from medisee.data.codec import mask_to_rle
-
-    (result,) = predictor.predict(image, [GOLDEN_QUERY])
+def answer_dict(result, mask_rle: str | None) -> dict:
+    """What the golden pair compares, from one QueryResult (its mask given as RLE text)."""
     return {
-        "query": GOLDEN_QUERY,
+        "query": result.query,
         "found": result.found,
         "box_unclipped": list(result.box_unclipped) if result.box_unclipped else None,
-        "mask_rle": mask_to_rle(result.mask) if result.mask is not None else None,
+        "mask_rle": mask_rle,
         "strength": result.strength,
         "mask_score": result.mask_score,
         "iou_score": result.iou_score,
         "tolerance": TOLERANCE,
     }
+
+
+def expected_answer(predictor, image: np.ndarray) -> dict:
+    from medisee.data.codec import mask_to_rle
+
+    (result,) = predictor.predict(image, [GOLDEN_QUERY])
+    return answer_dict(result, mask_to_rle(result.mask) if result.mask is not None else None)
 
 
 def write_golden(folder: Path, predictor) -> None:
@@ -60,14 +65,22 @@ def write_golden(folder: Path, predictor) -> None:
 
 
 def check_golden(predictor, folder: Path) -> dict:
-    """The comparison as a dict; GoldenMismatch when the artifact has no golden pair or it differs."""
-    from medisee.data.codec import decode_image, rle_to_mask
+    """Run the golden pair with an in-process Predictor; GoldenMismatch when missing or different."""
+    from medisee.data.codec import decode_image
 
     if not (folder / GOLDEN_ANSWER).exists():
         raise GoldenMismatch(f"{folder} has no {GOLDEN_ANSWER}: save the artifact again to store one")
     want = json.loads((folder / GOLDEN_ANSWER).read_text())
+    return compare_golden(
+        expected_answer(predictor, decode_image((folder / GOLDEN_IMAGE).read_bytes())), want
+    )
+
+
+def compare_golden(got: dict, want: dict) -> dict:
+    """The comparison as a dict; GoldenMismatch listing every difference beyond tolerance."""
+    from medisee.data.codec import rle_to_mask
+
     tol = want["tolerance"]
-    got = expected_answer(predictor, decode_image((folder / GOLDEN_IMAGE).read_bytes()))
     problems = []
     if got["found"] != want["found"]:
         problems.append(f"found {got['found']} != {want['found']}")

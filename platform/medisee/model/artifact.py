@@ -230,13 +230,29 @@ def fetch(ref: str, settings: StorageSettings | None, tracking_uri: str | None) 
     return path, None
 
 
+def read_artifact_file(
+    ref: str, name: str, *, settings: StorageSettings | None = None, tracking_uri: str | None = None
+) -> bytes | None:
+    """One file of an artifact without fetching the rest (None when it has no such file)."""
+    ref = str(ref)
+    if ref.startswith(("models:/", "runs:/")):
+        from medisee import tracking
+
+        client = tracking.client_for(tracking_uri, settings)
+        try:
+            return tracking.download_model(client, ref, file=name).read_bytes()
+        except Exception:  # mlflow raises different types for a missing artifact file
+            return None
+    uri = storage.join(ref.removeprefix("file://"), name)
+    return storage.read_bytes(uri, settings) if storage.exists(uri, settings) else None
+
+
 def describe_model(
     ref: str, *, settings: StorageSettings | None = None, tracking_uri: str | None = None
 ) -> dict:
     """What jobs record about a model, without fetching its weights: name, version, sha256 (of the
     weights), run id, and the verifier calibration as JSON (None when the artifact has none)."""
     ref = str(ref)
-    files: dict[str, str | None] = {}
     name, version, run_id = ref, "", None
     if ref.startswith(("models:/", "runs:/")):
         from medisee import tracking
@@ -246,18 +262,11 @@ def describe_model(
         if ref.startswith("models:/"):
             entry = tracking.model_version(client, ref)
             name, version = entry.name, str(entry.version)
-        for file in (MANIFEST, CALIBRATION):
-            try:
-                files[file] = tracking.download_model(client, ref, file=file).read_text()
-            except Exception:  # mlflow raises different types for a missing artifact file
-                files[file] = None
-    else:
-        for file in (MANIFEST, CALIBRATION):
-            uri = storage.join(ref.removeprefix("file://"), file)
-            files[file] = storage.read_text(uri, settings) if storage.exists(uri, settings) else None
-    if files[MANIFEST] is None:
+    manifest = read_artifact_file(ref, MANIFEST, settings=settings, tracking_uri=tracking_uri)
+    if manifest is None:
         raise CheckpointError(ref, detail=f"no {MANIFEST}: not a MediSee model artifact")
-    manifest = json.loads(files[MANIFEST])
+    manifest = json.loads(manifest)
+    calibration = read_artifact_file(ref, CALIBRATION, settings=settings, tracking_uri=tracking_uri)
     return {
         "ref": ref,
         "name": name,
@@ -265,7 +274,7 @@ def describe_model(
         "run_id": run_id,
         "sha256": manifest["files"][WEIGHTS],
         "manifest": manifest,
-        "calibration_json": files[CALIBRATION],
+        "calibration_json": calibration.decode() if calibration is not None else None,
     }
 
 

@@ -171,7 +171,7 @@ def read_dicom_series(partition: dict, queries: QueryPlan, opts: DecodeOptions, 
     position = 0
     for item in partition["items"]:
         try:
-            _, frames = read_frames(read_checked(item["uri"], opts), _WindowContext(opts))
+            _, frames = read_frames(read_checked(item["uri"], opts), WindowContext(opts))
             for frame in frames:
                 check_pixels(frame.shape[0], frame.shape[1], opts)
         except BadRecord as err:
@@ -276,7 +276,7 @@ def square_pixels(image: np.ndarray, in_plane_spacing: list[float]) -> np.ndarra
     return ndimage.zoom(image, zoom, order=1)
 
 
-class _WindowContext:
+class WindowContext:
     """What `medisee.data.sources.dicom.read_frames` reads from its context."""
 
     def __init__(self, opts: DecodeOptions):

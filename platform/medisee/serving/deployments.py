@@ -1,0 +1,133 @@
+"""The three model deployments. Each wraps one of the Predictor's stage classes; MLLM and decoder
+batch requests dynamically (`@serve.batch`) and serve several registered versions of one base
+(`@serve.multiplexed`: the model id is the version's reference)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from ray import serve
+
+from medisee.serving.args import AppArgs
+
+
+def _settings(args: AppArgs):
+    from medisee.storage import StorageSettings
+
+    return (
+        StorageSettings(endpoint=args.storage_endpoint)
+        if args.storage_endpoint
+        else StorageSettings.resolve()
+    )
+
+
+class _Versioned:
+    """Shared by the MLLM and decoder deployments: version swapping and (optional) batching."""
+
+    part = ""
+
+    def __init__(self, args: AppArgs):
+        from medisee.serving.versions import VersionedPart
+
+        self.args = args
+        self.resident = VersionedPart(args.model, self.part, _settings(args), args.tracking_uri)
+        options = getattr(args, "mllm" if self.part == "mllm" else "decoder")
+        self._batched.set_max_batch_size(options.max_batch_size if args.batching else 1)
+        self._batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s if args.batching else 0.0)
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def weights(self, ref: str):
+        return await asyncio.to_thread(self.resident.weights_of, ref)
+
+    async def _run(self, fn, *inputs):
+        ref = serve.get_multiplexed_model_id() or self.args.model
+        weights = (
+            await self.weights(ref)
+            if ref != self.resident.default_ref or self.resident.current != ref
+            else None
+        )
+        return await asyncio.to_thread(self._locked, ref, weights, fn, *inputs)
+
+    def _locked(self, ref, weights, fn, *inputs):
+        with self.resident.lock:
+            self.resident.use(ref, weights)
+            return fn(*inputs)
+
+    async def __call__(self, *request):
+        return await self._batched(*request)
+
+
+@serve.deployment
+class MLLMDeployment(_Versioned):
+    part = "mllm"
+
+    def __init__(self, args: AppArgs):
+        from medisee.infer.mllm_stage import MLLMStage
+
+        super().__init__(args)
+        self.stage = MLLMStage(self.resident.model, args.mode, args.max_new_tokens)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, images: list[np.ndarray], queries: list[list[str]]):
+        encodings = await self._run(self.stage, images, queries)
+        per_request = [[] for _ in images]
+        for enc in encodings:
+            per_request[enc.image_index].append(enc)
+        return per_request
+
+
+@serve.deployment
+class DecoderDeployment(_Versioned):
+    part = "decoder"
+
+    def __init__(self, args: AppArgs):
+        from medisee.infer.decoder_stage import DecoderStage
+
+        super().__init__(args)
+        self.stage = DecoderStage(self.resident.model, args.mask_threshold)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, images: list[np.ndarray], candidates: list[np.ndarray]):
+        index = [i for i, c in enumerate(candidates) for _ in range(len(c))]
+        stacked = np.concatenate([c for c in candidates if len(c)]) if index else np.zeros((0,))
+        decoded = await self._run(self.stage, images, index, stacked) if index else []
+        from medisee.data.codec import mask_to_rle
+
+        out: list[list] = [[] for _ in images]
+        for i, d in zip(index, decoded, strict=True):
+            d.mask = mask_to_rle(d.mask)  # small across the handle; the ingress decodes what it returns
+            out[i].append(d)
+        return out
+
+
+@serve.deployment
+class VerifierDeployment:
+    """MedVeriSeg screening before decoding and the final decision after it, per version's calibration."""
+
+    def __init__(self, args: AppArgs):
+        self.args = args
+        self.stages: dict[str, object] = {}
+        self._stage(args.model)  # the default version's calibration, before the first request
+
+    def _stage(self, ref: str):
+        if ref not in self.stages:
+            from medisee.model.artifact import describe_model
+            from medisee.scoring.stages import verifier_stage
+
+            calibration = describe_model(
+                ref, settings=_settings(self.args), tracking_uri=self.args.tracking_uri
+            )
+            self.stages[ref] = verifier_stage(calibration["calibration_json"], self.args.verifier_config())
+        return self.stages[ref]
+
+    def screen(self, ref: str, encodings: list):
+        return self._stage(ref).screen(encodings)
+
+    def decide(self, ref: str, items: list[tuple]) -> list[tuple[str, str]]:
+        """items: (screening, decoded or None, image or None, encoding) per query."""
+        stage = self._stage(ref)
+        return [stage.decide(s, d, image, enc) for s, d, image, enc in items]
+
+    def has_judge(self) -> bool:
+        return bool(self.args.judge_base_url)

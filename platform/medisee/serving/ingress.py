@@ -1,0 +1,207 @@
+"""The HTTP ingress: validates and decodes a request, then MLLM -> verifier -> decoder (unless
+rejected) -> final verdict, each on its own deployment; the image of a multi-query request is
+encoded once by each stage."""
+
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+
+from medisee.infer.predictor import assemble, wants_decoder
+from medisee.serving.args import AppArgs
+from medisee.serving.requests import ApiError, parse_request, read_body
+from medisee.serving.responses import result_json
+
+log = logging.getLogger("medisee.serve")
+api = FastAPI(
+    title="MediSee",
+    version="1",
+    description="Reasoning segmentation of medical images: a mask, a box and an answer per question, "
+    "with MedVeriSeg's check that the asked-for target exists.",
+)
+PAGE = Path(__file__).with_name("page.html")
+
+
+def error(status: int, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"status": status, "message": message}, "request_id": request_id}
+    return JSONResponse(body, status_code=status, headers=headers or {})
+
+
+def configured_keys(args: AppArgs) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(args.api_keys_env, "").split(",") if k.strip()]
+    if args.api_keys_file:
+        keys += [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]
+    return keys
+
+
+def key_matches(given: str, keys: list[str]) -> bool:
+    """Constant time in the key's content: every configured key is compared, no early exit."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    return matched
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, args: AppArgs, mllm, verifier, decoder):
+        self.args, self.mllm, self.verifier, self.decoder = args, mllm, verifier, decoder
+        self.keys = configured_keys(args)
+        self.versions = [args.model, *[m for m in args.extra_models if m != args.model]]
+        self.ready: dict | None = None
+        self.judge = bool(args.judge_base_url)
+
+    # ----- helpers -------------------------------------------------------------------------------
+    def authorise(self, request: Request) -> None:
+        if not self.keys:
+            return
+        given = (
+            request.headers.get("x-api-key")
+            or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        )
+        if not given or not key_matches(given, self.keys):
+            raise ApiError(
+                401, "missing or wrong API key (send it as 'Authorization: Bearer <key>' or 'X-API-Key')"
+            )
+
+    def version(self, requested: str | None, header: str | None) -> str:
+        version = requested or header or self.args.model
+        if version not in self.versions:
+            raise ApiError(422, f"unknown model_version {version!r}; served: {', '.join(self.versions)}")
+        return version
+
+    async def answer(
+        self, image: np.ndarray, queries: list[str], version: str, early_reject: bool | None = None
+    ) -> tuple[list, dict]:
+        """The graph for one image: results (QueryResult, mask as RLE) and seconds per stage."""
+        early_reject = self.args.early_reject if early_reject is None else early_reject
+        t0 = time.perf_counter()
+        encodings = await self.mllm.options(multiplexed_model_id=version).remote(image, queries)
+        t1 = time.perf_counter()
+        screenings = await self.verifier.screen.remote(version, encodings)
+        t2 = time.perf_counter()
+        todo = [j for j, s in enumerate(screenings) if wants_decoder(s, early_reject)]
+        decoded = {}
+        if todo:
+            candidates = np.stack([encodings[j].candidates for j in todo])
+            out = await self.decoder.options(multiplexed_model_id=version).remote(image, candidates)
+            decoded = dict(zip(todo, out, strict=True))
+        t3 = time.perf_counter()
+        items = [
+            (s, decoded.get(j), image if self.judge else None, e)
+            for j, (s, e) in enumerate(zip(screenings, encodings, strict=True))
+        ]
+        verdicts = await self.verifier.decide.remote(version, items)
+        results = [
+            assemble(e, s, decoded.get(j), v, d, early_reject)
+            for j, (e, s, (v, d)) in enumerate(zip(encodings, screenings, verdicts, strict=True))
+        ]
+        t4 = time.perf_counter()
+        return results, {"mllm_s": t1 - t0, "verifier_s": (t2 - t1) + (t4 - t3), "decoder_s": t3 - t2}
+
+    # ----- endpoints -----------------------------------------------------------------------------
+    @api.post("/v1/segment")
+    async def segment(self, request: Request):
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        try:
+            self.authorise(request)
+            body = await read_body(request, self.args.max_upload_bytes)
+            req = await parse_request(request, body, self.args)
+            version = self.version(req.model_version, request.headers.get("serve_multiplexed_model_id"))
+            results, timings = await asyncio.wait_for(
+                self.answer(req.image, req.queries, version), self.args.request_timeout_s
+            )
+        except ApiError as exc:
+            return error(exc.status, exc.message, request_id, exc.headers)
+        except asyncio.TimeoutError:
+            return error(
+                503,
+                f"no answer within {self.args.request_timeout_s} s; try again",
+                request_id,
+                {"Retry-After": "2"},
+            )
+        except Exception as exc:  # the graph's own failures: overload first, then anything else
+            return self.graph_error(exc, request_id)
+        answers = [result_json(r, req.image, req.mask_format, req.heatmap, req.overlay) for r in results]
+        total = time.perf_counter() - started
+        log.info("request %s: %d queries, %.3f s%s", request_id, len(req.queries), total,
+                 f", queries {req.queries}" if self.args.log_payloads else "")  # fmt: skip
+        return {
+            "request_id": request_id,
+            "model_version": version,
+            "results": answers,
+            "timings": {**timings, "total_s": total},
+        }
+
+    def graph_error(self, exc: Exception, request_id: str) -> JSONResponse:
+        from ray.serve.exceptions import BackPressureError
+
+        from medisee.serving.versions import IncompatibleVersion
+
+        if isinstance(exc, BackPressureError) or "BackPressure" in type(exc).__name__:
+            return error(
+                503, "overloaded: too many requests queued; retry shortly", request_id, {"Retry-After": "1"}
+            )
+        if isinstance(exc, IncompatibleVersion) or "IncompatibleVersion" in str(exc):
+            return error(422, str(exc).splitlines()[-1][:300], request_id)
+        log.exception("request %s failed", request_id)
+        return error(500, f"internal error ({type(exc).__name__}); request id {request_id}", request_id)
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "alive"}
+
+    @api.get("/readyz")
+    async def readyz(self):
+        """Ready once every deployment answers and the golden pair comes back as stored."""
+        if self.ready is None:
+            try:
+                self.ready = await asyncio.wait_for(self.golden(), self.args.request_timeout_s)
+            except Exception as exc:  # not ready: say why
+                return JSONResponse(
+                    {"ready": False, "reason": f"{type(exc).__name__}: {exc}"[:500]}, status_code=503
+                )
+        return {"ready": True, "golden": self.ready}
+
+    async def golden(self) -> dict:
+        import json
+
+        from medisee.data.codec import decode_image
+        from medisee.infer.golden import GOLDEN_ANSWER, GOLDEN_IMAGE, answer_dict, compare_golden
+        from medisee.model.artifact import read_artifact_file
+        from medisee.serving.deployments import _settings
+
+        settings, uri = _settings(self.args), self.args.tracking_uri
+        want = read_artifact_file(self.args.model, GOLDEN_ANSWER, settings=settings, tracking_uri=uri)
+        png = read_artifact_file(self.args.model, GOLDEN_IMAGE, settings=settings, tracking_uri=uri)
+        if want is None or png is None:
+            raise RuntimeError(f"{self.args.model} stores no golden pair")
+        want = json.loads(want)
+        (result,), _ = await self.answer(
+            decode_image(png), [want["query"]], self.args.model, early_reject=False
+        )
+        return compare_golden(answer_dict(result, result.mask), want)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self.authorise(request)
+        except ApiError as exc:
+            return error(exc.status, exc.message, uuid.uuid4().hex)
+        return {"default": self.args.model, "versions": self.versions, "mode": self.args.mode,
+                "early_reject": self.args.early_reject}  # fmt: skip
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self):
+        return HTMLResponse(PAGE.read_text() if PAGE.exists() else "<h1>MediSee</h1>")
