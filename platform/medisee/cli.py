@@ -503,6 +503,49 @@ def evaluate(
                            **{k: report["segmentation"].get(k) for k in ("dice", "giou", "ciou", "box_iou", "acc50")}}))  # fmt: skip
 
 
+@app.command("serve")
+def serve_cmd(
+    model_uri: str = typer.Option(..., "--model", help=MODEL_HELP),
+    extra_model: list[str] | None = typer.Option(
+        None, help="Another version a request may ask for (repeatable)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    settings: list[str] | None = typer.Argument(
+        None, help="Application settings as key=value, e.g. mllm.num_replicas=2 batching=false (see AppArgs)."
+    ),
+) -> None:
+    """Serve a model locally: the Ray Serve graph behind http://HOST:PORT (API at /docs, web page at /)."""
+    import yaml
+    from ray import serve
+
+    from medisee.config import ConfigError, set_nested
+    from medisee.raylib import ensure_ray
+    from medisee.serving.app import build_app
+    from medisee.serving.args import AppArgs
+
+    tree: dict = {"model": model_uri, "extra_models": list(extra_model or [])}
+    try:
+        for item in settings or []:
+            key, _, raw = item.partition("=")
+            set_nested(tree, key.strip(), yaml.safe_load(raw))
+        args = AppArgs.model_validate(tree)
+    except (ConfigError, ValueError) as exc:
+        typer.secho(f"serve: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": args.request_timeout_s + 5})
+    serve.run(build_app(args), name="medisee", route_prefix="/", blocking=False)
+    typer.echo(f"serving {model_uri} on http://{host}:{port} (API docs at /docs); Ctrl-C to stop", err=True)
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
 @app.command("convert-checkpoint")
 def convert_checkpoint(
     input_uri: str = typer.Option(

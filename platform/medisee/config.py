@@ -259,6 +259,18 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             node = child
 
 
+def set_nested(tree: dict[str, Any], key: str, value: Any) -> None:
+    """`a.b.c=value` into a plain nested dict (no schema: the caller validates the result)."""
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key!r}: {part!r} is not a section")
+        node = child
+    node[last] = value
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")

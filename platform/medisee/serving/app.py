@@ -29,6 +29,7 @@ def build_app(args: AppArgs | dict) -> Application:
     verifier = VerifierDeployment.options(**stage_options(args.verifier)).bind(args)
     i = args.ingress
     ingress = Ingress.options(
+        user_config={"model": args.served or args.model, "extra_models": list(args.extra_models)},
         num_replicas=i.num_replicas,
         ray_actor_options={"num_cpus": i.num_cpus},
         max_ongoing_requests=i.max_ongoing_requests,

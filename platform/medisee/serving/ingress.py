@@ -2,7 +2,6 @@
 rejected) -> final verdict, each on its own deployment; the image of a multi-query request is
 encoded once by each stage."""
 
-
 import asyncio
 import hmac
 import logging
@@ -57,9 +56,16 @@ class Ingress:
     def __init__(self, args: AppArgs, mllm, verifier, decoder):
         self.args, self.mllm, self.verifier, self.decoder = args, mllm, verifier, decoder
         self.keys = configured_keys(args)
-        self.versions = [args.model, *[m for m in args.extra_models if m != args.model]]
-        self.ready: dict | None = None
+        self.reconfigure({"model": args.model, "extra_models": args.extra_models})
         self.judge = bool(args.judge_base_url)
+
+    def reconfigure(self, config: dict) -> None:
+        """The served version (Serve calls this on a user_config change: no replica restarts; the model
+        replicas load the new version's weights on their resident base through multiplexing)."""
+        self.model = config.get("model") or self.args.model
+        extra = config.get("extra_models") or []
+        self.versions = [self.model, *[m for m in [self.args.model, *extra] if m != self.model]]
+        self.ready: dict | None = None
 
     # ----- helpers -------------------------------------------------------------------------------
     def authorise(self, request: Request) -> None:
@@ -75,7 +81,7 @@ class Ingress:
             )
 
     def version(self, requested: str | None, header: str | None) -> str:
-        version = requested or header or self.args.model
+        version = requested or header or self.model
         if version not in self.versions:
             raise ApiError(422, f"unknown model_version {version!r}; served: {', '.join(self.versions)}")
         return version
@@ -183,14 +189,12 @@ class Ingress:
         from medisee.serving.deployments import _settings
 
         settings, uri = _settings(self.args), self.args.tracking_uri
-        want = read_artifact_file(self.args.model, GOLDEN_ANSWER, settings=settings, tracking_uri=uri)
-        png = read_artifact_file(self.args.model, GOLDEN_IMAGE, settings=settings, tracking_uri=uri)
+        want = read_artifact_file(self.model, GOLDEN_ANSWER, settings=settings, tracking_uri=uri)
+        png = read_artifact_file(self.model, GOLDEN_IMAGE, settings=settings, tracking_uri=uri)
         if want is None or png is None:
-            raise RuntimeError(f"{self.args.model} stores no golden pair")
+            raise RuntimeError(f"{self.model} stores no golden pair")
         want = json.loads(want)
-        (result,), _ = await self.answer(
-            decode_image(png), [want["query"]], self.args.model, early_reject=False
-        )
+        (result,), _ = await self.answer(decode_image(png), [want["query"]], self.model, early_reject=False)
         return compare_golden(answer_dict(result, result.mask), want)
 
     @api.get("/v1/models")
@@ -199,7 +203,7 @@ class Ingress:
             self.authorise(request)
         except ApiError as exc:
             return error(exc.status, exc.message, uuid.uuid4().hex)
-        return {"default": self.args.model, "versions": self.versions, "mode": self.args.mode,
+        return {"default": self.model, "versions": self.versions, "mode": self.args.mode,
                 "early_reject": self.args.early_reject}  # fmt: skip
 
     @api.get("/", response_class=HTMLResponse)
