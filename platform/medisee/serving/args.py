@@ -41,7 +41,9 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str  # the version every model replica loads at start (its base)
-    served: str | None = None  # the version answered by default (default: `model`); a config update switches it
+    served: str | None = (
+        None  # the version answered by default (default: `model`); a config update switches it
+    )
     extra_models: list[str] = Field(default_factory=list)  # versions a request may ask for (multiplexing)
     tracking_uri: str | None = None
     storage_endpoint: str | None = None

@@ -152,6 +152,8 @@ def _flag(value, name: str) -> bool:
 
 
 def sniff(data: bytes) -> str:
+    if data[128:132] == b"DICM":  # first: a DICOM preamble may itself look like a TIFF header
+        return "dicom"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png"
     if data[:3] == b"\xff\xd8\xff":
@@ -160,8 +162,6 @@ def sniff(data: bytes) -> str:
         return "tiff"
     if data[:2] == b"BM":
         return "bmp"
-    if data[128:132] == b"DICM":
-        return "dicom"
     return "unknown"
 
 

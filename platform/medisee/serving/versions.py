@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import torch
+import yaml
 
 from medisee.storage import StorageSettings
 
@@ -31,10 +32,16 @@ class VersionedPart:
         local, _ = fetch(ref, self.settings, self.tracking_uri)
         manifest = read_manifest(local, ref)
         mine = self.loaded.manifest
-        for key in ("preset", "vocab_size", "candidate_ids", "image_token_id"):
+        for key in ("preset", "vocab_size", "candidate_ids", "image_token_id", "base"):
             if manifest.get(key) != mine.get(key):
                 raise IncompatibleVersion(
                     f"{ref}: {key} {manifest.get(key)!r} differs from the served base's {mine.get(key)!r}"
+                )
+        if not any(manifest["base"].values()):  # randomly initialised base models: the seed is the base
+            seed = yaml.safe_load((local / "config.yaml").read_text())["run"]["seed"]
+            if seed != self.loaded.config.run.seed:
+                raise IncompatibleVersion(
+                    f"{ref}: built on random base models of seed {seed}, the served base on {self.loaded.config.run.seed}"
                 )
         weights = weights_for(self.model, local / WEIGHTS)
         own = self.model.state_dict()

@@ -1,0 +1,84 @@
+"""One Serve application for the serving tests: two versions of the tiny model on one base,
+an API key, real HTTP on a free port of the session's local Ray."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port, wait_for_http
+
+API_KEY = "test-key-0123456789"
+
+
+@dataclass
+class Served:
+    url: str
+    v1: str
+    v2: str
+    key: str
+    app_name: str = "medisee"
+
+    def headers(self, **extra) -> dict:
+        return {"Authorization": f"Bearer {self.key}", **extra}
+
+
+def make_artifact(folder: Path, retrained: bool = False) -> str:
+    """The tiny model; `retrained`: another version on the same base (its trained weights moved)."""
+    import torch
+
+    from medisee.config import load_config
+    from medisee.model.artifact import build_from_config, save_model_dir
+
+    cfg = load_config("tiny")
+    model = build_from_config(cfg)
+    if retrained:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    save_model_dir(model, cfg, folder)
+    return str(folder)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def app_args(served: Served | None = None, **changes):
+    from medisee.serving.args import AppArgs
+
+    return AppArgs(
+        **{
+            "model": served.v1,
+            "extra_models": [served.v2],
+            "api_keys_file": str(Path(served.v1).parent / "keys.txt"),
+            **changes,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def served(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from medisee.serving.app import build_app
+
+    root = tmp_path_factory.mktemp("serving")
+    (root / "keys.txt").write_text(f"another-key\n{API_KEY}\n")
+    state = Served("", make_artifact(root / "v1"), make_artifact(root / "v2", retrained=True), API_KEY)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    serve.run(build_app(app_args(state)), name=state.app_name, route_prefix="/")
+    state.url = f"http://127.0.0.1:{port}"
+    wait_for_http(state.url + "/healthz", timeout=120)
+    yield state
+    serve.shutdown()
