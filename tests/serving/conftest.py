@@ -53,17 +53,11 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def app_args(served: Served | None = None, **changes):
+def app_args(state: Served, **changes):
     from medisee.serving.args import AppArgs
 
-    return AppArgs(
-        **{
-            "model": served.v1,
-            "extra_models": [served.v2],
-            "api_keys_file": str(Path(served.v1).parent / "keys.txt"),
-            **changes,
-        }
-    )
+    keys = str(Path(state.v1).parent / "keys.txt")
+    return AppArgs(**{"model": state.v1, "extra_models": [state.v2], "api_keys_file": keys, **changes})
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,14 @@ def stage_options(options: StageOptions) -> dict:
 
 def build_app(args: AppArgs | dict) -> Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    served = args.served or args.model
+    args = args.model_copy(update={"served": None})  # only the ingress's user_config names it: no restarts
     mllm = MLLMDeployment.options(**stage_options(args.mllm)).bind(args)
     decoder = DecoderDeployment.options(**stage_options(args.decoder)).bind(args)
     verifier = VerifierDeployment.options(**stage_options(args.verifier)).bind(args)
     i = args.ingress
     ingress = Ingress.options(
-        user_config={"model": args.served or args.model, "extra_models": list(args.extra_models)},
+        user_config={"model": served, "extra_models": list(args.extra_models)},
         num_replicas=i.num_replicas,
         ray_actor_options={"num_cpus": i.num_cpus},
         max_ongoing_requests=i.max_ongoing_requests,

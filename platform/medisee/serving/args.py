@@ -71,7 +71,10 @@ class AppArgs(BaseModel):
 
     @classmethod
     def from_env(cls) -> AppArgs:
-        """For the module-level app of serve/app.py: the model from $MEDISEE_SERVE_MODEL."""
+        """For the module-level app of serve/app.py: $MEDISEE_SERVE_ARGS (JSON of these fields), else the
+        model from $MEDISEE_SERVE_MODEL and the tracking server from $MLFLOW_TRACKING_URI."""
+        if os.environ.get("MEDISEE_SERVE_ARGS"):
+            return cls.model_validate_json(os.environ["MEDISEE_SERVE_ARGS"])
         return cls(
             model=os.environ.get("MEDISEE_SERVE_MODEL", "models:/medisee@production"),
             tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
