@@ -17,7 +17,7 @@ from ray import serve
 
 from medisee.infer.predictor import assemble, wants_decoder
 from medisee.serving.args import AppArgs
-from medisee.serving.requests import ApiError, parse_request, read_body
+from medisee.serving.requests import ApiError, openapi_request_body, parse_request, read_body
 from medisee.serving.responses import result_json
 
 log = logging.getLogger("medisee.serve")
@@ -116,7 +116,7 @@ class Ingress:
         return results, {"mllm_s": t1 - t0, "verifier_s": (t2 - t1) + (t4 - t3), "decoder_s": t3 - t2}
 
     # ----- endpoints -----------------------------------------------------------------------------
-    @api.post("/v1/segment")
+    @api.post("/v1/segment", openapi_extra=openapi_request_body())
     async def segment(self, request: Request):
         request_id = uuid.uuid4().hex
         started = time.perf_counter()

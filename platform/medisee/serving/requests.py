@@ -11,10 +11,75 @@ import binascii
 import io
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel
+from pydantic import Field as PydanticField
 
 from medisee.serving.args import AppArgs
+
+
+class ReturnOptions(BaseModel):
+    mask_format: Literal["rle", "png"] = "rle"
+    heatmap: bool = False
+    overlay: bool = False
+
+
+class SegmentJSON(BaseModel):
+    """The JSON form of POST /v1/segment (documented in the OpenAPI schema; checked by parse_request)."""
+
+    image: str = PydanticField(
+        description="base64 of a PNG, JPEG, TIFF, BMP or DICOM file (a data: URL is fine)"
+    )
+    queries: list[str] = PydanticField(
+        min_length=1, description="questions about the image, answered separately"
+    )
+    model_version: str | None = PydanticField(
+        None, description="a served version (GET /v1/models); default: the served one"
+    )
+    return_: ReturnOptions = PydanticField(default_factory=ReturnOptions, alias="return")
+
+
+def inline_refs(schema: dict) -> dict:
+    """Replace `#/$defs/X` references by the definitions (they would not resolve inside OpenAPI)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def openapi_request_body() -> dict:
+    """OpenAPI requestBody of /v1/segment: JSON or multipart (the image as a file)."""
+    multipart = {
+        "type": "object",
+        "required": ["image", "query"],
+        "properties": {
+            "image": {"type": "string", "format": "binary"},
+            "query": {"type": "array", "items": {"type": "string"}},
+            "model_version": {"type": "string"},
+            "mask_format": {"type": "string", "enum": ["rle", "png"]},
+            "heatmap": {"type": "boolean"},
+            "overlay": {"type": "boolean"},
+        },
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": inline_refs(SegmentJSON.model_json_schema(by_alias=True))},
+                "multipart/form-data": {"schema": multipart},
+            },
+        }
+    }
 
 
 class ApiError(Exception):
