@@ -396,8 +396,15 @@ def infer(
         "-q",
         help="records (shards) | a .jsonl manifest | 'template=Segment the {class}.;classes=liver,spleen'",
     ),
-    model_uri: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model_uri: str | None = typer.Option(
+        None, "--model", help=MODEL_HELP + " Default with --via-serve: the app's."
+    ),
     output_uri: str = typer.Option(..., "--output", "-o", help="Output folder or s3:// prefix."),
+    via_serve: str | None = typer.Option(
+        None,
+        "--via-serve",
+        help="Name of a running Serve application to send the images to (no second model copy).",
+    ),
     config: str | None = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. infer.mllm_actors=2."),
 ) -> None:
@@ -415,16 +422,13 @@ def infer(
     from medisee.storage import StorageSettings
 
     quiet_logs()
-    cfg = _config(
-        config,
-        [
-            *(overrides or []),
-            f"infer.input={input_uri}",
-            f"infer.output={output_uri}",
-            f"infer.model={model_uri}",
-        ],
-    )
-    cfg.infer.queries = queries
+    cfg = _config(config, [*(overrides or []), f"infer.input={input_uri}", f"infer.output={output_uri}"])
+    cfg.infer.queries, cfg.infer.model, cfg.infer.via_serve = queries, model_uri, via_serve
+    if not (model_uri or via_serve):
+        typer.secho(
+            "infer: give --model, or --via-serve APP to use a running application's", fg="red", err=True
+        )
+        raise typer.Exit(2)
     try:
         summary = score_archive(
             cfg, StorageSettings.from_config(cfg.storage), log=lambda m: typer.echo(m, err=True)

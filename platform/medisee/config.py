@@ -184,6 +184,8 @@ class ScoringConfig(Section):
     slice_axis: int = Field(2, ge=0, le=2)  # NIfTI slicing axis
     resample_spacing: bool = False  # NIfTI: resample slices to square pixels before scoring
     keep_empty_slices: bool = False  # NIfTI: score slices of constant intensity too
+    via_serve: str | None = None  # a running Serve application's name: send the images to it instead
+    serve_in_flight: int = Field(8, ge=1)  # requests outstanding per scoring actor when via_serve
 
 
 class RunConfig(Section):

@@ -20,6 +20,7 @@ from medisee.scoring.decode import DecodeOptions, decode_partition
 from medisee.scoring.plan import plan_digest, plan_partitions
 from medisee.scoring.queries import QueryPlan, QuerySpecError, parse_query_spec
 from medisee.scoring.stages import DecoderStep, MLLMStep, ModelSpec, finish_rows, screen_rows
+from medisee.scoring.via_serve import ServeStep
 from medisee.scoring.writer import (
     PartitionWriter,
     WriterOptions,
@@ -61,7 +62,7 @@ def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, l
     from medisee.model.artifact import describe_model
 
     ic = cfg.infer
-    for key in ("input", "output", "model"):
+    for key in ("input", "output") + (() if ic.via_serve else ("model",)):
         if not getattr(ic, key):
             raise QuerySpecError(f"infer.{key} is required")
     started = time.time()
@@ -72,6 +73,12 @@ def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, l
             "infer.queries=records takes the queries from parquet shards; this input has images, "
             "DICOM or NIfTI files: give a .jsonl manifest or a template"
         )
+    if ic.via_serve:
+        from medisee.raylib import ensure_ray
+        from medisee.scoring.via_serve import served_version
+
+        ensure_ray()
+        ic.model = ic.model or served_version(ic.via_serve)
     model = describe_model(ic.model, settings=settings, tracking_uri=cfg.tracking.uri)
     resumed = check_or_start_job(ic.output, job_identity(cfg, model, partitions), settings)
     done = completed_partitions(ic.output, settings)
@@ -113,6 +120,31 @@ def run_graph(cfg, todo: list[dict], queries: QueryPlan, model: dict, settings, 
         decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=ic.decode_num_cpus,
         fn_kwargs={"queries": queries, "opts": opts},
     )  # fmt: skip
+    if ic.via_serve:
+        ds = ds.map_batches(
+            ServeStep, batch_size=ic.mllm_batch_images, batch_format="pyarrow", num_cpus=ic.task_num_cpus,
+            compute=ActorPoolStrategy(size=ic.mllm_actors),
+            fn_constructor_kwargs={"app_name": ic.via_serve, "model_info": {**info, "ref": ic.model},
+                                   "max_in_flight": ic.serve_in_flight, "overlay_fraction": ic.overlay_fraction},
+        )  # fmt: skip
+    else:
+        ds = model_steps(ds, cfg, spec, model, info)
+    writer = WriterOptions(ic.output, settings, ic.dicom_seg, ic.nifti_labels, ic.slice_axis, info)
+    ds = ds.map_batches(
+        PartitionWriter, fn_constructor_kwargs={"options": writer}, batch_size=None, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=1), num_cpus=ic.task_num_cpus,
+    )  # fmt: skip
+    finished = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        finished += batch.num_rows
+    log(f"{finished} of {len(todo)} partitions written")
+
+
+def model_steps(ds, cfg, spec: ModelSpec, model: dict, info: dict):
+    """MLLM actors -> screening tasks -> decoder actors -> decision tasks (the actor-pool path)."""
+    from ray.data import ActorPoolStrategy
+
+    ic = cfg.infer
     ds = ds.map_batches(
         MLLMStep, fn_constructor_kwargs={"spec": spec, "mode": ic.mode, "max_new_tokens": ic.max_new_tokens},
         batch_size=ic.mllm_batch_images, batch_format="pyarrow", compute=ActorPoolStrategy(size=ic.mllm_actors),
@@ -135,15 +167,7 @@ def run_graph(cfg, todo: list[dict], queries: QueryPlan, model: dict, settings, 
             "clip_size": cfg.data.clip_image_size,
         },
     )  # fmt: skip
-    writer = WriterOptions(ic.output, settings, ic.dicom_seg, ic.nifti_labels, ic.slice_axis, info)
-    ds = ds.map_batches(
-        PartitionWriter, fn_constructor_kwargs={"options": writer}, batch_size=None, batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=1), num_cpus=ic.task_num_cpus,
-    )  # fmt: skip
-    finished = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        finished += batch.num_rows
-    log(f"{finished} of {len(todo)} partitions written")
+    return ds
 
 
 def summarize(output: str, partitions: list[dict], settings, seconds: float, scored: int) -> dict:

@@ -282,41 +282,44 @@ def result_rows(row: dict, stage, early_reject: bool, model_info: dict) -> list[
             image = image_of(row)
         verdict, decided_by = stage.decide(screening, decoded, image, enc)
         result = assemble(enc, screening, decoded, verdict, decided_by, early_reject)
-        out.append(
-            {
-                "status": "result",
-                "record_id": row["record_ids"][j],
-                **{
-                    k: row.get(k)
-                    for k in ("image_id", "source", "series_uid", "sop_uid", "slice_index", "height", "width")
-                },
-                "query": result.query,
-                "answer": result.answer,
-                "found": result.found,
-                "verdict": result.verdict,
-                "decided_by": result.decided_by,
-                "judged": result.decided_by == "judge",
-                "strength": result.strength,
-                "compactness": result.compactness,
-                "purity": result.purity,
-                "mask_score": result.mask_score,
-                "iou_score": result.iou_score,
-                "area_fraction": result.area_fraction,
-                "decoded": decoded is not None,
-                "box": list(result.box) if result.box else None,
-                "box_unclipped": list(result.box_unclipped) if result.box_unclipped else None,
-                "mask_rle": result.mask,  # the RLE text (see decoded_of), None when rejected
-                "mask_area": rle_area(result.mask) if result.mask else None,
-                "t_decode_s": row.get("t_decode"),
-                "t_mllm_s": row.get("t_mllm"),
-                "t_verifier_s": row.get("t_verifier"),
-                "t_decoder_s": row.get("t_decoder"),
-                "model_name": model_info.get("name"),
-                "model_version": model_info.get("version"),
-                "model_sha256": model_info.get("sha256"),
-            }
-        )
+        out.append(result_row(row, j, result, decoded is not None, model_info))
     return out
+
+
+def result_row(row: dict, j: int, result, decoded: bool, model_info: dict) -> dict:
+    """Output row of query j of an image row; `result.mask` is the RLE text (None when rejected)."""
+    return {
+        "status": "result",
+        "record_id": row["record_ids"][j],
+        **{
+            k: row.get(k)
+            for k in ("image_id", "source", "series_uid", "sop_uid", "slice_index", "height", "width")
+        },
+        "query": result.query,
+        "answer": result.answer,
+        "found": result.found,
+        "verdict": result.verdict,
+        "decided_by": result.decided_by,
+        "judged": result.decided_by == "judge",
+        "strength": result.strength,
+        "compactness": result.compactness,
+        "purity": result.purity,
+        "mask_score": result.mask_score,
+        "iou_score": result.iou_score,
+        "area_fraction": result.area_fraction,
+        "decoded": decoded,
+        "box": list(result.box) if result.box else None,
+        "box_unclipped": list(result.box_unclipped) if result.box_unclipped else None,
+        "mask_rle": result.mask,
+        "mask_area": rle_area(result.mask) if result.mask else None,
+        "t_decode_s": row.get("t_decode"),
+        "t_mllm_s": row.get("t_mllm"),
+        "t_verifier_s": row.get("t_verifier"),
+        "t_decoder_s": row.get("t_decoder"),
+        "model_name": model_info.get("name"),
+        "model_version": model_info.get("version"),
+        "model_sha256": model_info.get("sha256"),
+    }
 
 
 def rle_area(rle_text: str) -> int:

@@ -67,6 +67,10 @@ class Ingress:
         self.versions = [self.model, *[m for m in [self.args.model, *extra] if m != self.model]]
         self.ready: dict | None = None
 
+    def served_version(self) -> str:
+        """For batch scoring through this application (medisee infer --via-serve)."""
+        return self.model
+
     # ----- helpers -------------------------------------------------------------------------------
     def authorise(self, request: Request) -> None:
         if not self.keys:
