@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m medisee.demo
 
 test: $(STAMP)
+	@sh tools/ensure_chromium.sh || true
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP)
