@@ -60,7 +60,7 @@ def app_args(state: Served, **changes):
     return AppArgs(**{"model": state.v1, "extra_models": [state.v2], "api_keys_file": keys, **changes})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # torn down before other packages' tests need the CPUs back
 def served(ray_local, tmp_path_factory):
     from ray import serve
 
