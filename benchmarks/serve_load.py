@@ -1,0 +1,538 @@
+"""Online serving benchmark (tiny preset, CPU, real HTTP): the Serve application under load.
+
+One run builds the tiny model's artifact in a temporary folder, starts a local Ray (2 CPUs) and Serve
+on a free 127.0.0.1 port, and measures, side by side:
+
+  (a) dynamic batching on vs. off (`AppArgs(batching=False)`): throughput and p50/p99 latency at
+      concurrency 1, 8 and 32 (closed loop: that many async httpx clients, one query per request,
+      8 phantom images × a query about an organ they show);
+  (b) the graph's overhead at concurrency 1: p50 over HTTP minus p50 of the same stages in this
+      process (`Predictor.from_artifact`, same artifact, same early_reject, 1 torch thread as in a
+      replica), same image and query;
+  (c) early rejection's saving on a mix with 50 % false queries (an organ the image does not show):
+      `early_reject=True` vs. `False`. The untrained tiny model's verifier rejects nothing under the
+      default thresholds, so the artifact of (c) carries a calibration whose rule says "absent" for
+      about half of the mix (strength below the mix's median; see docs/benchmarks.md); the share
+      actually rejected is measured from the answers and printed next to the saving.
+
+Both variants of a comparison are deployed at once as two applications under their own route
+prefixes (replica CPUs reduced so that both fit 2 CPUs), and measured in alternation, round after
+round, so that drifting load on a shared machine hits both alike.
+
+Where the time goes, per window: the stage times the answers report ("timings"), the batches Serve
+formed (`serve_actual_batch_size`, from Ray's Prometheus endpoint) and the CPU milliseconds per
+request of every process of this Ray (replicas by deployment, HTTP proxy, Ray's daemons, this client).
+
+Last lines, one per figure (the last is the headline):
+  {"name": "serve_overhead_p50_ms", "value": <ms, batching on as deployed>, "unit": "ms", "target": 15}
+  {"name": "serve_overhead_p50_ms_batching_off", "value": <ms>, "unit": "ms", "target": 15}
+  {"name": "early_reject_rejected_share", "value": <% of the answers>, "unit": "%", "target": null}
+  {"name": "early_reject_saving", "value": <% less time per request>, "unit": "%", "target": null}
+  {"name": "serve_batching_speedup_c32", "value": <ratio>, "unit": "x", "target": 2.5}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")  # replicas' access logs would be streamed to this process
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # batch-size metrics within a second
+os.environ.pop("MEDISEE_API_KEYS", None)  # no API key: the benchmark measures the graph
+
+IMAGES = 8
+SEED = 7
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----- requests ----------------------------------------------------------------------------------
+def png_bytes(image) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def body(image, query: str) -> bytes:
+    return json.dumps({"image": base64.b64encode(png_bytes(image)).decode(), "queries": [query]}).encode()
+
+
+def request_mix():
+    """Per phantom image: a query about an organ it shows (true) and one about an organ it lacks (false)."""
+    from medisee.data import phantom
+
+    images, true_pairs, false_pairs = [], [], []
+    for index in range(IMAGES):
+        image, masks = phantom.generate(SEED, index, 128)
+        present = sorted(masks)
+        absent = [o for o in phantom.ORGAN_NAMES if o not in masks]
+        images.append(image)
+        true_pairs.append((index, f"Segment the {present[index % len(present)]}."))
+        false_pairs.append((index, f"Segment the {absent[index % len(absent)]}."))
+    return images, true_pairs, false_pairs
+
+
+# ----- load --------------------------------------------------------------------------------------
+@dataclass
+class Window:
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # of the requests answered in the window
+    errors: int = 0
+    sent: int = 0  # every request of the run, warm-up and drain included (for requests per batch)
+    timings: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    rejected: int = 0  # answers whose rule said absent (decoder skipped with early rejection)
+    answers: int = 0
+
+    def add(self, other: Window) -> None:
+        self.seconds += other.seconds
+        self.latencies += other.latencies
+        self.errors += other.errors
+        self.sent += other.sent
+        self.rejected += other.rejected
+        self.answers += other.answers
+        for k, v in other.timings.items():
+            self.timings[k] += v
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else float("nan")
+
+    def ms(self, q: float) -> float:
+        return 1000 * percentile(self.latencies, q)
+
+    def stage_ms(self) -> dict[str, float]:
+        return {k: round(1000 * statistics.mean(v), 1) for k, v in self.timings.items() if v}
+
+
+async def closed_loop(
+    url: str, bodies: list[bytes], concurrency: int, seconds: float, warmup: float
+) -> Window:
+    """`concurrency` clients, each sending its next request when the previous one is answered; the
+    requests answered within [warm-up end, warm-up end + seconds] are measured."""
+    import httpx
+
+    window = Window()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        begin, end = started + warmup, started + warmup + seconds
+
+        async def worker(offset: int) -> None:
+            i = offset
+            while (t0 := time.perf_counter()) < end:
+                response = await client.post(url, content=bodies[i % len(bodies)], headers=headers)
+                t1 = time.perf_counter()
+                i += concurrency
+                window.sent += 1
+                if not begin <= t1 <= end:  # warm-up, or past the window
+                    continue
+                if response.status_code != 200:
+                    window.errors += 1
+                    continue
+                window.latencies.append(t1 - t0)
+                answer = response.json()
+                for k, v in answer["timings"].items():
+                    window.timings[k].append(v)
+                for result in answer["results"]:
+                    window.answers += 1
+                    window.rejected += result["verdict"] == "absent" and result["decided_by"] == "rule"
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    window.seconds = seconds
+    return window
+
+
+# ----- Serve -------------------------------------------------------------------------------------
+def two_apps_args(model: str, **changes):
+    """AppArgs with replica CPUs reduced so that two applications fit 2 CPUs (1.0 each)."""
+    from medisee.serving.args import AppArgs, IngressOptions, StageOptions
+
+    return AppArgs(
+        model=model,
+        mllm=StageOptions(num_cpus=0.4),
+        decoder=StageOptions(num_cpus=0.4),
+        verifier=StageOptions(num_cpus=0.1, max_batch_size=16),
+        ingress=IngressOptions(num_cpus=0.1),
+        **changes,
+    )
+
+
+def deploy(base: str, apps: dict) -> dict[str, str]:
+    """{name: AppArgs} as applications at /name; returns {name: segment URL} once each is ready."""
+    import httpx
+    from ray import serve
+
+    from medisee.serving.app import build_app
+
+    for name, args in apps.items():
+        started = time.perf_counter()
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{base}/{name}/readyz", timeout=60).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise TimeoutError(f"application {name} not ready")
+        log(f"deployed {name} in {time.perf_counter() - started:.1f} s")
+    time.sleep(5)  # let the controller and the new replicas settle
+    return {name: f"{base}/{name}/v1/segment" for name in apps}
+
+
+BATCH_LINE = re.compile(r"^ray_serve_actual_batch_size_(count|bucket)\{(.*)\} ([0-9.e+]+)$")
+
+
+def batch_counters(port: int) -> dict[tuple[str, str], dict[str, float]]:
+    """{(application, deployment): {"count": batches, "le=<bound>": batches up to that size}} from
+    Serve's `serve_actual_batch_size` histogram (its `_sum` reads half the true sum in Ray 2.60, so
+    requests per batch come from the requests sent instead)."""
+    import httpx
+
+    out: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return out
+    for line in text.splitlines():
+        match = BATCH_LINE.match(line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            key = (labels.get("application", ""), labels.get("deployment", "").removesuffix("Deployment"))
+            name = "count" if match.group(1) == "count" else f"le={float(labels['le']):g}"
+            out[key][name] += float(match.group(3))
+    return out
+
+
+def batch_summary(before: dict, after: dict, app: str, sent: int) -> dict[str, str]:
+    """Per batched deployment: requests per batch (requests sent / batches) and the share of batches
+    of 1, 2, 3-4 and 5-8 requests."""
+    summary = {}
+    for (application, deployment), counts in after.items():
+        if application != app:
+            continue
+        old = before.get((application, deployment), {})
+        delta = {k: v - old.get(k, 0.0) for k, v in counts.items()}
+        batches = delta.get("count", 0.0)
+        if batches <= 0:
+            continue
+        shares, below = [], 0.0
+        for label, bound in (("1", 1), ("2", 2), ("3-4", 4), ("5-8", 8)):
+            upto = delta.get(f"le={bound}", 0.0)
+            shares.append(f"{label}:{100 * (upto - below) / batches:.0f}%")
+            below = upto
+        summary[deployment] = f"{sent / batches:.2f} req/batch ({' '.join(shares)})"
+    return summary
+
+
+def cpu_seconds(app: str) -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far)} of this Ray's processes. Roles: the replicas of `app` by
+    deployment, the HTTP proxy, the Serve controller, the other application's (idle) replicas, Ray's
+    own daemons and idle workers, and this process (the load generator)."""
+    import psutil
+    import ray
+
+    node = ray._private.worker._global_node
+    daemons = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    processes = [*raylet.children(recursive=True), *(psutil.Process(pid) for pid in daemons)]
+    out: dict[int, tuple[str, float]] = {}
+    for process in [*processes, psutil.Process(os.getpid())]:
+        try:
+            title = (process.cmdline() or [""])[0]
+            if process.pid == os.getpid():
+                role = "client"
+            elif title.startswith("ray::ServeReplica:"):
+                _, application, deployment = title.removeprefix("ray::").split(":", 2)
+                deployment = deployment.split(".", 1)[0].removesuffix("Deployment")  # title: + the method
+                role = deployment if application == app else "other app"
+            elif title.startswith("ray::ProxyActor"):
+                role = "proxy"
+            elif title.startswith("ray::ServeController"):
+                role = "controller"
+            else:
+                role = "ray daemons"
+            times = process.cpu_times()
+            out[process.pid] = (role, times.user + times.system)
+        except psutil.Error:
+            continue
+    return out
+
+
+def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """CPU milliseconds per request by role (processes alive at both ends), largest first."""
+    roles: dict[str, float] = defaultdict(float)
+    for pid, (role, seconds) in after.items():
+        if pid in before:
+            roles[role] += seconds - before[pid][1]
+    ranked = sorted(roles.items(), key=lambda kv: -kv[1])
+    return {role: round(1000 * seconds / max(requests, 1), 1) for role, seconds in ranked}
+
+
+# ----- the benchmark -----------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="a short run (seconds, not minutes)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per window")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each window")
+    parser.add_argument("--rounds", type=int, default=2, help="alternated repetitions of every comparison")
+    parser.add_argument("--levels", default="1,8,32", help="concurrency levels of (a)")
+    parser.add_argument("--calls", type=int, default=40, help="requests per round and variant in (b)")
+    parser.add_argument("--reject-concurrency", type=int, default=8, help="concurrency of (c)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.warmup, args.rounds, args.calls = 3.0, 1.5, 1, 8
+    levels = [int(x) for x in args.levels.split(",")]
+
+    import torch
+
+    from medisee.raylib import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    import ray
+    from ray import serve
+
+    from medisee.config import load_config
+    from medisee.infer import Predictor
+    from medisee.model.artifact import build_from_config, save_model_dir
+    from medisee.verify.calibrate import CalibratedVerifier
+    from medisee.verify.decision import Thresholds
+
+    torch.set_num_threads(1)  # as in a replica (num_cpus < 1: OMP_NUM_THREADS=1)
+    run_started, load_start = time.perf_counter(), os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    atexit.register(shutil.rmtree, tmp, True)
+    cfg = load_config("tiny")
+    model = build_from_config(cfg)
+    plain = str(tmp / "plain")
+    save_model_dir(model, cfg, plain)
+
+    images, true_pairs, false_pairs = request_mix()
+    # (c)'s calibration: the rule says "absent" when all three scores are below their thresholds.
+    # Compactness and purity thresholds out of reach (always below), strength at the mix's median:
+    # the lower half of the mix is rejected by the rule, the upper half is "uncertain" and goes
+    # through the decoder to the fallback (untrained weights: present).
+    mix = true_pairs + false_pairs
+    predictor = Predictor(model, early_reject=True)
+    strength = []
+    for index, query in mix:
+        (screening,) = predictor.verifier.screen(predictor.mllm([images[index]], [[query]]))
+        strength.append(screening.strength)
+    ordered = sorted(strength)
+    half = len(ordered) // 2
+    cut = (ordered[half - 1] + ordered[half]) / 2
+    calibration = CalibratedVerifier(thresholds=Thresholds(strength=cut, compactness=2.0, purity=2.0))
+    calibrated = str(tmp / "calibrated")
+    save_model_dir(model, cfg, calibrated, calibration=calibration)
+    expected = sum(s < cut for s in strength) / len(strength)
+    log(f"(c) calibration: strength threshold {cut:.4f} (mix strengths {ordered[0]:.3f}..{ordered[-1]:.3f}), "
+        f"rule 'absent' in-process for {expected:.0%} of the mix")  # fmt: skip
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+    base = f"http://127.0.0.1:{port}"
+    metrics_port = ray._private.worker._global_node.metrics_export_port
+
+    # ----- (a) batching on vs. off, and (b) overhead at concurrency 1 ----------------------------
+    urls = deploy(base, {"on": two_apps_args(plain), "off": two_apps_args(plain, batching=False)})
+    bodies = [body(images[i], q) for i, q in true_pairs]
+    windows: dict[tuple[str, int], Window] = defaultdict(Window)
+    rounds: dict[tuple[str, int], list[float]] = defaultdict(list)
+    batches: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    cpu: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in range(args.rounds):
+        for level in levels:
+            for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                before, cpu_before = batch_counters(metrics_port), cpu_seconds(name)
+                w = asyncio.run(closed_loop(urls[name], bodies, level, args.seconds, args.warmup))
+                cpu[(name, level)].append(cpu_per_request(cpu_before, cpu_seconds(name), w.sent))
+                time.sleep(2.5)
+                after = batch_counters(metrics_port)
+                batches[(name, level)].append(batch_summary(before, after, name, w.sent))
+                windows[(name, level)].add(w)
+                rounds[(name, level)].append(w.rps)
+                log(f"(a) round {r + 1} c={level:>2} batching {name:>3}: {w.rps:6.1f} req/s, "
+                    f"p50 {w.ms(50):6.1f} ms, p99 {w.ms(99):6.1f} ms, errors {w.errors}, "
+                    f"stages {w.stage_ms()}, batches {batches[(name, level)][-1]}")  # fmt: skip
+                log(
+                    f"    CPU ms per request: {cpu[(name, level)][-1]}; load average {os.getloadavg()[0]:.1f}"
+                )
+
+    # (b): one image and query, alternated: in-process, HTTP batching on, HTTP batching off
+    image, query = images[true_pairs[0][0]], true_pairs[0][1]
+    one = body(image, query)
+    local = Predictor.from_artifact(plain, early_reject=True)
+    local.predict(image, [query])
+    overhead: dict[str, list[float]] = defaultdict(list)
+    stage_b: dict[str, list[dict]] = defaultdict(list)
+
+    async def sequential(url: str, n: int) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=60) as client:
+            await client.post(url, content=one, headers={"content-type": "application/json"})
+            for _ in range(n):
+                t0 = time.perf_counter()
+                response = await client.post(url, content=one, headers={"content-type": "application/json"})
+                overhead[url].append(time.perf_counter() - t0)
+                stage_b[url].append(response.json()["timings"])
+
+    for _ in range(args.rounds):
+        for _ in range(args.calls):
+            t0 = time.perf_counter()
+            local.predict(image, [query])
+            overhead["in-process"].append(time.perf_counter() - t0)
+        for name in ("on", "off"):
+            asyncio.run(sequential(urls[name], args.calls))
+    p50_local = 1000 * statistics.median(overhead["in-process"])
+    local_stages = {k: round(1000 * v, 1) for k, v in local.predict(image, [query])[0].timings.items()}
+    overhead_ms = {}
+    for name in ("on", "off"):
+        p50 = 1000 * statistics.median(overhead[urls[name]])
+        overhead_ms[name] = p50 - p50_local
+        stages = {
+            k: round(1000 * statistics.median(t[k] for t in stage_b[urls[name]]), 1)
+            for k in stage_b[urls[name]][0]
+        }
+        log(f"(b) batching {name:>3}: HTTP p50 {p50:.1f} ms (median stage times in the ingress {stages}), "
+            f"in-process p50 {p50_local:.1f} ms ({local_stages}) -> overhead {overhead_ms[name]:.1f} ms")  # fmt: skip
+    for name in ("on", "off"):
+        serve.delete(name)
+
+    # ----- (c) early rejection on vs. off on the 50 % false mix -----------------------------------
+    urls = deploy(
+        base,
+        {"reject": two_apps_args(calibrated), "no_reject": two_apps_args(calibrated, early_reject=False)},
+    )
+    mix_bodies = [
+        body(images[i], q) for i, q in (p for pair in zip(true_pairs, false_pairs, strict=True) for p in pair)
+    ]
+    reject: dict[tuple[str, int], Window] = defaultdict(Window)
+    for r in range(args.rounds):
+        for level in (1, args.reject_concurrency):
+            for name in ("reject", "no_reject") if r % 2 == 0 else ("no_reject", "reject"):
+                w = asyncio.run(closed_loop(urls[name], mix_bodies, level, args.seconds, args.warmup))
+                reject[(name, level)].add(w)
+                log(f"(c) round {r + 1} c={level} {name:>9}: {w.rps:6.1f} req/s, mean "
+                    f"{1000 * statistics.mean(w.latencies):6.1f} ms, errors {w.errors}, stages {w.stage_ms()}, "
+                    f"rule-absent {w.rejected}/{w.answers}")  # fmt: skip
+    serve.shutdown()
+
+    # ----- summary --------------------------------------------------------------------------------
+    log(f"\nsummary ({args.rounds} alternated rounds of {args.seconds:g} s per window; "
+        f"total {time.perf_counter() - run_started:.0f} s; machine load average at the start "
+        f"{load_start[0]:.1f}, at the end {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min))")  # fmt: skip
+    log("(a) concurrency | batching on: req/s, p50, p99 | batching off: req/s, p50, p99 | speedup")
+    speedup = {}
+    for level in levels:
+        on, off = windows[("on", level)], windows[("off", level)]
+        speedup[level] = on.rps / off.rps
+        log(f"    {level:>3} | {on.rps:6.1f}, {on.ms(50):6.1f} ms, {on.ms(99):6.1f} ms | {off.rps:6.1f}, "
+            f"{off.ms(50):6.1f} ms, {off.ms(99):6.1f} ms | {speedup[level]:.2f}x "
+            f"(per round on {[round(x, 1) for x in rounds[('on', level)]]}, off "
+            f"{[round(x, 1) for x in rounds[('off', level)]]}; errors {on.errors}/{off.errors})")  # fmt: skip
+    log("(a) CPU milliseconds per request by process (mean of the rounds):")
+    for level in levels:
+        for name in ("on", "off"):
+            rows = cpu[(name, level)]
+            roles = sorted(
+                {role for r in rows for role in r}, key=lambda x: -sum(r.get(x, 0.0) for r in rows)
+            )
+            mean = {role: round(statistics.mean(r.get(role, 0.0) for r in rows), 1) for role in roles}
+            log(f"    c={level:>2} batching {name:>3}: total {sum(mean.values()):.1f}: {mean}; "
+                f"batches per round {batches[(name, level)]}")  # fmt: skip
+    level = args.reject_concurrency
+    on, off = reject[("reject", level)], reject[("no_reject", level)]
+    saving = 100 * (1 - off.rps / on.rps)  # time per request saved at the same concurrency
+    lat_on, lat_off = (statistics.mean(reject[(n, 1)].latencies) for n in ("reject", "no_reject"))
+    share = on.rejected / max(on.answers, 1)
+    log(f"(c) c={level}: {on.rps:.1f} req/s with early rejection vs {off.rps:.1f} without -> "
+        f"{saving:.1f} % less time per request; c=1 mean latency {1000 * lat_on:.1f} vs {1000 * lat_off:.1f} ms "
+        f"({100 * (1 - lat_on / lat_off):.1f} % less); rejected by the rule: {share:.0%} of the answers "
+        f"(in-process expectation {expected:.0%})")  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "name": "serve_overhead_p50_ms",
+                "value": round(overhead_ms["on"], 1),
+                "unit": "ms",
+                "target": 15,
+            }
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "name": "serve_overhead_p50_ms_batching_off",
+                "value": round(overhead_ms["off"], 1),
+                "unit": "ms",
+                "target": 15,
+            }
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "name": "early_reject_rejected_share",
+                "value": round(100 * share, 1),
+                "unit": "%",
+                "target": None,
+            }
+        )
+    )
+    print(json.dumps({"name": "early_reject_saving", "value": round(saving, 1), "unit": "%", "target": None}))
+    top = levels[-1]
+    print(
+        json.dumps(
+            {
+                "name": f"serve_batching_speedup_c{top}",
+                "value": round(speedup[top], 2),
+                "unit": "x",
+                "target": 2.5,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
