@@ -480,7 +480,6 @@ def evaluate(
     from medisee.console import quiet_logs
     from medisee.infer.golden import GoldenMismatch
     from medisee.model.checkpoint import CheckpointError
-    from medisee.raylib import ensure_ray
     from medisee.scoring.evaluate import evaluate_model
     from medisee.scoring.plan import PlanError, slug
     from medisee.storage import StorageSettings
@@ -488,7 +487,6 @@ def evaluate(
     quiet_logs()
     cfg = _config(config, [*(overrides or []), f"infer.model={model_uri}"])
     output_uri = output_uri or f".medisee/eval/{slug(model_uri)}-{split}"
-    ensure_ray()
     try:
         report = evaluate_model(
             cfg, StorageSettings.from_config(cfg.storage), data_uri, split, output_uri, worst,

@@ -62,6 +62,3 @@ def test_via_serve_rows_equal_the_actor_pool_rows(served, tmp_path):
             continue
         np.testing.assert_allclose(a["box"], b["box"], atol=1e-3)
         assert (rle_to_mask(a["mask_rle"]) != rle_to_mask(b["mask_rle"])).mean() < 1e-3
-
-    again, _ = score(inputs, tmp_path / "via", via_serve=served.app_name)  # resumed: nothing left to do
-    assert again["partitions_scored_this_run"] == 0 and again["results"] == 10
