@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/model_step.py
 	$(BIN)/python benchmarks/train_ingest.py
 	$(BIN)/python benchmarks/predict.py
+	$(BIN)/python benchmarks/batch_pipeline.py
 	$(BIN)/python benchmarks/serve_load.py
 
 clean:
