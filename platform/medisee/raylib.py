@@ -32,15 +32,22 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in RAY_ENV_DEFAULTS if k in os.environ}
-    for key in ("MEDISEE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        if os.environ.get(key):
-            env_vars[key] = os.environ[key]
     ray.init(
         address=address or None,
         num_cpus=None if address else num_cpus,
         include_dashboard=False,
         ignore_reinit_error=True,
         logging_level="WARNING",
-        runtime_env={"env_vars": env_vars},
+        # A local Ray's workers inherit this process's environment. A job runtime env there would
+        # keep Ray from handing out the workers it prestarts (an actor waits ~1.5 s longer for its
+        # own); a cluster's workers need the variables sent along.
+        runtime_env={"env_vars": worker_env()} if address else None,
     )
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in RAY_ENV_DEFAULTS if k in os.environ}
+    for key in ("MEDISEE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env

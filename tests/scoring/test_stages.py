@@ -246,3 +246,18 @@ def test_infer_command_refuses_bad_input_queries_and_a_foreign_output(tmp_path, 
     foreign = infer("--input", str(tmp_path / "in"), "--queries", QUERIES)
     assert foreign.exit_code == 2 and "holds the output of another job" in foreign.output
     assert not (tmp_path / "out" / "results").exists()
+
+
+def test_decode_and_writer_steps_import_no_torch():
+    """Decode workers and the writer start without torch (seconds per process on 2 cores)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import medisee.scoring.decode, medisee.scoring.writer, medisee.scoring.stages\n"
+        "from medisee.infer import VerifierStage\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -19,7 +19,7 @@ import numpy as np
 from medisee.infer.decoder_stage import DecoderStage
 from medisee.infer.images import as_rgb_uint8
 from medisee.infer.mllm_stage import MLLMStage
-from medisee.infer.results import QueryResult
+from medisee.infer.results import QueryResult, assemble, wants_decoder
 from medisee.infer.verifier_stage import VerifierStage
 
 
@@ -100,35 +100,3 @@ class Predictor:
             for result in per_image:
                 result.timings = dict(timings)
         return results
-
-
-def wants_decoder(screening, early_reject: bool) -> bool:
-    """Decode unless the answer had no candidate tokens, or early rejection is on and the rule said absent."""
-    return screening is not None and not (early_reject and screening.rule == "absent")
-
-
-def assemble(
-    encoding, screening, decoded, verdict: str, decided_by: str, early_reject: bool = False
-) -> QueryResult:
-    """One result; with early rejection, a query whose final verdict is absent shows no box and no mask."""
-    result = QueryResult(
-        query=encoding.query,
-        answer=encoding.answer,
-        found=encoding.found,
-        verdict=verdict,
-        decided_by=decided_by,
-        similarity=encoding.similarity,
-    )
-    if screening is not None:
-        result.strength, result.compactness, result.purity = (
-            screening.strength,
-            screening.compactness,
-            screening.purity,
-        )
-    if decoded is not None:
-        result.box, result.box_unclipped, result.mask = decoded.box, decoded.box_unclipped, decoded.mask
-        result.mask_score, result.iou_score = decoded.mask_score, decoded.iou_score
-        result.area_fraction = decoded.area_fraction
-    if early_reject and verdict == "absent":
-        result.box = result.box_unclipped = result.mask = None
-    return result

@@ -1,4 +1,6 @@
-"""What the stages hand each other (small: states, maps and masks, never image features)."""
+"""What the stages hand each other (small: states, maps and masks, never image features), and
+how one query's result is put together from them. No torch here: batch writers and the serving
+ingress import this without loading a model."""
 
 from __future__ import annotations
 
@@ -61,3 +63,35 @@ class QueryResult:
     iou_score: float | None = None
     area_fraction: float | None = None
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, shared by the call
+
+
+def wants_decoder(screening, early_reject: bool) -> bool:
+    """Decode unless the answer had no candidate tokens, or early rejection is on and the rule said absent."""
+    return screening is not None and not (early_reject and screening.rule == "absent")
+
+
+def assemble(
+    encoding, screening, decoded, verdict: str, decided_by: str, early_reject: bool = False
+) -> QueryResult:
+    """One result; with early rejection, a query whose final verdict is absent shows no box and no mask."""
+    result = QueryResult(
+        query=encoding.query,
+        answer=encoding.answer,
+        found=encoding.found,
+        verdict=verdict,
+        decided_by=decided_by,
+        similarity=encoding.similarity,
+    )
+    if screening is not None:
+        result.strength, result.compactness, result.purity = (
+            screening.strength,
+            screening.compactness,
+            screening.purity,
+        )
+    if decoded is not None:
+        result.box, result.box_unclipped, result.mask = decoded.box, decoded.box_unclipped, decoded.mask
+        result.mask_score, result.iou_score = decoded.mask_score, decoded.iou_score
+        result.area_fraction = decoded.area_fraction
+    if early_reject and verdict == "absent":
+        result.box = result.box_unclipped = result.mask = None
+    return result

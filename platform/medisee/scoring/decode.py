@@ -14,9 +14,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from medisee import storage
 from medisee.data.codec import BadRecord, as_rgb, decode_image, window_to_uint8
+from medisee.scoring import schema
 from medisee.scoring.queries import QueryPlan
 from medisee.storage import StorageSettings
 
@@ -30,6 +32,17 @@ class DecodeOptions:
     resample_spacing: bool = False
     keep_empty_slices: bool = False
     ct_window: tuple[float, float] = (-160.0, 240.0)
+
+
+def decode_batch(batch: pa.Table, queries: QueryPlan, opts: DecodeOptions) -> pa.Table:
+    """The Ray Data step: partitions (JSON) in, image rows out. Imports no torch: a decode worker
+    starts in a fraction of the time a model worker does."""
+    rows = [
+        r
+        for p in batch.column("partition").to_pylist()
+        for r in decode_partition(json.loads(p), queries, opts)
+    ]
+    return schema.table(rows, schema.IMAGE_ROW)
 
 
 def decode_partition(partition: dict, queries: QueryPlan, opts: DecodeOptions) -> list[dict]:

@@ -1,7 +1,11 @@
 """`medisee infer`: score an archive on Ray Data, exactly once.
 
     plan (driver: list and group the inputs) -> decode (CPU tasks) -> MLLMStep (actor pool)
-    -> screen_rows (tasks) -> DecoderStep (actor pool) -> finish_rows (tasks) -> PartitionWriter (1 actor)
+    -> screen_rows -> DecoderStep (actor pool) -> finish_rows -> PartitionWriter (1 actor)
+
+Ray Data fuses screen_rows into the decoder actors and finish_rows into the writer. Only the two
+model actors import torch (seconds per process on a small machine, most of a short job's start-up);
+decode workers and the writer do not.
 
 The driver only sees the plan and one small summary per finished partition.
 """
@@ -11,12 +15,9 @@ from __future__ import annotations
 import json
 import time
 
-import pyarrow as pa
-
 from medisee import storage
 from medisee.config import MediSeeConfig
-from medisee.scoring import schema
-from medisee.scoring.decode import DecodeOptions, decode_partition
+from medisee.scoring.decode import DecodeOptions, decode_batch
 from medisee.scoring.plan import plan_digest, plan_partitions
 from medisee.scoring.queries import QueryPlan, QuerySpecError, parse_query_spec
 from medisee.scoring.stages import DecoderStep, MLLMStep, ModelSpec, finish_rows, screen_rows
@@ -34,15 +35,6 @@ OUTPUT_OPTIONS = (
     "mode", "max_new_tokens", "early_reject", "mask_threshold", "images_per_partition", "split",
     "slice_axis", "resample_spacing", "keep_empty_slices", "max_file_bytes", "max_image_pixels",
 )  # fmt: skip
-
-
-def decode_batch(batch: pa.Table, queries: QueryPlan, opts: DecodeOptions) -> pa.Table:
-    rows = [
-        r
-        for p in batch.column("partition").to_pylist()
-        for r in decode_partition(json.loads(p), queries, opts)
-    ]
-    return schema.table(rows, schema.IMAGE_ROW)
 
 
 def job_identity(cfg: MediSeeConfig, model: dict, partitions: list[dict]) -> dict:
@@ -150,8 +142,10 @@ def model_steps(ds, cfg, spec: ModelSpec, model: dict, info: dict):
         batch_size=ic.mllm_batch_images, batch_format="pyarrow", compute=ActorPoolStrategy(size=ic.mllm_actors),
         num_cpus=ic.mllm_num_cpus, num_gpus=ic.mllm_num_gpus,
     )  # fmt: skip
+    # With the decoder's resources Ray Data fuses the screening into the decoder actors: no process
+    # of its own to start (importing torch there costs seconds) and no extra hop for the rows.
     ds = ds.map_batches(
-        screen_rows, batch_format="pyarrow", num_cpus=ic.task_num_cpus,
+        screen_rows, batch_format="pyarrow", num_cpus=ic.decoder_num_cpus, num_gpus=ic.decoder_num_gpus,
         fn_kwargs={"calibration_json": model["calibration_json"]},
     )  # fmt: skip
     ds = ds.map_batches(

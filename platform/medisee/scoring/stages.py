@@ -20,8 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from medisee.data.codec import mask_to_rle
-from medisee.infer.predictor import assemble, wants_decoder
-from medisee.infer.results import Decoded, QueryEncoding, Screening
+from medisee.infer.results import Decoded, QueryEncoding, Screening, assemble, wants_decoder
 from medisee.scoring import schema
 
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from medisee.infer.predictor import assemble, wants_decoder
+from medisee.infer.results import assemble, wants_decoder
 from medisee.serving.args import AppArgs
 from medisee.serving.requests import ApiError, openapi_request_body, parse_request, read_body
 from medisee.serving.responses import result_json
