@@ -185,3 +185,21 @@ def test_a_query_judged_absent_after_decoding_keeps_no_mask(tiny, images):
     assert result.mask is None and result.box is None and result.mask_score is not None
     kept = Predictor(tiny, always_absent, early_reject=False).predict(images[0], QUERIES[0])[0]
     assert kept.verdict == "absent" and kept.mask is not None
+
+
+def test_settled_verdicts_are_those_decide_gives():
+    """The ingress skips the decision hop for settled queries: the screening alone must give the
+    same verdict as the full decision, whatever the decoder said."""
+    from medisee.infer.results import Decoded, Screening
+    from medisee.infer.verifier_stage import VerifierStage, settled
+
+    stage = VerifierStage()
+    decoded = Decoded(box=(0, 0, 4, 4), box_unclipped=(0, 0, 4, 4), mask=None, mask_score=0.9,
+                      iou_score=0.8, area_fraction=0.1)  # fmt: skip
+    screens = [None] + [Screening(0.5, 0.5, 0.9, rule) for rule in ("present", "absent", "uncertain")]
+    for screening in screens:
+        verdict = settled(screening)
+        if screening is not None and screening.rule == "uncertain":
+            assert verdict is None
+            continue
+        assert verdict == stage.decide(screening, decoded) == stage.decide(screening, None)

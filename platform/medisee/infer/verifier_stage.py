@@ -42,8 +42,8 @@ class VerifierStage:
         encoding: QueryEncoding | None = None,
     ) -> tuple[str, str]:
         """(verdict, decided_by); the judge is asked only for uncertain cases and only with the image."""
-        if screening is None:
-            return "absent", "answer"
+        if (verdict := settled(screening)) is not None:
+            return verdict
         scores = Scores(screening.strength, screening.compactness, screening.purity)
         evidence = Evidence(
             scores,
@@ -61,3 +61,14 @@ class VerifierStage:
             clip_size=self.clip_size,
         )
         return decision.verdict.value, decision.source
+
+
+def settled(screening: Screening | None) -> tuple[str, str] | None:
+    """The final (verdict, decided_by) when the screening alone decides it: no candidate tokens in
+    the answer, or the rule said present or absent. None when the decoder's signals (and the judge)
+    are needed. Lets a caller skip the decision step, e.g. a hop to the verifier deployment."""
+    if screening is None:
+        return "absent", "answer"
+    if screening.rule != "uncertain":
+        return screening.rule, "rule"
+    return None

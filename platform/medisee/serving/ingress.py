@@ -1,6 +1,7 @@
 """The HTTP ingress: validates and decodes a request, then MLLM -> verifier -> decoder (unless
 rejected) -> final verdict, each on its own deployment; the image of a multi-query request is
-encoded once by each stage."""
+encoded once by each stage. The final verdict goes back to the verifier only for queries its rule
+left uncertain (the others are settled by the screening)."""
 
 import asyncio
 import hmac
@@ -16,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from medisee.infer.results import assemble, wants_decoder
+from medisee.infer.verifier_stage import settled
 from medisee.serving.args import AppArgs
 from medisee.serving.requests import ApiError, openapi_request_body, parse_request, read_body
 from medisee.serving.responses import result_json
@@ -107,11 +109,14 @@ class Ingress:
             out = await self.decoder.options(multiplexed_model_id=version).remote(image, candidates)
             decoded = dict(zip(todo, out, strict=True))
         t3 = time.perf_counter()
-        items = [
-            (s, decoded.get(j), image if self.judge else None, e)
-            for j, (s, e) in enumerate(zip(screenings, encodings, strict=True))
-        ]
-        verdicts = await self.verifier.decide.remote(version, items)
+        verdicts = [settled(s) for s in screenings]
+        undecided = [j for j, v in enumerate(verdicts) if v is None]
+        if undecided:  # only uncertain queries need the decoder's signals (and the judge): one more hop
+            items = [
+                (screenings[j], decoded.get(j), image if self.judge else None, encodings[j]) for j in undecided
+            ]
+            for j, verdict in zip(undecided, await self.verifier.decide.remote(version, items), strict=True):
+                verdicts[j] = verdict
         results = [
             assemble(e, s, decoded.get(j), v, d, early_reject)
             for j, (e, s, (v, d)) in enumerate(zip(encodings, screenings, verdicts, strict=True))
