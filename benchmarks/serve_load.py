@@ -13,7 +13,9 @@ on a free 127.0.0.1 port, and measures, side by side:
       `early_reject=True` vs. `False`. The untrained tiny model's verifier rejects nothing under the
       default thresholds, so the artifact of (c) carries a calibration whose rule says "absent" for
       about half of the mix (strength below the mix's median; see docs/benchmarks.md); the share
-      actually rejected is measured from the answers and printed next to the saving.
+      actually rejected is measured from the answers and printed next to the saving;
+  (d) Serve's own cost with no model: an HTTP request to an ingress that answers at once (the proxy
+      hop), and what one handle call carrying the image adds (each hop of the graph).
 
 Both variants of a comparison are deployed at once as two applications under their own route
 prefixes (replica CPUs reduced so that both fit 2 CPUs), and measured in alternation, round after
@@ -28,6 +30,9 @@ Last lines, one per figure (the last is the headline):
   {"name": "serve_overhead_p50_ms_batching_off", "value": <ms>, "unit": "ms", "target": 15}
   {"name": "early_reject_rejected_share", "value": <% of the answers>, "unit": "%", "target": null}
   {"name": "early_reject_saving", "value": <% less time per request>, "unit": "%", "target": null}
+  {"name": "serve_proxy_p50_ms" / "serve_handle_call_p50_ms", ...}  (d): Serve's own cost, no model
+  {"name": "model_batching_ceiling", "value": <the model stages in-process, 8 requests one at a time
+                                               over one batch of 8: batching's limit>, "unit": "x", "target": null}
   {"name": "serve_batching_speedup_c32", "value": <ratio>, "unit": "x", "target": 2.5}
 """
 
@@ -307,6 +312,72 @@ def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float
     return {role: round(1000 * seconds / max(requests, 1), 1) for role, seconds in ranked}
 
 
+def batching_ceiling(predictor, pairs: list[tuple], rounds: int = 5) -> float:
+    """Per-request time of the model stages in this process, 8 requests one at a time over 8 as one
+    batch (1 thread, as a replica): what batching could give if serving cost nothing."""
+    pairs = pairs[:8]
+    alone, batched = [], []
+    predictor.predict_batch([i for i, _ in pairs], [[q] for _, q in pairs])
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for image, query in pairs:
+            predictor.predict(image, [query])
+        alone.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        predictor.predict_batch([i for i, _ in pairs], [[q] for _, q in pairs])
+        batched.append(time.perf_counter() - t0)
+    ratio = statistics.median(alone) / statistics.median(batched)
+    log(f"(a) model stages in-process, 8 requests: one at a time {1000 * statistics.median(alone):.1f} ms, "
+        f"one batch {1000 * statistics.median(batched):.1f} ms -> at most {ratio:.2f}x from batching")  # fmt: skip
+    return ratio
+
+
+def hop_costs(base: str, one: bytes, image, rounds: int, calls: int) -> dict[str, float]:
+    """(d) Serve's own cost, no model: p50 of an HTTP request to an ingress that reads the body and
+    answers (the proxy hop), and what one handle call with the image adds (one hop of the graph)."""
+    import httpx
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Echo:
+        def __call__(self, array):
+            return {"shape": list(array.shape)}
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    @serve.ingress(api)
+    class NoopIngress:
+        def __init__(self, echo):
+            self.echo = echo
+
+        @api.post("/zero")
+        async def zero(self, request: Request):
+            return {"bytes": len(await request.body())}
+
+        @api.post("/one")
+        async def one(self, request: Request):
+            await request.body()
+            return await self.echo.remote(image)
+
+    serve.run(NoopIngress.bind(Echo.bind()), name="hops", route_prefix="/hops")
+    times: dict[str, list[float]] = defaultdict(list)
+    with httpx.Client(timeout=60) as client:
+        for _ in range(rounds):
+            for path in ("zero", "one"):
+                for i in range(calls + 3):
+                    t0 = time.perf_counter()
+                    client.post(f"{base}/hops/{path}", content=one).raise_for_status()
+                    if i >= 3:
+                        times[path].append(time.perf_counter() - t0)
+    serve.delete("hops")
+    zero, one_hop = (1000 * statistics.median(times[k]) for k in ("zero", "one"))
+    log(f"(d) no model: HTTP to an ingress that answers at once p50 {zero:.1f} ms; one handle call with "
+        f"the image adds {one_hop - zero:.1f} ms")  # fmt: skip
+    return {"proxy_ms": zero, "handle_call_ms": one_hop - zero}
+
+
 # ----- the benchmark -----------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -425,6 +496,7 @@ def main() -> None:
         for name in ("on", "off"):
             asyncio.run(sequential(urls[name], args.calls))
     p50_local = 1000 * statistics.median(overhead["in-process"])
+    ceiling = batching_ceiling(local, [(images[i], q) for i, q in true_pairs])
     local_stages = {k: round(1000 * v, 1) for k, v in local.predict(image, [query])[0].timings.items()}
     overhead_ms = {}
     for name in ("on", "off"):
@@ -438,6 +510,7 @@ def main() -> None:
             f"in-process p50 {p50_local:.1f} ms ({local_stages}) -> overhead {overhead_ms[name]:.1f} ms")  # fmt: skip
     for name in ("on", "off"):
         serve.delete(name)
+    hops = hop_costs(base, one, image, args.rounds, 2 * args.calls)
 
     # ----- (c) early rejection on vs. off on the 50 % false mix -----------------------------------
     urls = deploy(
@@ -521,6 +594,19 @@ def main() -> None:
         )
     )
     print(json.dumps({"name": "early_reject_saving", "value": round(saving, 1), "unit": "%", "target": None}))
+    for key in ("proxy_ms", "handle_call_ms"):
+        line = {
+            "name": f"serve_{key[:-3]}_p50_ms",
+            "value": round(hops[key], 1),
+            "unit": "ms",
+            "target": None,
+        }
+        print(json.dumps(line))
+    print(
+        json.dumps(
+            {"name": "model_batching_ceiling", "value": round(ceiling, 2), "unit": "x", "target": None}
+        )
+    )
     top = levels[-1]
     print(
         json.dumps(

@@ -17,7 +17,7 @@ class StageOptions(BaseModel):
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.0, ge=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # waited only when other requests are in flight
     max_concurrent_batches: int = Field(1, ge=1)
     max_ongoing_requests: int | None = None  # default: max_batch_size × max_concurrent_batches × 2
     max_queued_requests: int = Field(64, ge=1)

@@ -34,7 +34,8 @@ class _Versioned:
         self.resident = VersionedPart(args.model, self.part, _settings(args), args.tracking_uri)
         options = getattr(args, "mllm" if self.part == "mllm" else "decoder")
         self._batched.set_max_batch_size(options.max_batch_size if args.batching else 1)
-        self._batched.set_batch_wait_timeout_s(options.batch_wait_timeout_s if args.batching else 0.0)
+        self.batch_wait_s = options.batch_wait_timeout_s if args.batching else 0.0
+        self.in_flight = 0
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def weights(self, ref: str):
@@ -55,7 +56,15 @@ class _Versioned:
             return fn(*inputs)
 
     async def __call__(self, *request):
-        return await self._batched(*request)
+        # Serve's batcher closes a batch batch_wait_timeout_s after its first request, even when
+        # nothing else is coming. Wait only while other requests are in flight on this replica: a
+        # lone request runs at once, under load the batch fills.
+        self.in_flight += 1
+        try:
+            self._batched.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+            return await self._batched(*request)
+        finally:
+            self.in_flight -= 1
 
 
 @serve.deployment

@@ -113,7 +113,8 @@ class Ingress:
         undecided = [j for j, v in enumerate(verdicts) if v is None]
         if undecided:  # only uncertain queries need the decoder's signals (and the judge): one more hop
             items = [
-                (screenings[j], decoded.get(j), image if self.judge else None, encodings[j]) for j in undecided
+                (screenings[j], decoded.get(j), image if self.judge else None, encodings[j])
+                for j in undecided
             ]
             for j, verdict in zip(undecided, await self.verifier.decide.remote(version, items), strict=True):
                 verdicts[j] = verdict
