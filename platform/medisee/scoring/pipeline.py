@@ -133,7 +133,8 @@ def run_graph(cfg, todo: list[dict], queries: QueryPlan, model: dict, settings, 
 
 
 def model_steps(ds, cfg, spec: ModelSpec, model: dict, info: dict):
-    """MLLM actors -> screening tasks -> decoder actors -> decision tasks (the actor-pool path)."""
+    """MLLM actors -> screening and decoder actors (fused) -> decision (fused into the writer):
+    the actor-pool path."""
     from ray.data import ActorPoolStrategy
 
     ic = cfg.infer

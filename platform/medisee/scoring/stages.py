@@ -235,20 +235,30 @@ def finish_rows(
     clip_size: int = 336,
 ) -> pa.Table:
     stage = verifier_stage(calibration_json, judge_config, clip_size)
+
+    def results_of(row: dict) -> list[dict]:
+        results = result_rows(row, stage, early_reject, model_info or {})
+        if overlay_fraction and sampled(row["image_id"], overlay_fraction):
+            from medisee.scoring.overlays import draw_overlay
+
+            results[0]["overlay_png"] = draw_overlay(image_of(row), results, row)
+        return results
+
+    return output_table(batch.to_pylist(), results_of)
+
+
+def output_table(rows: list[dict], results_of) -> pa.Table:
+    """Output rows of image rows: a skip marker, the error rows, or `results_of(row)`; each keeps
+    the partition fields the writer counts by. Shared by the actor-pool and the Serve path."""
     out: list[dict] = []
-    for row in batch.to_pylist():
+    for row in rows:
         common = {k: row.get(k) for k in ("partition", "partition_rows", "partition_skipped")}
         if row["kind"] == "skip":
             out.append({**common, "status": "skip", "image_id": row["image_id"]})
         elif row.get("error"):
             out.extend({**common, **r} for r in error_rows(row))
         else:
-            results = result_rows(row, stage, early_reject, model_info or {})
-            if overlay_fraction and sampled(row["image_id"], overlay_fraction):
-                from medisee.scoring.overlays import draw_overlay
-
-                results[0]["overlay_png"] = draw_overlay(image_of(row), results, row)
-            out.extend({**common, **r} for r in results)
+            out.extend({**common, **r} for r in results_of(row))
     return schema.table(out, schema.OUTPUT_ROW)
 
 

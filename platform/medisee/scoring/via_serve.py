@@ -14,8 +14,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from medisee.scoring import schema
-from medisee.scoring.stages import error_rows, image_of, result_row, sampled, scoreable
+from medisee.scoring.stages import error_rows, image_of, output_table, result_row, sampled, scoreable
 
 
 def served_version(app_name: str) -> str:
@@ -35,19 +34,9 @@ class ServeStep:
         self.overlay_fraction, self.timeout_s = overlay_fraction, timeout_s
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out: list[dict] = []
         rows = batch.to_pylist()
-        todo = [r for r in rows if scoreable(r)]
-        answers = self._ask(todo)
-        for row in rows:
-            common = {k: row.get(k) for k in ("partition", "partition_rows", "partition_skipped")}
-            if row["kind"] == "skip":
-                out.append({**common, "status": "skip", "image_id": row["image_id"]})
-            elif row.get("error"):
-                out.extend({**common, **r} for r in error_rows(row))
-            else:
-                out.extend({**common, **r} for r in self._results(row, *answers[row["image_id"]]))
-        return schema.table(out, schema.OUTPUT_ROW)
+        answers = self._ask([r for r in rows if scoreable(r)])
+        return output_table(rows, lambda row: self._results(row, *answers[row["image_id"]]))
 
     def _ask(self, rows: list[dict]) -> dict[str, tuple]:
         """image_id -> (results, timings) or (None, error), at most max_in_flight outstanding."""
