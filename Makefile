@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 export RAY_USAGE_STATS_ENABLED = 0
-export RAY_AUTH_MODE = disabled
 export MLFLOW_DISABLE_TELEMETRY = true
 export AWS_EC2_METADATA_DISABLED = true
 export HF_HUB_OFFLINE = 1

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from medisee.raylib import RAY_ENV_DEFAULTS
+from medisee.raylib import LOCAL_RAY_ENV, RAY_ENV_DEFAULTS
 
 os.environ.update(
     {
         **RAY_ENV_DEFAULTS,
+        **LOCAL_RAY_ENV,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",

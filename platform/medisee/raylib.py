@@ -7,7 +7,6 @@ import os
 RAY_ENV_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # binds 127.0.0.1 for a local cluster
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "AWS_EC2_METADATA_DISABLED": "true",
     "HF_HUB_OFFLINE": "1",
@@ -27,8 +26,19 @@ RAY_ENV_DEFAULTS = {
 }
 
 
+# Only for a Ray this process starts itself (loopback, no other users). Joining RAY_ADDRESS, Ray's own
+# rule applies: token authentication when the cluster uses it (RAY_AUTH_MODE=token + RAY_AUTH_TOKEN).
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+# Sent to a cluster's workers in the job's runtime env: settings only. Credentials never travel there
+# (Ray stores a runtime env with the job and shows it in the dashboard and the jobs API); workers take
+# them from their own environment: Kubernetes Secrets, instance roles, or the stack's env.
+FORWARDED_SETTINGS = ("MEDISEE_S3_ENDPOINT", "AWS_DEFAULT_REGION")
+
+
 def apply_env_defaults() -> None:
-    for key, value in RAY_ENV_DEFAULTS.items():
+    defaults = RAY_ENV_DEFAULTS if os.environ.get("RAY_ADDRESS") else RAY_ENV_DEFAULTS | LOCAL_RAY_ENV
+    for key, value in defaults.items():
         os.environ.setdefault(key, value)
 
 
@@ -54,8 +64,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
 
 def worker_env() -> dict[str, str]:
-    env = {k: os.environ[k] for k in RAY_ENV_DEFAULTS if k in os.environ}
-    for key in ("MEDISEE_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return env
+    """The environment a cluster's workers get from this job: our Ray defaults and non-secret settings."""
+    names = [*RAY_ENV_DEFAULTS, *FORWARDED_SETTINGS]
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
