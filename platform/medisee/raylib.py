@@ -8,7 +8,6 @@ RAY_ENV_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # binds 127.0.0.1 for a local cluster
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
-    "AWS_EC2_METADATA_DISABLED": "true",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # Ray Train's print patch echoes a print twice once anything wraps sys.stdout (colorama does)
@@ -17,7 +16,7 @@ RAY_ENV_DEFAULTS = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     # Serve's throughput mode: replicas call each other over gRPC (a handle call costs ~4-6 ms here
     # instead of ~7-10 ms). Read when a Serve process starts, so a cluster sets these in its
-    # containers' env (infra/rayservice.yaml). Kept as without it: Serve's HTTP proxy (direct ingress
+    # containers' env (the medisee-env ConfigMap in infra/k8s). Kept as without it: Serve's HTTP proxy (direct ingress
     # would bind a port range on every ingress replica) and the router's own loop (handles used
     # outside an event loop, as batch scoring through Serve does, need it).
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -27,8 +26,9 @@ RAY_ENV_DEFAULTS = {
 
 
 # Only for a Ray this process starts itself (loopback, no other users). Joining RAY_ADDRESS, Ray's own
-# rule applies: token authentication when the cluster uses it (RAY_AUTH_MODE=token + RAY_AUTH_TOKEN).
-LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+# rule applies: token authentication when the cluster uses it (RAY_AUTH_MODE=token + RAY_AUTH_TOKEN),
+# and a cloud node's instance role needs the metadata service.
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "AWS_EC2_METADATA_DISABLED": "true"}
 
 # Sent to a cluster's workers in the job's runtime env: settings only. Credentials never travel there
 # (Ray stores a runtime env with the job and shows it in the dashboard and the jobs API); workers take
