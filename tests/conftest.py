@@ -129,7 +129,7 @@ def mlflow_server(s3_server, tmp_path_factory):
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
     )
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
+        wait_for_http(f"http://127.0.0.1:{port}/health", timeout=300, proc=proc)  # slow under load
     except Exception:
         proc.kill()
         raise RuntimeError((workdir / "server.log").read_text()[-3000:]) from None

@@ -42,7 +42,11 @@ RESUMABLE_CHANGES = (
     "trainer.max_failures",
     "trainer.fail_at_step",
     "trainer.num_workers",
+    "trainer.min_workers",
+    "trainer.elastic_resize_interval_s",
+    "trainer.worker_start_timeout_s",
     "trainer.cpus_per_worker",
+    "trainer.resources_per_worker",
     "trainer.use_gpu",
     "trainer.strategy",
     "trainer.fsdp_layer_dtype",
@@ -113,9 +117,36 @@ class ModelConfig(Section):
 
 
 class TrainerConfig(Section):
-    num_workers: int = Field(2, ge=1)
+    """How the recipe trains, and over how many Ray Train workers.
+
+    Workers: `num_workers` alone is a fixed group. With `min_workers` the group is elastic: Ray Train
+    starts with as many workers as the cluster holds, between `min_workers` and `num_workers`; when a
+    node is lost, the group restarts on the capacity left (if at least `min_workers` fit) and every
+    worker resumes from the run's latest checkpoint. While healthy, the group grows back towards
+    `num_workers` when capacity returns (looked at every `elastic_resize_interval_s`; growing is also
+    a restart from the latest checkpoint). A lost node counts as one worker failure against
+    `max_failures`, unless the cloud announced it as a preemption (those are not counted).
+    Ray's view of the cluster lags a node loss by up to ~20 s, so the first restart may still ask for
+    the old size; it waits `worker_start_timeout_s` for those resources (Ray's default: 60 s) before
+    deciding again on what is left: for an elastic run, keep it short (10-30 s); for a fixed run that
+    waits for an autoscaler to bring nodes, keep it longer than a node takes to start.
+
+    Step schedule: `max_steps` optimizer steps, whatever the number of workers. Each step sees a fixed
+    global batch of `data.batch_size x grad_accum_steps x num_workers` samples: a group of `world`
+    workers accumulates ceil(grad_accum_steps x num_workers / world) micro-batches per worker, so
+    2 -> 1 workers doubles the accumulation (the global batch is exact whenever `world` divides
+    `grad_accum_steps x num_workers`, slightly larger otherwise). The learning-rate schedule, the
+    checkpoints and the step numbers in MLflow are therefore the same as in an uninterrupted run.
+    """
+
+    num_workers: int = Field(2, ge=1)  # the maximum when elastic
+    min_workers: int | None = Field(None, ge=1)  # None: a fixed group of num_workers
+    elastic_resize_interval_s: float = Field(60.0, ge=0)
+    worker_start_timeout_s: float | None = Field(None, gt=0)  # None: Ray Train's default (60 s)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
+    # other Ray resources each worker needs (e.g. a custom resource of a node pool: {"train_slot": 1})
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     lr: float = 3e-4
     warmup_steps: int = Field(100, ge=0)
     max_steps: int = Field(1000, ge=1)
@@ -139,6 +170,21 @@ class TrainerConfig(Section):
     torch_threads: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
     fail_at_step: int | None = None  # testing hook: one worker raises once at this step
+
+    @model_validator(mode="after")
+    def _worker_range(self) -> TrainerConfig:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"trainer.min_workers={self.min_workers} exceeds trainer.num_workers={self.num_workers} "
+                "(the most workers an elastic run uses)"
+            )
+        clash = {"CPU", "GPU"} & set(self.resources_per_worker)
+        if clash:
+            raise ValueError(
+                f"trainer.resources_per_worker: set {', '.join(sorted(clash))} through "
+                "trainer.cpus_per_worker / trainer.use_gpu"
+            )
+        return self
 
 
 class VerifierConfig(Section):

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from tests.conftest import free_port
+
 
 @pytest.fixture()
-def ray_cluster():
-    """A head node with no CPUs (nothing but the GCS, the driver's and Serve's controllers land there);
-    the test adds worker nodes with `cluster.add_node(num_cpus=..., resources={...})`, then joins with
+def ray_cluster(monkeypatch):
+    """A head node with one CPU (the GCS, the driver's work and Serve's and Train's controllers); the
+    test adds worker nodes with `cluster.add_node(num_cpus=..., resources={...})`, then joins with
     `ray.init(address=cluster.address)`. The session's local Ray is stopped first and started again after.
+
+    RAY_ADDRESS names this cluster while it runs: processes of Ray's own that connect with a bare
+    `ray.init()` (Ray Train's placement-group cleaner) would otherwise pick whichever of the Ray
+    instances on this machine started last.
     """
     import ray
     from ray.cluster_utils import Cluster
@@ -20,12 +27,19 @@ def ray_cluster():
 
     had_local_ray = ray.is_initialized()
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    port = free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "gcs_server_port": port},
+    )
     try:
+        assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, port)
         yield cluster
     finally:
         ray.shutdown()
         cluster.shutdown()
+        monkeypatch.delenv("RAY_ADDRESS")
         if had_local_ray:
             ensure_ray(num_cpus=2)
 

@@ -5,11 +5,16 @@ Explicit steps, as in torchtune recipes:  setup -> load_checkpoint -> train (eva
 Checkpoints are single files `<run>/checkpoints/step-00000100.pt` written atomically through
 medisee.storage by rank 0, holding only the trained parameters (whole, gathered from the shards
 under FSDP; see medisee.train.parallel) plus optimiser, scheduler, RNG and data position. The latest complete file is what a worker retry or a whole-job re-run resumes from.
+
+An elastic run (trainer.min_workers) may resume on fewer or more workers than wrote the checkpoint:
+each step keeps the global batch of `trainer.num_workers` workers (`micro_batches_per_worker`), so
+the step count, learning-rate schedule and data position carry over unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
@@ -19,7 +24,14 @@ import numpy as np
 import torch
 
 from medisee import storage, tracking
-from medisee.config import MediSeeConfig, build_config, config_to_yaml, flatten, resume_differences
+from medisee.config import (
+    MediSeeConfig,
+    TrainerConfig,
+    build_config,
+    config_to_yaml,
+    flatten,
+    resume_differences,
+)
 from medisee.data.batch import collate
 from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.model.artifact import build_from_config
@@ -68,6 +80,13 @@ class RecipeState:
     mlflow_client: object = None
     mlflow_run_id: str | None = None
     last_validation: dict = field(default_factory=dict)
+
+
+def micro_batches_per_worker(t: TrainerConfig, world: int) -> int:
+    """Micro-batches each of `world` workers accumulates per optimizer step: the global batch stays the
+    one of `num_workers` workers (see TrainerConfig), so an elastic run that lost workers keeps its
+    step schedule."""
+    return math.ceil(t.grad_accum_steps * t.num_workers / world)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -130,9 +149,16 @@ def load_checkpoint(state: RecipeState) -> bool:
     state.best = {int(k): v for k, v in payload.get("best", {}).items()}
     _set_rng_state(payload["rng"][min(state.rank, len(payload["rng"]) - 1)])
     if state.rank == 0:
+        accumulation = micro_batches_per_worker(state.cfg.trainer, state.world)
         print(
-            f"[medisee] resumed from {uri} at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch})"
+            f"[medisee] resumed from {uri} at step {state.step} (epoch {state.epoch}, batch "
+            f"{state.step_in_epoch}) on {state.world} workers x {accumulation} micro-batches"
         )
+        # one point per resume: the run's history shows where each restart picked up
+        tracking.log_metrics(
+            state.mlflow_client, state.mlflow_run_id, {"resumed_from_step": state.step}, state.step
+        )
+        tracking.log_uri(state.mlflow_client, state.mlflow_run_id, "checkpoint.resumed_from", uri)
     return True
 
 
@@ -254,7 +280,8 @@ def batch_stream(state: RecipeState):
             )
 
     stream = cycle()
-    for _ in range(state.step_in_epoch * cfg.trainer.grad_accum_steps):  # same position after a resume
+    # the same position after a resume, also on another number of workers (same global batch per step)
+    for _ in range(state.step_in_epoch * micro_batches_per_worker(cfg.trainer, state.world)):
         next(stream)
     for raw in stream:
         yield collate(raw, state.module.text, device)
@@ -264,16 +291,20 @@ def train(state: RecipeState) -> None:
     t = state.cfg.trainer
     stream = batch_stream(state)
     progress = Progress(state)
+    accumulation = micro_batches_per_worker(t, state.world)
     state.model.train()
     while state.step < t.max_steps:
         _maybe_fail(state)
-        micro = [progress.next_batch(stream) for _ in range(t.grad_accum_steps)]
+        micro = [progress.next_batch(stream) for _ in range(accumulation)]
         losses = train_step(state.model, state.module, state.optimizer, state.scheduler, micro, t.grad_clip)
         state.step += 1
         state.step_in_epoch += 1
         if state.step_in_epoch >= t.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        metrics = {f"train/{k}": v for k, v in losses.items()} | {"lr": state.scheduler.get_last_lr()[0]}
+        metrics = {f"train/{k}": v for k, v in losses.items()} | {
+            "lr": state.scheduler.get_last_lr()[0],
+            "workers": state.world,
+        }
         progress.log(metrics)
         val = evaluate(state) if state.step % t.eval_every == 0 or state.step == t.max_steps else None
         if val is not None:
@@ -302,7 +333,7 @@ class Progress:
             return
         elapsed = max(1e-6, time.time() - self.started)
         rate = self.samples * state.world / elapsed
-        done = self.samples / (state.cfg.data.batch_size * t.grad_accum_steps)
+        done = self.samples / (state.cfg.data.batch_size * micro_batches_per_worker(t, state.world))
         eta = (t.max_steps - state.step) * elapsed / max(1.0, done)
         print(
             f"[medisee] step {state.step}/{t.max_steps} loss {metrics['train/loss']:.4f} "

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from medisee import storage, tracking
-from medisee.config import MediSeeConfig
+from medisee.config import MediSeeConfig, TrainerConfig
 from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.storage import StorageSettings
 from medisee.train.recipe import list_checkpoints, run_dir, train_loop_per_worker
+
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def build_trainer(cfg: MediSeeConfig, settings: StorageSettings):
@@ -18,7 +22,6 @@ def build_trainer(cfg: MediSeeConfig, settings: StorageSettings):
     from medisee.data.reader import shard_dataset
 
     t = cfg.trainer
-    resources = {"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {})
     fs, path = storage.filesystem(storage.join(cfg.run.storage_uri, "ray"), settings)
     return TorchTrainer(
         train_loop_per_worker,
@@ -27,7 +30,10 @@ def build_trainer(cfg: MediSeeConfig, settings: StorageSettings):
             "settings": {"endpoint": settings.endpoint, "region": settings.region},
         },
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
+            num_workers=worker_range(t),
+            use_gpu=t.use_gpu,
+            resources_per_worker=worker_resources(t),
+            elastic_resize_monitor_interval_s=t.elastic_resize_interval_s,
         ),
         run_config=RunConfig(
             name=cfg.run.name,
@@ -38,6 +44,33 @@ def build_trainer(cfg: MediSeeConfig, settings: StorageSettings):
         ),
         datasets={"train": shard_dataset(cfg.data, settings, split="train")},
     )
+
+
+def worker_range(t: TrainerConfig) -> int | tuple[int, int]:
+    """Ray Train's `num_workers`: a fixed count, or the (min, max) range of an elastic run."""
+    return t.num_workers if t.min_workers is None else (t.min_workers, t.num_workers)
+
+
+def worker_resources(t: TrainerConfig) -> dict[str, float]:
+    return {"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}) | t.resources_per_worker
+
+
+@contextlib.contextmanager
+def worker_start_timeout(seconds: float | None):
+    """Ray Train reads how long a worker group waits for its resources from the environment of the
+    driver (it passes it on to its controller) when `fit` starts."""
+    if seconds is None:
+        yield
+        return
+    previous = os.environ.get(WORKER_START_TIMEOUT_ENV)
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(WORKER_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[WORKER_START_TIMEOUT_ENV] = previous
 
 
 def run_training(cfg: MediSeeConfig, register: str | None = None, alias: str | None = None) -> dict:
@@ -55,7 +88,8 @@ def run_training(cfg: MediSeeConfig, register: str | None = None, alias: str | N
         client, cfg.tracking.experiment, cfg.tracking.artifact_location
     )
     ensure_ray()
-    result = build_trainer(cfg, settings).fit()
+    with worker_start_timeout(cfg.trainer.worker_start_timeout_s):
+        result = build_trainer(cfg, settings).fit()
     if result.error:
         raise result.error
     run = tracking.find_run(client, exp_id, cfg.run.name)
