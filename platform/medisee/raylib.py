@@ -51,7 +51,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     ray.init(
-        address=address or None,
+        address=address or "local",  # never another Ray that happens to run on this machine
         num_cpus=None if address else num_cpus,
         include_dashboard=False,
         ignore_reinit_error=True,

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,47 @@ def configured_keys(args: AppArgs) -> list[str]:
     if args.api_keys_file:
         keys += [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]
     return keys
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """The replica a call went to died or became unreachable (its process or node was lost) before it
+    answered."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError) or isinstance(getattr(exc, "cause", None), RayActorError)
+
+
+async def call_stage(send: Callable[[], Awaitable], stage: str):
+    """`send()` once more when the replica it went to was lost mid-call: the stages have no side
+    effects, and Serve's router no longer chooses a replica that failed that way, so the second call
+    goes to a live one (a node lost under load otherwise fails every request in flight there)."""
+    try:
+        return await send()
+    except Exception as exc:
+        if not replica_lost(exc):
+            raise
+        log.warning("a %s replica was lost mid-call (%s); sending the call again", stage, type(exc).__name__)
+        return await send()
+
+
+def graph_error(exc: Exception, request_id: str) -> JSONResponse:
+    """The answer to a failure of the graph: overload, an incompatible version, a lost replica, a bug."""
+    from ray.serve.exceptions import BackPressureError
+
+    from medisee.serving.versions import IncompatibleVersion
+
+    if isinstance(exc, BackPressureError) or "BackPressure" in type(exc).__name__:
+        return error(
+            503, "overloaded: too many requests queued; retry shortly", request_id, {"Retry-After": "1"}
+        )
+    if isinstance(exc, IncompatibleVersion) or "IncompatibleVersion" in str(exc):
+        return error(422, str(exc).splitlines()[-1][:300], request_id)
+    if replica_lost(exc):  # lost twice in a row: replicas are being replaced after a node loss
+        log.warning("request %s: a replica was lost again (%s)", request_id, type(exc).__name__)
+        message = "a model replica was lost; it is being replaced, retry shortly"
+        return error(503, message, request_id, {"Retry-After": "2"})
+    log.exception("request %s failed", request_id)
+    return error(500, f"internal error ({type(exc).__name__}); request id {request_id}", request_id)
 
 
 def key_matches(given: str, keys: list[str]) -> bool:
@@ -98,15 +140,17 @@ class Ingress:
         """The graph for one image: results (QueryResult, mask as RLE) and seconds per stage."""
         early_reject = self.args.early_reject if early_reject is None else early_reject
         t0 = time.perf_counter()
-        encodings = await self.mllm.options(multiplexed_model_id=version).remote(image, queries)
+        mllm = self.mllm.options(multiplexed_model_id=version)
+        encodings = await call_stage(lambda: mllm.remote(image, queries), "MLLM")
         t1 = time.perf_counter()
-        screenings = await self.verifier.screen.remote(version, encodings)
+        screenings = await call_stage(lambda: self.verifier.screen.remote(version, encodings), "verifier")
         t2 = time.perf_counter()
         todo = [j for j, s in enumerate(screenings) if wants_decoder(s, early_reject)]
         decoded = {}
         if todo:
             candidates = np.stack([encodings[j].candidates for j in todo])
-            out = await self.decoder.options(multiplexed_model_id=version).remote(image, candidates)
+            decoder = self.decoder.options(multiplexed_model_id=version)
+            out = await call_stage(lambda: decoder.remote(image, candidates), "decoder")
             decoded = dict(zip(todo, out, strict=True))
         t3 = time.perf_counter()
         verdicts = [settled(s) for s in screenings]
@@ -116,7 +160,8 @@ class Ingress:
                 (screenings[j], decoded.get(j), image if self.judge else None, encodings[j])
                 for j in undecided
             ]
-            for j, verdict in zip(undecided, await self.verifier.decide.remote(version, items), strict=True):
+            decided = await call_stage(lambda: self.verifier.decide.remote(version, items), "verifier")
+            for j, verdict in zip(undecided, decided, strict=True):
                 verdicts[j] = verdict
         results = [
             assemble(e, s, decoded.get(j), v, d, early_reject)
@@ -148,7 +193,7 @@ class Ingress:
                 {"Retry-After": "2"},
             )
         except Exception as exc:  # the graph's own failures: overload first, then anything else
-            return self.graph_error(exc, request_id)
+            return graph_error(exc, request_id)
         answers = [result_json(r, req.image, req.mask_format, req.heatmap, req.overlay) for r in results]
         total = time.perf_counter() - started
         log.info("request %s: %d queries, %.3f s%s", request_id, len(req.queries), total,
@@ -159,20 +204,6 @@ class Ingress:
             "results": answers,
             "timings": {**timings, "total_s": total},
         }
-
-    def graph_error(self, exc: Exception, request_id: str) -> JSONResponse:
-        from ray.serve.exceptions import BackPressureError
-
-        from medisee.serving.versions import IncompatibleVersion
-
-        if isinstance(exc, BackPressureError) or "BackPressure" in type(exc).__name__:
-            return error(
-                503, "overloaded: too many requests queued; retry shortly", request_id, {"Retry-After": "1"}
-            )
-        if isinstance(exc, IncompatibleVersion) or "IncompatibleVersion" in str(exc):
-            return error(422, str(exc).splitlines()[-1][:300], request_id)
-        log.exception("request %s failed", request_id)
-        return error(500, f"internal error ({type(exc).__name__}); request id {request_id}", request_id)
 
     @api.get("/healthz")
     async def healthz(self):
