@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -42,6 +42,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/predict.py
 	$(BIN)/python benchmarks/batch_pipeline.py
 	$(BIN)/python benchmarks/serve_load.py
+
+# A local S3 (moto), MLflow and Ray head on loopback; `source .medisee/stack/stack.env` to use them
+stack-up: $(STAMP)
+	$(BIN)/medisee stack up
+
+stack-down:
+	@if [ -x $(BIN)/medisee ]; then $(BIN)/medisee stack down; else echo "stack-down: no $(BIN)/medisee, nothing to stop"; fi
 
 clean:
 	rm -rf $(VENV) .medisee build *.egg-info

@@ -85,12 +85,16 @@ def doctor(
         report["reachable"]["storage"] = "ok"
     except Exception as exc:
         report["reachable"]["storage"] = f"failed: {str(exc)[:200]}"
+    report["reachable"]["s3"] = _s3_reachable(settings)
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read first: mlflow.set_tracking_uri overwrites it
     try:
         client = tracking.configure(cfg.tracking, settings)
         client.search_experiments(max_results=1)
         report["reachable"]["mlflow"] = "ok"
     except Exception as exc:
         report["reachable"]["mlflow"] = f"failed: {str(exc)[:200]}"
+    if env_uri and env_uri != report["settings"]["mlflow_tracking_uri"]:
+        report["hints"] = [f"commands use tracking.uri, not $MLFLOW_TRACKING_URI: add tracking.uri={env_uri}"]
     if os.environ.get("RAY_ADDRESS"):
         try:
             import ray
@@ -103,6 +107,70 @@ def doctor(
     else:
         report["reachable"]["ray"] = "local Ray starts on demand"
     typer.echo(json.dumps(report, indent=2))
+
+
+def _s3_reachable(settings) -> str:
+    """List the buckets at the configured endpoint (or AWS) when there is anything to talk to."""
+    from medisee import storage
+
+    if not (settings.endpoint or os.environ.get("AWS_ACCESS_KEY_ID")):
+        return "not configured (no storage endpoint, no AWS credentials in the environment)"
+    try:
+        buckets = [b["Name"] for b in storage.boto3_client(settings).list_buckets().get("Buckets", [])]
+    except Exception as exc:
+        return f"failed: {str(exc)[:200]}"
+    return f"ok ({len(buckets)} buckets: {', '.join(buckets[:10])})"
+
+
+stack_app = typer.Typer(
+    help="A local stack on loopback: S3 (moto), MLflow (artifacts on that S3) and a Ray head.",
+    no_args_is_help=True,
+)
+app.add_typer(stack_app, name="stack")
+STACK_DIR_HELP = "Stack folder (default: $MEDISEE_STACK_DIR, else .medisee/stack)."
+
+
+@stack_app.command("up")
+def stack_up(
+    directory: str | None = typer.Option(None, "--dir", help=STACK_DIR_HELP),
+    num_cpus: int | None = typer.Option(None, help="CPUs of the Ray head (default: the machine's)."),
+) -> None:
+    """Start the stack, or report that it is up (restarting a piece that died); writes stack.env."""
+    import shlex
+
+    from medisee import stack
+
+    try:
+        state = stack.up(directory, num_cpus=num_cpus, log=lambda m: typer.echo(m, err=True))
+    except stack.StackError as exc:
+        typer.secho(f"stack up: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    env_file = shlex.quote(str(stack.stack_dir(directory) / stack.ENV_FILE))
+    typer.echo(f"stack up: point commands at it with\n  source {env_file}\nstop it with: medisee stack down")
+    typer.echo(f"Ray dashboard {state.dashboard_url}, MLflow {state.url('mlflow')}", err=True)
+
+
+@stack_app.command("down")
+def stack_down(directory: str | None = typer.Option(None, "--dir", help=STACK_DIR_HELP)) -> None:
+    """Stop every server of the stack (by PID and session; other Ray instances are left alone)."""
+    from medisee import stack
+
+    try:
+        stack.down(directory, log=lambda m: typer.echo(m, err=True))
+    except stack.StackError as exc:
+        typer.secho(f"stack down: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+@stack_app.command("status")
+def stack_status(directory: str | None = typer.Option(None, "--dir", help=STACK_DIR_HELP)) -> None:
+    """PIDs, ports, URLs and health of the stack's servers as JSON; exit 1 unless all answer."""
+    from medisee import stack
+
+    report = stack.status(directory)
+    typer.echo(json.dumps(report, indent=2))
+    if not report["running"]:
+        raise typer.Exit(1)
 
 
 @app.command()
