@@ -646,5 +646,29 @@ def show_config(
     typer.echo(config_to_yaml(_config(config, overrides)))
 
 
+@app.command("plan")
+def plan_cmd(
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
+    inference: bool = typer.Option(False, help="Plan serving / batch scoring instead of training."),
+) -> None:
+    """Estimate GPU memory per worker for a preset: parameters, optimiser state, activations, and
+    whether it fits 24 / 40 / 48 / 80 / 141 GB GPUs (JSON)."""
+    from medisee.model.plan import Setup, plan
+
+    cfg = _config(config, overrides)
+    t = cfg.trainer
+    setup = Setup(
+        preset=cfg.model.preset,
+        finetune=None if inference else t.finetune,
+        strategy=t.strategy,
+        workers=t.num_workers,
+        batch_size=cfg.data.batch_size,
+        precision="bf16" if t.use_gpu else "fp32",
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
+    typer.echo(json.dumps(plan(setup).as_dict(), indent=2))
+
+
 if __name__ == "__main__":
     app()

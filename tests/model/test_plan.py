@@ -88,3 +88,25 @@ def test_largest_batch_is_the_last_that_fits():
         batch = memory.largest_batch(size)
         assert memory.total_gib(batch) <= size
         assert memory.total_gib(batch + 1) > size
+
+
+def test_plan_command_reports_the_presets_setup():
+    import json
+
+    from typer.testing import CliRunner
+
+    from medisee.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "-c", "medisee-7b-full"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["setup"] == {
+        **report["setup"],
+        "finetune": "full",
+        "strategy": "fsdp",
+        "workers": 8,
+        "precision": "bf16",
+    }
+    expected = plan(Setup(**report["setup"]))
+    assert report["total_gib"] == round(expected.total_gib(), 2)
+    assert report["verdicts"] == expected.verdicts()
