@@ -9,11 +9,28 @@ import pytest
 
 from tests.conftest import free_port
 
+AGENT_PORTS = (
+    "metrics_agent_port",
+    "metrics_export_port",
+    "dashboard_agent_listen_port",
+    "runtime_env_agent_port",
+)
+
+
+def agent_ports() -> dict[str, int]:
+    """A node's agents' ports given up front: otherwise its raylet waits for the dashboard agent to
+    write them and aborts after ~20 s when a loaded machine slows the agent's start-up."""
+    return {name: free_port() for name in AGENT_PORTS}
+
+
+def add_worker(cluster, **options):
+    return cluster.add_node(**agent_ports(), **options)
+
 
 @pytest.fixture()
 def ray_cluster(monkeypatch):
     """A head node with one CPU (the GCS, the driver's work and Serve's and Train's controllers); the
-    test adds worker nodes with `cluster.add_node(num_cpus=..., resources={...})`, then joins with
+    test adds worker nodes with `add_worker(cluster, num_cpus=..., resources={...})`, then joins with
     `ray.init(address=cluster.address)`. The session's local Ray is stopped first and started again after.
 
     RAY_ADDRESS names this cluster while it runs: processes of Ray's own that connect with a bare
@@ -31,7 +48,12 @@ def ray_cluster(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False, "gcs_server_port": port},
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "gcs_server_port": port,
+            **agent_ports(),
+        },
     )
     try:
         assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, port)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.ops.conftest import report_drill
+from tests.ops.conftest import add_worker, report_drill
 from tests.serving.conftest import API_KEY, Served, app_args, make_artifact
 from tests.serving.test_operations import body, wait_until_answering
 
@@ -39,8 +39,8 @@ class Outcome:
     retry_after: str | None = None
 
 
-def add_worker(cluster):
-    return cluster.add_node(num_cpus=2, resources={WORKER: 4})
+def add_serve_node(cluster):
+    return add_worker(cluster, num_cpus=2, resources={WORKER: 4})
 
 
 def deploy(state: Served, port: int) -> None:
@@ -144,7 +144,7 @@ def test_serving_survives_losing_a_node_with_replicas(ray_cluster, tmp_path):
     import ray
     from ray import serve
 
-    nodes = [add_worker(ray_cluster), add_worker(ray_cluster)]
+    nodes = [add_serve_node(ray_cluster), add_serve_node(ray_cluster)]
     ray.init(address=ray_cluster.address, logging_level="WARNING")
     (tmp_path / "keys.txt").write_text(API_KEY + "\n")
     model = make_artifact(tmp_path / "v1")
@@ -171,7 +171,7 @@ def test_serving_survives_losing_a_node_with_replicas(ray_cluster, tmp_path):
             ray_cluster.remove_node(victim, allow_graceful=False)
             dropped = pool.submit(replicas_gone_from, victim.node_id)
             # what KubeRay (a new pod for the worker group) or the autoscaler does for a lost node
-            new_node = add_worker(ray_cluster)
+            new_node = add_serve_node(ray_cluster)
             dropped_at = dropped.result(timeout=150)
             wait_for(lambda: at_target({survivor.node_id, new_node.node_id}), 240,
                      "the lost replicas were not replaced")  # fmt: skip

@@ -18,7 +18,7 @@ from medisee.data.prepare import prepare
 from medisee.model.checkpoint import read_torch
 from medisee.train.recipe import list_checkpoints
 from medisee.train.trainer import run_training
-from tests.ops.conftest import report_drill
+from tests.ops.conftest import add_worker, report_drill
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,7 +32,7 @@ def test_training_resumes_on_the_node_left_after_losing_one(ray_cluster, mlflow_
     import ray
     from mlflow import MlflowClient
 
-    nodes = [ray_cluster.add_node(num_cpus=1, resources={SLOT: 1}) for _ in range(2)]
+    nodes = [add_worker(ray_cluster, num_cpus=1, resources={SLOT: 1}) for _ in range(2)]
     ray_cluster.wait_for_nodes()
     ray.init(address=ray_cluster.address, logging_level="WARNING")
 

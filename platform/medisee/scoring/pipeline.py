@@ -86,6 +86,9 @@ def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, l
         ensure_ray()
         run_graph(cfg, todo, queries, model, settings, log)
     summary = summarize(ic.output, partitions, settings, time.time() - started, len(todo))
+    if not summary["partitions_missing"]:
+        # pieces a lost writer or a killed job staged for partitions that have since been committed
+        storage.delete(storage.join(ic.output, "_staging"), settings)
     storage.write_bytes(
         storage.join(ic.output, "summary.json"), json.dumps(summary, indent=2).encode(), settings
     )

@@ -6,14 +6,24 @@
     <output>/overlays/<image>.png          optional sample
     <output>/dicom_seg/<series>.dcm, <output>/nifti_labels/<volume>.nii.gz (+ .json)   optional
     <output>/_done/<partition>.json        the commit marker, with the partition's counts
+    <output>/_staging/<partition>/<piece>.parquet   rows of a partition not yet complete (see below)
 
 Each file is written atomically (temporary file + rename locally; one PUT on S3) and the marker
 goes last. A rerun skips marked partitions and rewrites the others under the same names, so a
 killed job neither loses nor duplicates a row.
+
+A partition usually reaches the writer whole, in one block. One larger than Ray Data's block size
+(a long DICOM series, a big volume) arrives in pieces, and the writer holds the first ones until the
+last comes. Should the writer's node be lost meanwhile, Ray restarts the writer and retries only the
+batch in flight, not the pieces already handed over: so each piece of an incomplete partition is
+also staged to storage, under a name derived from its rows (a retried piece overwrites itself), and
+a writer that meets a partition it holds nothing of reads that partition's staged pieces first.
+Rows are counted by their key, so a piece seen twice counts once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections import Counter
@@ -46,6 +56,16 @@ class WriterOptions:
 
 def done_uri(output: str, partition: str) -> str:
     return storage.join(output, "_done", f"{partition}.json")
+
+
+def staging_uri(output: str, partition: str) -> str:
+    return storage.join(output, "_staging", partition)
+
+
+def row_key(row: dict) -> str:
+    """A row's identity within its partition: the record id (results and errors), or the image id of
+    a partition's placeholder row."""
+    return row.get("record_id") or f"{row['status']}:{row['image_id']}"
 
 
 def completed_partitions(output: str, settings: StorageSettings | None) -> dict[str, dict]:
@@ -82,18 +102,49 @@ class PartitionWriter:
 
     def __init__(self, options: WriterOptions):
         self.options = options
-        self.buffers: dict[str, list[dict]] = {}
+        self.buffers: dict[str, dict[str, dict]] = {}  # partition -> row key -> row
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        finished = []
+        by_partition: dict[str, list[dict]] = {}
         for row in batch.to_pylist():
-            rows = self.buffers.setdefault(row["partition"], [])
-            rows.append(row)
-            if len(rows) == row["partition_rows"]:
-                finished.append(self.commit(row["partition"], self.buffers.pop(row["partition"])))
+            by_partition.setdefault(row["partition"], []).append(row)
+        finished = [s for p, rows in by_partition.items() if (s := self.add(p, rows)) is not None]
         return pa.table(
             {"partition": [f["partition"] for f in finished], "summary": [json.dumps(f) for f in finished]}
         )
+
+    def add(self, partition: str, rows: list[dict]) -> dict | None:
+        """Adds rows of one partition; the partition's summary once it is complete and committed."""
+        expected = rows[0]["partition_rows"]
+        if partition not in self.buffers and len(rows) >= expected:
+            return self.commit(partition, rows)  # arrived whole: the common case, nothing staged
+        buffer = self.buffers.pop(partition, None)
+        if buffer is None:
+            buffer = self.staged(partition)
+        new = {row_key(r): r for r in rows if row_key(r) not in buffer}
+        buffer.update(new)
+        if len(buffer) >= expected:
+            summary = self.commit(partition, list(buffer.values()))
+            storage.delete(staging_uri(self.options.output, partition), self.options.settings)
+            return summary
+        self.buffers[partition] = buffer
+        if new:
+            self.stage(partition, list(new.values()))
+        return None
+
+    def stage(self, partition: str, rows: list[dict]) -> None:
+        name = hashlib.sha256("\n".join(sorted(row_key(r) for r in rows)).encode()).hexdigest()[:24]
+        uri = storage.join(staging_uri(self.options.output, partition), f"{name}.parquet")
+        storage.write_bytes(uri, parquet_bytes(rows, schema.OUTPUT_ROW), self.options.settings)
+
+    def staged(self, partition: str) -> dict[str, dict]:
+        """Rows of `partition` staged by an earlier writer (one on a lost node, or a killed job's)."""
+        rows: dict[str, dict] = {}
+        settings = self.options.settings
+        for uri in storage.list_files(staging_uri(self.options.output, partition), (".parquet",), settings):
+            for row in pq.read_table(io.BytesIO(storage.read_bytes(uri, settings))).to_pylist():
+                rows[row_key(row)] = row
+        return rows
 
     def commit(self, partition: str, rows: list[dict]) -> dict:
         o = self.options
