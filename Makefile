@@ -32,8 +32,9 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform jobs tests benchmarks
-	$(BIN)/ruff format --check platform jobs tests benchmarks
+	$(BIN)/ruff check platform jobs tests benchmarks infra
+	$(BIN)/ruff format --check platform jobs tests benchmarks infra
+	$(BIN)/python infra/render.py --check
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
