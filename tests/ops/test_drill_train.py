@@ -13,12 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from medisee.config import PrepareConfig, load_config
-from medisee.data.prepare import prepare
 from medisee.model.checkpoint import read_torch
 from medisee.train.recipe import list_checkpoints
 from medisee.train.trainer import run_training
 from tests.ops.conftest import add_worker, report_drill
+from tests.train.runs import phantom_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,20 +36,12 @@ def test_training_resumes_on_the_node_left_after_losing_one(ray_cluster, mlflow_
     ray.init(address=ray_cluster.address, logging_level="WARNING")
 
     tracking_uri, _ = mlflow_server
-    shards = tmp_path / "shards"
-    prepare(
-        "phantom", "-", str(shards), PrepareConfig(phantom_images=16, val_fraction=0.25), executor="local"
-    )
-    cfg = load_config(
-        "tiny",
+    cfg = phantom_run_config(
+        tmp_path,
+        tracking_uri,
+        EXPERIMENT,
+        RUN_NAME,
         [
-            f"tracking.uri={tracking_uri}",
-            f"tracking.experiment={EXPERIMENT}",
-            f"run.storage_uri={tmp_path}/runs",
-            f"run.name={RUN_NAME}",
-            f"data.sources={{phantom: {shards}}}",
-            "data.batch_size=2",
-            "data.preprocess_concurrency=1",
             "trainer.num_workers=2",
             "trainer.min_workers=1",
             f"trainer.resources_per_worker={{{SLOT}: 1}}",

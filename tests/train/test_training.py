@@ -15,6 +15,7 @@ from medisee.data.prepare import prepare
 from medisee.infer import Predictor
 from medisee.train.recipe import list_checkpoints
 from medisee.train.trainer import run_training
+from tests.train.runs import phantom_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -116,20 +117,12 @@ def test_fsdp_full_finetune_fails_resumes_and_checkpoints_whole_weights(ray_loca
     from medisee.model.checkpoint import read_torch
 
     tracking_uri, _ = mlflow_server
-    shards = tmp_path / "shards"
-    prepare(
-        "phantom", "-", str(shards), PrepareConfig(phantom_images=16, val_fraction=0.25), executor="local"
-    )
-    cfg = load_config(
-        "tiny",
+    cfg = phantom_run_config(
+        tmp_path,
+        tracking_uri,
+        "train-fsdp",
+        "fsdp-run",
         [
-            f"tracking.uri={tracking_uri}",
-            "tracking.experiment=train-fsdp",
-            f"run.storage_uri={tmp_path}/runs",
-            "run.name=fsdp-run",
-            f"data.sources={{phantom: {shards}}}",
-            "data.batch_size=2",
-            "data.preprocess_concurrency=1",
             "trainer.finetune=full",
             "trainer.strategy=fsdp",
             "trainer.fsdp_layer_dtype=bfloat16",  # the 7B preset's setting
