@@ -144,6 +144,30 @@ def test_stop_service_ends_the_whole_session(tmp_path, behaviour):
     assert not stack.is_running(child) and stack.session_members(proc.pid) == []
 
 
+LEADER_EXITS_FIRST = (
+    "import ctypes, sys, threading, time\n"
+    "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+    "print('ready', flush=True)\n"
+    "ctypes.CDLL(None).pthread_exit(None)\n"
+)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_a_zombie_leader_with_a_live_thread_is_still_a_member():
+    # a killed server's leader can be a zombie while its other threads still hold its sockets
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LEADER_EXITS_FIRST], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert stack._wait_until(lambda: stack._proc_stat(proc.pid)[0] == "Z", 10)
+        assert stack.session_members(proc.pid) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert stack.session_members(proc.pid) == []
+
+
 def test_stop_service_leaves_a_reused_pid_alone(tmp_path):
     me = os.getpid()
     stranger = stack.Service("ray", {"port": 1}, str(tmp_path / "log"), me, stack.process_start_time(me) + 1)
@@ -302,6 +326,15 @@ def check_s3_mlflow_and_ray_work(state: stack.StackState, stack_env: dict) -> No
     assert seen == {"key": stack.DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"], "object": token}
 
 
+def bound(sock: socket.socket, port: int) -> bool:
+    """A loaded kernel may release a killed server's socket a moment after its processes are gone."""
+    try:
+        sock.bind((stack.HOST, port))
+    except OSError:
+        return False
+    return True
+
+
 def check_a_dead_piece_is_restarted(
     folder: Path, env: dict, state: stack.StackState, pids: dict
 ) -> stack.StackState:
@@ -312,7 +345,7 @@ def check_a_dead_piece_is_restarted(
 
     with socket.socket() as squatter:  # another process took the dead server's port: refuse, touch nothing
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the port may be in TIME_WAIT
-        squatter.bind((stack.HOST, mlflow.ports["http"]))
+        assert stack._wait_until(lambda: bound(squatter, mlflow.ports["http"]), 30), "the port stays taken"
         squatter.listen()
         refused = medisee("stack", "up", env=env)
     assert refused.returncode == 1 and str(mlflow.ports["http"]) in refused.stderr, refused.stderr

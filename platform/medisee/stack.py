@@ -241,8 +241,12 @@ def port_is_free(port: int) -> bool:
 
 def _proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (state first), or None when it is gone."""
+    return _proc_stat_path(Path(f"/proc/{pid}/stat"))
+
+
+def _proc_stat_path(path: Path) -> list[str] | None:
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = path.read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return text[text.rindex(")") + 2 :].split()
@@ -279,9 +283,24 @@ def session_members(session_id: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             fields = _proc_stat(int(entry.name))
-            if fields and fields[0] not in ("Z", "X") and int(fields[3]) == session_id:
+            if fields and int(fields[3]) == session_id and _has_live_thread(int(entry.name), fields):
                 members.append(int(entry.name))
     return members
+
+
+def _has_live_thread(pid: int, fields: list[str]) -> bool:
+    """A killed process's leader turns zombie before its other threads have exited and
+    released its sockets, so a zombie leader only counts as gone once every thread has."""
+    if fields[0] not in ("Z", "X"):
+        return True
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return any(
+        (stat := _proc_stat_path(task / "stat")) is not None and stat[0] not in ("Z", "X")
+        for task in tasks
+    )
 
 
 def _signal_all(pids: list[int], sig: int) -> None:
