@@ -298,8 +298,7 @@ def _has_live_thread(pid: int, fields: list[str]) -> bool:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
     return any(
-        (stat := _proc_stat_path(task / "stat")) is not None and stat[0] not in ("Z", "X")
-        for task in tasks
+        (stat := _proc_stat_path(task / "stat")) is not None and stat[0] not in ("Z", "X") for task in tasks
     )
 
 
