@@ -654,20 +654,10 @@ def plan_cmd(
 ) -> None:
     """Estimate GPU memory per worker for a preset: parameters, optimiser state, activations, and
     whether it fits 24 / 40 / 48 / 80 / 141 GB GPUs (JSON)."""
-    from medisee.model.plan import Setup, plan
+    from medisee.model.plan import plan, setup_from_config
 
     cfg = _config(config, overrides)
-    t = cfg.trainer
-    setup = Setup(
-        preset=cfg.model.preset,
-        finetune=None if inference else t.finetune,
-        strategy=t.strategy,
-        workers=t.num_workers,
-        batch_size=cfg.data.batch_size,
-        precision="bf16" if t.use_gpu else "fp32",
-        gradient_checkpointing=t.gradient_checkpointing,
-    )
-    typer.echo(json.dumps(plan(setup).as_dict(), indent=2))
+    typer.echo(json.dumps(plan(setup_from_config(cfg, inference)).as_dict(), indent=2))
 
 
 if __name__ == "__main__":

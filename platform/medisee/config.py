@@ -52,6 +52,9 @@ RESUMABLE_CHANGES = (
     "trainer.fsdp_layer_dtype",
     "trainer.torch_threads",
     "trainer.gradient_checkpointing",
+    "trainer.precision",
+    "trainer.compile",
+    "trainer.image_embedding_cache_gib",
 )
 
 
@@ -114,6 +117,8 @@ class ModelConfig(Section):
     num_candidate_tokens: int = Field(2, ge=1)
     box_loss_weight: float = 2.0
     similarity_loss_weight: float = 0.0  # 1.0 in the MLMR-SD fine-tuning stage
+    # nf4: the LM's decoder linear layers in 4-bit (bitsandbytes, QLoRA), in training and inference
+    quantize: Literal["none", "nf4"] = "none"
 
 
 class TrainerConfig(Section):
@@ -169,6 +174,13 @@ class TrainerConfig(Section):
     max_failures: int = Field(2, ge=0)
     torch_threads: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
+    # auto: bf16 on GPUs that support it, fp16 with loss scaling on older ones, fp32 on CPU.
+    # Frozen MLLM weights are held in this dtype; trainable ones stay fp32 master weights.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: bool = False  # torch.compile each LM decoder layer (see docs/benchmarks.md for when it helps)
+    # SAM image embeddings kept per image (the encoder is frozen): computed once, reused by the image's
+    # other queries and in later epochs. The budget per worker, in GiB of device memory; 0 = off.
+    image_embedding_cache_gib: float = Field(0.0, ge=0)
     fail_at_step: int | None = None  # testing hook: one worker raises once at this step
 
     @model_validator(mode="after")
@@ -177,6 +189,11 @@ class TrainerConfig(Section):
             raise ValueError(
                 f"trainer.min_workers={self.min_workers} exceeds trainer.num_workers={self.num_workers} "
                 "(the most workers an elastic run uses)"
+            )
+        if self.image_embedding_cache_gib and self.strategy == "fsdp":
+            raise ValueError(
+                "trainer.image_embedding_cache_gib needs trainer.strategy=ddp (under FSDP the SAM "
+                "encoder's weights are sharded and only gathered inside the model's forward)"
             )
         clash = {"CPU", "GPU"} & set(self.resources_per_worker)
         if clash:

@@ -121,7 +121,7 @@ def fake_ray_train(monkeypatch):
     monkeypatch.setattr(ray.train, "report", lambda metrics: seen["reports"].append(metrics))
     monkeypatch.setattr(recipe, "collate", lambda raw, text, device: [raw["n"]])  # 1 sample
 
-    def step(model, module, optimizer, scheduler, micro, clip):
+    def step(model, module, optimizer, scheduler, micro, clip, scaler=None):
         seen["micro_batches"].append([batch[0] for batch in micro])
         optimizer.step()
         scheduler.step()

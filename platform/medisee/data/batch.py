@@ -60,9 +60,21 @@ class TrainingBatch:
     box_sam: torch.Tensor  # (B, 4) float32 target boxes, pixel xyxy in the SAM frame
     has_target: torch.Tensor  # (B,) bool: rows with a mask and box (false queries have none)
     pair_index: torch.Tensor  # (B,) long: the referring row of the same (image, class), or -1
+    image_keys: tuple[str, ...] = ()  # (M,) the images' ids (keys of an image-embedding cache)
+    image_embeddings: torch.Tensor | None = None  # (M, P, g, g) SAM embeddings, when already known
 
-    def to(self, device) -> TrainingBatch:
-        return TrainingBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+    def to(self, device, non_blocking: bool = False) -> TrainingBatch:
+        """On `device`; `non_blocking` copies to a GPU from pinned memory while the GPU keeps working."""
+        pin = non_blocking and torch.device(device).type == "cuda"
+
+        def move(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            if pin and value.device.type == "cpu":
+                value = value.pin_memory()
+            return value.to(device, non_blocking=non_blocking)
+
+        return TrainingBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def resized_hw(self) -> torch.Tensor:
@@ -126,4 +138,5 @@ def collate(batch: dict[str, np.ndarray], text, device: torch.device | str = "cp
         box_sam=torch.from_numpy(np.asarray(batch["box_sam"], np.float32)),
         has_target=torch.from_numpy(has_target),
         pair_index=torch.from_numpy(similarity_pairs(batch, has_target)),
-    ).to(device)
+        image_keys=tuple(str(batch["image_id"][row]) for row in unique_rows),
+    ).to(device, non_blocking=True)

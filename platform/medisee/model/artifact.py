@@ -28,6 +28,7 @@ from medisee.config import MediSeeConfig, build_config, config_to_yaml
 from medisee.model.build import MODEL_PARTS, build_model
 from medisee.model.checkpoint import CheckpointError
 from medisee.model.medisee import LossWeights, MediSee
+from medisee.model.precision import PRECISION_DTYPES
 from medisee.storage import StorageSettings
 
 ARTIFACT_FORMAT = "medisee-model/1"
@@ -61,9 +62,16 @@ def build_from_config(
     training: bool = False,
     tokenizer=None,
     parts: tuple[str, ...] = MODEL_PARTS,
+    precision: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> MediSee:
-    """The model a config describes. Loss weights and gradient checkpointing only matter for training."""
+    """The model a config describes. Loss weights and gradient checkpointing only matter for training.
+
+    `precision` (resolved: bf16 | fp16 | fp32; see medisee.train.precision) sets the compute dtype and,
+    outside FSDP (which casts per layer itself), the dtype frozen MLLM weights are held in.
+    """
     m = cfg.model
+    compute_dtype = PRECISION_DTYPES[precision] if precision else None
     return build_model(
         m.preset,
         llava_path=m.llava_path,
@@ -74,6 +82,10 @@ def build_from_config(
         loss_weights=LossWeights(box=m.box_loss_weight, similarity=m.similarity_loss_weight),
         finetune=cfg.trainer.finetune,
         gradient_checkpointing=training and cfg.trainer.gradient_checkpointing,
+        quantize=m.quantize,
+        compute_dtype=compute_dtype,
+        cast_frozen=cfg.trainer.strategy != "fsdp",
+        device=device,
         settings=settings,
         seed=cfg.run.seed,
         parts=parts,
@@ -190,7 +202,7 @@ def load_model_dir(
     manifest = read_manifest(local, str(ref))
     cfg = build_config(yaml.safe_load((local / "config.yaml").read_text()))
     tokenizer = load_tokenizer(local / "tokenizer") if "mllm" in parts else None
-    model = build_from_config(cfg, settings, tokenizer=tokenizer, parts=parts)
+    model = build_from_config(cfg, settings, tokenizer=tokenizer, parts=parts, device=device)
     check_tokens(model, manifest, str(ref))
     model.load_trainable_state_dict(weights_for(model, local / WEIGHTS), source=str(ref))
     model.requires_grad_(False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from medisee.model import checkpoint as ckpt
-from medisee.model.medisee import LossWeights, MediSee
+from medisee.model.medisee import LossWeights, MediSee, default_compute_dtype
 from medisee.model.mllm import (
     LLAVA_MED_MISTRAL_7B,
     MLLM_TINY,
@@ -21,6 +21,7 @@ from medisee.model.mllm import (
     num_image_tokens,
     resize_for_tokenizer,
 )
+from medisee.model.quantize import QUANTIZE_MODES, quantize_lm_nf4
 from medisee.model.sam import SAM_TINY, SAM_VIT_B, SamConfig, build_sam
 from medisee.model.text import IMAGE_TOKEN, TextSpec, add_candidate_tokens, build_tiny_tokenizer
 from medisee.storage import StorageSettings
@@ -61,6 +62,10 @@ def build_model(
     lora_alpha: int = 16,
     lora_dropout: float = 0.05,
     gradient_checkpointing: bool = False,
+    quantize: str = "none",
+    compute_dtype: torch.dtype | None = None,
+    cast_frozen: bool = False,
+    device: torch.device | str = "cpu",
     settings: StorageSettings | None = None,
     seed: int = 0,
     random_weights: bool = False,
@@ -71,7 +76,13 @@ def build_model(
     `tokenizer`: use this one (a model artifact stores its own) instead of the preset's or the LLaVA dir's.
     `parts`: ("mllm",) builds no SAM, ("decoder",) no LLaVA: a stage loads only what it runs.
     `random_weights=True` builds a checkpoint-needing preset with random init (benchmarks only).
+    `compute_dtype`: what the model computes in (autocast; None: bf16 on CUDA, fp32 elsewhere).
+    `cast_frozen`: hold the frozen MLLM weights in `compute_dtype` (half the memory of fp32 in bf16);
+    the trainable ones stay fp32 master weights (`hold_weights`).
+    `quantize="nf4"`: the LM's decoder linear layers in 4-bit NF4 (QLoRA), placed on `device`.
     """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {quantize!r}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
     unknown = set(parts) - set(MODEL_PARTS)
@@ -88,10 +99,11 @@ def build_model(
             detail="this preset needs model.llava_path and model.sam_checkpoint "
             "(or an official release); nothing is initialised at random",
         )
+    held = compute_dtype if cast_frozen and compute_dtype not in (None, torch.float32) else None
     torch.manual_seed(seed)
     llava, text, hidden = None, None, spec.mllm.hidden
     if "mllm" in parts:
-        llava, text = _build_mllm(spec, llava_path, tokenizer, num_candidate_tokens, settings)
+        llava, text = _build_mllm(spec, llava_path, tokenizer, num_candidate_tokens, settings, held)
         hidden = llava.config.text_config.hidden_size
     elif llava_path:
         hidden = _llava_hidden_size(llava_path, settings)
@@ -104,24 +116,46 @@ def build_model(
     torch.manual_seed(seed + 2)
     model = MediSee(llava, sam, text, hidden, num_candidate_tokens, spec.sam.prompt_dim, loss_weights)
     model.preset = preset
+    model.compute_dtype = compute_dtype
     if official_release:
         ckpt.load_official_release(model, official_release, settings)
+    if quantize == "nf4" and llava is not None:
+        quantize_lm_nf4(llava, compute_dtype or default_compute_dtype(device), device)
     if finetune:
         configure_trainable(model, finetune, lora_r, lora_alpha, lora_dropout)
     else:
         model.requires_grad_(False)
     if medisee_checkpoint:
         ckpt.load_trainable(model, medisee_checkpoint, settings)
+    if held is not None:
+        hold_weights(model, held)
     if gradient_checkpointing and llava is not None:
         model.llava.gradient_checkpointing_enable()
     return model
 
 
-def _build_mllm(spec: Preset, llava_path, tokenizer, num_candidate_tokens: int, settings):
-    """The LLaVA model and its TextSpec (tokenizer, image token, candidate token ids)."""
+def hold_weights(model: MediSee, dtype: torch.dtype) -> None:
+    """Frozen floating-point MLLM weights in `dtype`, trainable ones as fp32 master weights.
+
+    SAM stays fp32: its image encoder is small next to the LM, and box coordinates up to 1024 px must
+    not be rounded to 8 bits of mantissa.
+    """
+    if model.llava is None:
+        return
+    for param in model.llava.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(torch.float32 if param.requires_grad else dtype)
+
+
+def _build_mllm(spec: Preset, llava_path, tokenizer, num_candidate_tokens: int, settings, dtype=None):
+    """The LLaVA model and its TextSpec (tokenizer, image token, candidate token ids).
+
+    `dtype`: read a LLaVA directory's weights in this dtype (8 workers of a node reading a 7B LM in fp32
+    would need ~230 GB of host memory); None reads fp32.
+    """
     llava = None
     if llava_path:
-        llava, dir_tokenizer = ckpt.load_llava_dir(llava_path, settings)
+        llava, dir_tokenizer = ckpt.load_llava_dir(llava_path, settings, dtype or torch.float32)
         tokenizer = tokenizer or dir_tokenizer
     tokenizer = tokenizer or build_tiny_tokenizer()
     candidate_ids = add_candidate_tokens(tokenizer, num_candidate_tokens)
@@ -182,3 +216,14 @@ def _trainable_mllm(model: MediSee, finetune: str, r: int, alpha: int, dropout: 
         raise ValueError(f"finetune must be lora or full, not {finetune!r}")
     model.llava.get_input_embeddings().requires_grad_(True)
     model.llava.get_output_embeddings().requires_grad_(True)
+
+
+def compile_language_model(model: MediSee) -> int:
+    """torch.compile each LM decoder layer in place (one graph reused by all layers of the same shape,
+    so compiling costs one layer's time, not the model's); returns how many were compiled."""
+    if model.llava is None:
+        return 0
+    layers = model.llava.model.language_model.layers
+    for layer in layers:
+        layer.compile(dynamic=None)
+    return len(layers)

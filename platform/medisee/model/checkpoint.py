@@ -98,13 +98,15 @@ def local_dir(uri: str, settings: StorageSettings | None = None) -> Path:
     return target
 
 
-def load_llava_dir(uri: str, settings: StorageSettings | None = None):
-    """(LlavaForConditionalGeneration, tokenizer) from a transformers LLaVA directory."""
+def load_llava_dir(uri: str, settings: StorageSettings | None = None, dtype: torch.dtype = torch.float32):
+    """(LlavaForConditionalGeneration, tokenizer) from a transformers LLaVA directory, weights in `dtype`."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     path = local_dir(uri, settings)
     try:
-        llava = LlavaForConditionalGeneration.from_pretrained(str(path), torch_dtype=torch.float32)
+        llava = LlavaForConditionalGeneration.from_pretrained(
+            str(path), torch_dtype=dtype, attn_implementation="sdpa"
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise CheckpointError(uri, detail=f"{type(exc).__name__}: {str(exc)[:300]}") from None

@@ -27,6 +27,10 @@ from medisee.model.mllm import normalize_clip
 from medisee.model.text import TextSpec
 
 
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 @dataclass
 class LossWeights:
     ce: float = 1.0
@@ -65,6 +69,7 @@ class MediSee(nn.Module):
         self.text_projection = TextProjection(hidden_size, prompt_dim)
         self.box_decoder = BoxDecoder(hidden_size)
         self.loss_weights = loss_weights or LossWeights()
+        self.compute_dtype: torch.dtype | None = None  # None: default_compute_dtype(device)
         ids = text.candidate_ids if text is not None else [-1] * num_candidates
         self.register_buffer("candidate_ids", torch.tensor(ids), persistent=False)
 
@@ -86,9 +91,11 @@ class MediSee(nn.Module):
         return next(self.parameters()).device
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        device = self.device.type
+        dtype = self.compute_dtype or default_compute_dtype(device)
+        if dtype == torch.float32:
+            return torch.autocast(device, enabled=False)
+        return torch.autocast(device, dtype=dtype)
 
     # ----- MLLM side -------------------------------------------------------------------------
     def image_features(self, clip_images: torch.Tensor) -> torch.Tensor:
@@ -168,9 +175,12 @@ class MediSee(nn.Module):
         return states, ok
 
     def image_token_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L, d) -> (B, N, d) last-layer states at the image-token positions."""
-        positions = input_ids == self.text.image_token_id
-        return hidden[positions].view(input_ids.shape[0], -1, hidden.shape[-1])
+        """(B, L, d) -> (B, N, d) last-layer states at the image-token positions (N consecutive
+        positions in every row). A gather from each row's first image position: no host sync."""
+        count = self.text.num_image_tokens
+        first = (input_ids == self.text.image_token_id).int().argmax(1)  # (B,)
+        positions = first.unsqueeze(1) + torch.arange(count, device=input_ids.device)  # (B, N)
+        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     @staticmethod
     def similarity_maps(image_states: torch.Tensor, seg_state: torch.Tensor) -> torch.Tensor:
@@ -235,11 +245,10 @@ class MediSee(nn.Module):
             )
             hidden = out.hidden_states[-1]
             candidates, found = self.candidate_states(hidden, batch.input_ids)
-            zero = hidden.sum() * 0.0
-            losses = {"ce": out.loss, **self.target_losses(batch, candidates, found, zero)}
-            losses["similarity"] = zero
+            losses = {"ce": out.loss, **self.target_losses(batch, candidates, found)}
+            losses["similarity"] = hidden.sum() * 0.0
             if w.similarity > 0:
-                losses["similarity"] = self.pair_similarity_loss(batch, hidden, candidates, found, zero)
+                losses["similarity"] = self.pair_similarity_loss(batch, hidden, candidates, found)
         losses["loss"] = (
             w.ce * losses["ce"]
             + w.bce * losses["bce"]
@@ -249,40 +258,46 @@ class MediSee(nn.Module):
         )
         return losses
 
-    def target_losses(self, batch: TrainingBatch, candidates, found, zero) -> dict[str, torch.Tensor]:
+    def target_losses(self, batch: TrainingBatch, candidates, found) -> dict[str, torch.Tensor]:
         """Box L1 + GIoU and mask BCE + Dice for rows with a target whose answer holds the tokens.
 
         The predicted box enters SAM's prompt encoder without detach, as in the reference: the mask
         loss also trains the box decoder, the box router and the LM through it.
+        Every row is decoded and the losses averaged over the rows that count: selecting those rows
+        first would make the host wait for the GPU to learn how many there are.
         """
-        idx = (batch.has_target.bool() & found).nonzero().flatten()
-        if idx.numel() == 0:
-            return dict(bce=zero, dice=zero, box_l1=zero, box_giou=zero)
-        resized = batch.resized_hw[idx]
-        box_pred, prompt_tokens = self.heads(candidates[idx])
-        box_true = box_ops.frame_to_normalized(batch.box_sam[idx].float(), resized)
-        l1, giou = box_loss(box_pred.float(), box_true)
-        embeddings = self.image_embeddings(batch.sam_image, batch.image_resized_hw)
+        counted = batch.has_target.bool() & found  # (B,)
+        weight = counted.float()
+        rows = weight.sum().clamp_min(1.0)
+        resized = batch.resized_hw
+        box_pred, prompt_tokens = self.heads(candidates)
+        box_true = box_ops.frame_to_normalized(batch.box_sam.float(), resized)
+        box_true = torch.where(counted.unsqueeze(-1), box_true, box_true.new_tensor([0.0, 0.0, 1.0, 1.0]))
+        l1, giou = box_loss(box_pred.float(), box_true)  # rows without a target: a harmless stand-in box
+        embeddings = batch.image_embeddings
+        if embeddings is None:
+            embeddings = self.image_embeddings(batch.sam_image, batch.image_resized_hw)
         box_frame = box_ops.normalized_to_frame(box_pred.float(), resized)
-        low_res, _ = self.decode_masks(embeddings, batch.image_index[idx], box_frame, prompt_tokens)
+        low_res, _ = self.decode_masks(embeddings, batch.image_index, box_frame, prompt_tokens)
         logits = self.frame_logits(low_res)
         valid = _inside_images(logits.shape[-2:], resized)  # the label's resolution: padding excluded
-        target = batch.mask[idx]
+
+        def mean(per_row: torch.Tensor) -> torch.Tensor:
+            return (per_row * weight).sum() / rows
+
         return dict(
-            bce=bce_loss(logits, target, valid).mean(),
-            dice=dice_loss(logits, target, valid=valid).mean(),
-            box_l1=l1.mean(),
-            box_giou=giou.mean(),
+            bce=mean(bce_loss(logits, batch.mask, valid)),
+            dice=mean(dice_loss(logits, batch.mask, valid=valid)),
+            box_l1=mean(l1),
+            box_giou=mean(giou),
         )
 
-    def pair_similarity_loss(self, batch: TrainingBatch, hidden, candidates, found, zero) -> torch.Tensor:
+    def pair_similarity_loss(self, batch: TrainingBatch, hidden, candidates, found) -> torch.Tensor:
         """Similarity loss between a reasoning row's map and its referring row's map (same image, class)."""
-        pair = batch.pair_index
-        rows = ((pair >= 0) & found & found[pair.clamp_min(0)]).nonzero().flatten()
-        if rows.numel() == 0:
-            return zero
+        pair = batch.pair_index.clamp_min(0)
+        weight = ((batch.pair_index >= 0) & found & found[pair]).float()
         sims = self.similarity_maps(self.image_token_states(hidden, batch.input_ids), candidates[:, 0])
-        return similarity_loss(sims[rows], sims[pair[rows]]).mean()
+        return (similarity_loss(sims, sims[pair]) * weight).sum() / weight.sum().clamp_min(1.0)
 
     # ----- what is trained ---------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -3,16 +3,17 @@
 Parameter counts are exact: the model is built on the meta device (no memory, ~3 s for the 7B shapes).
 Everything else is arithmetic on those counts and the LM's shapes:
 
-- weights: frozen parameters in the compute dtype (the LM's linear layers in NF4 when quantized:
-  4 bits plus bitsandbytes' double-quantized block scales, ~0.127 bits per weight); under FSDP also
-  the two LM layers gathered at a time;
+- weights: frozen MLLM parameters in the compute dtype (the LM's linear layers in NF4 when quantized:
+  4 bits plus bitsandbytes' double-quantized block scales, ~0.127 bits per weight), SAM's in fp32;
+  under FSDP every weight is an fp32 shard, plus the two LM layers gathered at a time;
 - trainable parameters: fp32 master weights, fp32 gradients and two fp32 AdamW moments (16 bytes
   each), divided by the number of workers under FSDP;
 - activations per sample: what autograd saves in one LM decoder layer (see `lm_layer_activation_bytes`)
   for every layer, or, with gradient checkpointing, each layer's input plus one layer recomputed;
   plus the logits of the whole sequence in fp32 (the loss upcasts them);
 - inference: the KV cache of the whole sequence and one layer's temporaries;
-- a fixed allowance for the CUDA context, kernels' workspaces and allocator fragmentation.
+- a fixed allowance for the CUDA context, kernels' workspaces and allocator fragmentation;
+- the SAM image-embedding cache's budget, when the recipe keeps one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,36 @@ class Setup:
     gradient_checkpointing: bool = True
     text_tokens: int = 128
     lora_r: int = 8
+    image_cache_gib: float = 0.0  # trainer.image_embedding_cache_gib
+
+
+INFER_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def setup_from_config(cfg, inference: bool = False) -> Setup:
+    """The Setup a configuration trains (or, with `inference`, scores) with, on GPUs.
+
+    trainer.precision=auto plans for bf16 on a GPU run (fp16 takes the same memory) and fp32 on CPU;
+    inference plans for infer.dtype.
+    """
+    t = cfg.trainer
+    if inference:
+        precision = INFER_PRECISION[cfg.infer.dtype]
+    elif t.precision == "auto":
+        precision = "bf16" if t.use_gpu else "fp32"
+    else:
+        precision = t.precision
+    return Setup(
+        preset=cfg.model.preset,
+        finetune=None if inference else t.finetune,
+        strategy="ddp" if inference else t.strategy,
+        workers=1 if inference else t.num_workers,
+        batch_size=cfg.infer.mllm_batch_images if inference else cfg.data.batch_size,
+        precision=precision,
+        quantize=cfg.model.quantize,
+        gradient_checkpointing=t.gradient_checkpointing,
+        image_cache_gib=0.0 if inference else t.image_embedding_cache_gib,
+    )
 
 
 @dataclass(frozen=True)
@@ -50,6 +81,7 @@ class ParameterCounts:
     encoders: int  # CLIP tower, projector, SAM image encoder: frozen, never trained
     rest: int  # prompt encoder, mask decoder, routers, box decoder
     trainable: int
+    frozen_sam: int = 0  # SAM's frozen parameters: held in fp32 whatever the precision
 
     @property
     def total(self) -> int:
@@ -69,7 +101,7 @@ class MemoryPlan:
     def total_gib(self, batch_size: int | None = None) -> float:
         batch = self.setup.batch_size if batch_size is None else batch_size
         state = self.weights_gib + self.trainable_state_gib + self.activations_gib_per_sample * batch
-        return state * FRAGMENTATION + self.overhead_gib
+        return state * FRAGMENTATION + self.overhead_gib + self.setup.image_cache_gib
 
     def verdicts(self) -> dict[str, str]:
         need = self.total_gib()
@@ -104,12 +136,14 @@ def count_parameters(preset: str, finetune: str | None, lora_r: int = 8) -> Para
 
     with torch.device("meta"):
         model = build_model(preset, random_weights=True, finetune=finetune, lora_r=lora_r)
-    counts = dict.fromkeys(("lm_linear", "lm_other", "encoders", "rest", "trainable"), 0)
+    counts = dict.fromkeys(("lm_linear", "lm_other", "encoders", "rest", "trainable", "frozen_sam"), 0)
     counts["vocab"] = model.llava.config.text_config.vocab_size
     for name, param in model.named_parameters():
         counts[_part_of(name, param.dim())] += param.numel()
         if param.requires_grad:
             counts["trainable"] += param.numel()
+        elif name.startswith("sam."):
+            counts["frozen_sam"] += param.numel()
     return ParameterCounts(**counts)
 
 
@@ -148,12 +182,14 @@ def plan(setup: Setup) -> MemoryPlan:
 
     frozen_lm_linear = params.lm_linear if setup.finetune != "full" else 0
     lm_linear_bytes = NF4_BYTES_PER_WEIGHT if setup.quantize == "nf4" else dtype_bytes
-    frozen_rest = params.total - params.trainable - frozen_lm_linear
-    weights = frozen_lm_linear * lm_linear_bytes + frozen_rest * dtype_bytes
+    frozen_mllm = params.total - params.trainable - frozen_lm_linear - params.frozen_sam
     shards = setup.workers if setup.strategy == "fsdp" else 1
+    if setup.strategy == "fsdp":  # frozen weights stay fp32 shards; layers are gathered in the layer dtype
+        weights = (frozen_lm_linear * 4 + frozen_mllm * 4 + params.frozen_sam * 4) / shards
+        weights += 2 * params.lm_linear / mllm.layers * dtype_bytes  # the layer it runs + the prefetched one
+    else:  # medisee.model.build: frozen MLLM weights in the compute dtype, SAM in fp32
+        weights = frozen_lm_linear * lm_linear_bytes + frozen_mllm * dtype_bytes + params.frozen_sam * 4
     trainable = params.trainable * TRAINABLE_BYTES / shards if training else 0
-    if shards > 1:  # FSDP holds the layer it runs and the one it prefetches unsharded
-        weights += 2 * params.lm_linear / mllm.layers * dtype_bytes
 
     layer = lm_layer_activation_bytes(
         mllm.hidden, mllm.intermediate, mllm.kv_heads, mllm.heads, tokens, dtype_bytes

@@ -128,12 +128,13 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
             m.set_reshard_after_forward(m is not model, recurse=False)
 
 
-def clip_gradients(module: nn.Module, max_norm: float) -> float:
+def clip_gradients(module: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip in place; returns the norm before clipping as a device tensor (reading it would sync)."""
     params = [p for p in module.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def trainable_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:

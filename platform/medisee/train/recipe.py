@@ -35,11 +35,14 @@ from medisee.config import (
 from medisee.data.batch import collate
 from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.model.artifact import build_from_config
+from medisee.model.build import compile_language_model
 from medisee.model.checkpoint import read_torch, write_torch
+from medisee.model.precision import resolve_precision
 from medisee.storage import StorageSettings
 from medisee.train import parallel
+from medisee.train.embedding_cache import ImageEmbeddingCache
 from medisee.train.evaluate import evaluate_rows, load_eval_rows
-from medisee.train.step import train_step
+from medisee.train.step import as_numbers, loss_scaler, train_step
 
 CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.pt$")
 CHECKPOINT_FORMAT = "medisee-train-checkpoint/2"  # /2: optimiser state keyed by parameter name
@@ -80,6 +83,9 @@ class RecipeState:
     mlflow_client: object = None
     mlflow_run_id: str | None = None
     last_validation: dict = field(default_factory=dict)
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None
+    image_cache: ImageEmbeddingCache | None = None
 
 
 def micro_batches_per_worker(t: TrainerConfig, world: int) -> int:
@@ -102,17 +108,34 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
     import ray.train.torch
 
     torch.manual_seed(cfg.run.seed)
-    module = build_from_config(cfg, settings, medisee_checkpoint=cfg.model.medisee_checkpoint, training=True)
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.trainer.precision, device)
+    module = build_from_config(
+        cfg,
+        settings,
+        medisee_checkpoint=cfg.model.medisee_checkpoint,
+        training=True,
+        precision=precision,
+        device=device,
+    )
+    if cfg.trainer.compile:
+        compile_language_model(module)
     model = parallel.wrap(
         module,
         cfg.trainer.strategy,
         world,
-        ray.train.torch.get_device(),
+        device,
         layer_dtype=getattr(torch, cfg.trainer.fsdp_layer_dtype),
     )
     params = [p for p in module.parameters() if p.requires_grad]
+    fused = device.type == "cuda"  # one kernel for the whole update; CPU keeps the foreach path
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.trainer.lr, betas=(0.9, 0.95), weight_decay=cfg.trainer.weight_decay, foreach=True
+        params,
+        lr=cfg.trainer.lr,
+        betas=(0.9, 0.95),
+        weight_decay=cfg.trainer.weight_decay,
+        foreach=not fused,
+        fused=fused,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.trainer.warmup_steps, cfg.trainer.max_steps)
@@ -120,11 +143,15 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
     val_uri = cfg.data.val_uri or next(iter(cfg.data.sources.values()))
     eval_rows = load_eval_rows(val_uri, "val", settings, cfg.trainer.eval_limit, rank, world)
     state = RecipeState(cfg, settings, rank, world, model, module, optimizer, scheduler, eval_rows)
+    state.precision, state.scaler = precision, loss_scaler(precision, device)
+    if cfg.trainer.image_embedding_cache_gib:
+        state.image_cache = ImageEmbeddingCache(cfg.trainer.image_embedding_cache_gib)
     if rank == 0:
         state.mlflow_client = tracking.configure(cfg.tracking, settings)
         state.mlflow_run_id = tracking.start_or_resume_run(state.mlflow_client, cfg.tracking, cfg.run.name)
         tracking.log_params(state.mlflow_client, state.mlflow_run_id, flatten(cfg))
         tracking.log_system_info(state.mlflow_client, state.mlflow_run_id, world)
+        tracking.log_params(state.mlflow_client, state.mlflow_run_id, {"resolved.precision": precision})
         tracking.log_text(
             state.mlflow_client, state.mlflow_run_id, config_to_yaml(cfg), "config/resolved.yaml"
         )
@@ -145,6 +172,8 @@ def load_checkpoint(state: RecipeState) -> bool:
     check_resumable(payload["config"], state.cfg, uri)
     parallel.load_trainable_state(state.module, state.optimizer, weights, optimizer_state, uri)
     state.scheduler.load_state_dict(payload["scheduler"])
+    if state.scaler is not None and payload.get("loss_scaler"):
+        state.scaler.load_state_dict(payload["loss_scaler"])
     state.step, state.epoch, state.step_in_epoch = payload["step"], payload["epoch"], payload["step_in_epoch"]
     state.best = {int(k): v for k, v in payload.get("best", {}).items()}
     _set_rng_state(payload["rng"][min(state.rank, len(payload["rng"]) - 1)])
@@ -211,6 +240,7 @@ def save_checkpoint(state: RecipeState, metric: float | None = None) -> str | No
         "model": weights,
         "optimizer": optimizer_state,  # keyed by parameter name
         "scheduler": state.scheduler.state_dict(),
+        "loss_scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "rng": rngs,
         "best": state.best,
         "config": config_to_yaml(state.cfg),
@@ -296,22 +326,37 @@ def train(state: RecipeState) -> None:
     while state.step < t.max_steps:
         _maybe_fail(state)
         micro = [progress.next_batch(stream) for _ in range(accumulation)]
-        losses = train_step(state.model, state.module, state.optimizer, state.scheduler, micro, t.grad_clip)
+        if state.image_cache is not None:
+            micro = [state.image_cache.attach(state.module, batch) for batch in micro]
+        losses = train_step(
+            state.model, state.module, state.optimizer, state.scheduler, micro, t.grad_clip, state.scaler
+        )
         state.step += 1
         state.step_in_epoch += 1
         if state.step_in_epoch >= t.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        metrics = {f"train/{k}": v for k, v in losses.items()} | {
-            "lr": state.scheduler.get_last_lr()[0],
-            "workers": state.world,
-        }
-        progress.log(metrics)
         val = evaluate(state) if state.step % t.eval_every == 0 or state.step == t.max_steps else None
+        metrics = None
+        if progress.due() or val is not None:  # otherwise the losses stay on the device, unread
+            metrics = step_metrics(state, losses)
+            progress.log(metrics)
         if val is not None:
             progress.log_validation(val)
         if val is not None or state.step % t.checkpoint_every == 0:
             save_checkpoint(state, None if val is None else val.get(t.best_metric))
-        progress.report(metrics, val)
+        if metrics is not None:
+            progress.report(metrics, val)
+
+
+def step_metrics(state: RecipeState, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's numbers: one device-to-host transfer, so only at log and validation steps."""
+    metrics = as_numbers({f"train/{k}": v for k, v in losses.items()})
+    metrics |= {"lr": state.scheduler.get_last_lr()[0], "workers": state.world}
+    if state.scaler is not None:
+        metrics["loss_scale"] = state.scaler.get_scale()
+    if state.image_cache is not None:
+        metrics |= state.image_cache.stats()
+    return metrics
 
 
 class Progress:
@@ -327,10 +372,15 @@ class Progress:
         self.samples += len(batch)
         return batch
 
+    def due(self) -> bool:
+        t = self.state.cfg.trainer
+        return self.state.step % t.log_every == 0 or self.state.step == t.max_steps
+
     def log(self, metrics: dict) -> None:
-        state, t = self.state, self.state.cfg.trainer
-        if state.rank != 0 or not (state.step % t.log_every == 0 or state.step == t.max_steps):
+        state = self.state
+        if state.rank != 0 or not self.due():
             return
+        t = state.cfg.trainer
         elapsed = max(1e-6, time.time() - self.started)
         rate = self.samples * state.world / elapsed
         done = self.samples / (state.cfg.data.batch_size * micro_batches_per_worker(t, state.world))
@@ -358,7 +408,7 @@ class Progress:
         """A report is a round trip to the controller: only at log and validation steps."""
         import ray.train
 
-        if val is None and self.state.step % self.state.cfg.trainer.log_every:
+        if val is None and not self.due():
             return
         ray.train.report(
             {"step": self.state.step, **metrics, **({f"val/{k}": v for k, v in val.items()} if val else {})}

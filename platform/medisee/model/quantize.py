@@ -1,0 +1,66 @@
+"""The LM's linear layers in 4-bit NF4 (QLoRA): bitsandbytes' Linear4bit, double-quantized scales.
+
+Only the decoder layers' projections are quantized (q/k/v/o, gate/up/down): ~96 % of the 7B LM's
+weights. Embeddings, norms, the LM head, the CLIP tower and SAM stay in their own dtype. LoRA
+adapters (peft) wrap the quantized layers as they wrap plain ones, so `configure_trainable` runs after.
+
+bitsandbytes quantizes a weight when it is moved to a device (`.to(device)`), so the replaced layers
+are moved at once: the caller's device is where the 4-bit weights live (CUDA, or CPU for tests).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZE_MODES = ("none", "nf4")
+
+
+def lm_linear_layers(llava) -> dict[str, nn.Linear]:
+    """The plain linear layers inside the LM's decoder layers, by qualified name."""
+    layers = llava.model.language_model.layers
+    return {
+        f"{index}.{name}": module
+        for index, layer in enumerate(layers)
+        for name, module in layer.named_modules()
+        if type(module) is nn.Linear
+    }
+
+
+def quantize_lm_nf4(llava, compute_dtype: torch.dtype, device: torch.device | str) -> int:
+    """Replace the LM decoder layers' linear layers by NF4 ones on `device`; returns how many."""
+    import bitsandbytes as bnb
+
+    layers = llava.model.language_model.layers
+    replaced = 0
+    for qualified, linear in lm_linear_layers(llava).items():
+        index, name = qualified.split(".", 1)
+        parent_name, _, attr = name.rpartition(".")
+        parent = layers[int(index)].get_submodule(parent_name) if parent_name else layers[int(index)]
+        setattr(parent, attr, _nf4_copy(bnb, linear, compute_dtype, device))
+        replaced += 1
+    return replaced
+
+
+def _nf4_copy(bnb, linear: nn.Linear, compute_dtype: torch.dtype, device) -> nn.Module:
+    quantized = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        linear.weight.detach().to(compute_dtype).contiguous(),
+        requires_grad=False,
+        compress_statistics=True,
+        quant_type="nf4",
+    )
+    if linear.bias is not None:
+        quantized.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return quantized.to(device)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in module.modules())
