@@ -269,6 +269,15 @@ class MediSeeConfig(Section):
     infer: ScoringConfig = Field(default_factory=ScoringConfig)
 
     @model_validator(mode="after")
+    def _quantized_weights_stay_frozen(self) -> MediSeeConfig:
+        if self.model.quantize != "none" and self.trainer.finetune == "full":
+            raise ValueError(
+                f"model.quantize={self.model.quantize} needs trainer.finetune=lora: 4-bit weights are "
+                "frozen, only LoRA adapters train over them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _image_sizes_from_preset(self) -> MediSeeConfig:
         for key, size in PRESET_IMAGE_SIZES[self.model.preset].items():
             given = getattr(self.data, key)

@@ -110,3 +110,27 @@ def test_plan_command_reports_the_presets_setup():
     expected = plan(Setup(**report["setup"]))
     assert report["total_gib"] == round(expected.total_gib(), 2)
     assert report["verdicts"] == expected.verdicts()
+
+
+def test_the_24gb_profile_plans_to_fit_under_22_gib():
+    import json
+
+    from typer.testing import CliRunner
+
+    from medisee.cli import app
+
+    train = json.loads(CliRunner().invoke(app, ["plan", "-c", "medisee-7b-24gb"]).output)
+    assert train["setup"] == {
+        **train["setup"],
+        "quantize": "nf4",
+        "precision": "bf16",
+        "gradient_checkpointing": True,
+        "image_cache_gib": 2.0,
+    }
+    assert train["verdicts"]["24 GB"] == "fits" and train["total_gib"] < 22
+    assert train["largest_batch"]["24 GB"] >= train["setup"]["batch_size"]
+    serve = json.loads(CliRunner().invoke(app, ["plan", "-c", "medisee-7b-24gb", "--inference"]).output)
+    assert serve["setup"]["finetune"] is None and serve["setup"]["precision"] == "bf16"
+    assert serve["verdicts"]["24 GB"] == "fits"
+    lora_80 = json.loads(CliRunner().invoke(app, ["plan", "-c", "medisee-7b"]).output)
+    assert lora_80["verdicts"] == {**lora_80["verdicts"], "24 GB": "does not fit", "80 GB": "fits"}

@@ -42,6 +42,7 @@ def test_train_fail_resume_register(ray_local, s3_bucket, mlflow_server, tmp_pat
         "trainer.eval_limit=6",
         "trainer.fail_at_step=4",
         "trainer.warmup_steps=2",
+        "trainer.image_embedding_cache_gib=0.05",
     ]
     first = run_training(load_config("tiny", overrides))
     assert first["checkpoint"].endswith("step-00000006.pt")
@@ -61,6 +62,9 @@ def test_train_fail_resume_register(ray_local, s3_bucket, mlflow_server, tmp_pat
     assert [m.step for m in history].count(9) == 1 and [m.step for m in history].count(3) == 1
     losses = client.get_metric_history(first["mlflow_run_id"], "train/loss")
     assert max(m.step for m in losses) == 9
+    hit_rates = client.get_metric_history(first["mlflow_run_id"], "image_cache/hit_rate")
+    assert hit_rates and all(0.0 <= m.value <= 1.0 for m in hit_rates)  # the recipe ran with the cache
+    assert client.get_run(first["mlflow_run_id"]).data.params["resolved.precision"] == "fp32"  # CPU
     tags = client.get_run(first["mlflow_run_id"]).data.tags
     assert tags["checkpoint.latest"].endswith("step-00000009.pt") and tags["system.world_size"] == "2"
 

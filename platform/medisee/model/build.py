@@ -83,6 +83,8 @@ def build_model(
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {quantize!r}")
+    if quantize != "none" and finetune == "full":
+        raise ValueError("4-bit LM weights cannot be fully fine-tuned: use finetune='lora'")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
     unknown = set(parts) - set(MODEL_PARTS)
