@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup demo test test-fast lint bench clean stack-up stack-down
+.PHONY: setup demo test test-fast test-gpu lint bench bench-gpu clean stack-up stack-down
 
 setup: $(STAMP)
 
@@ -26,15 +26,22 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@sh tools/ensure_chromium.sh || true
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform jobs tests benchmarks infra
 	$(BIN)/ruff format --check platform jobs tests benchmarks infra
 	$(BIN)/python infra/render.py --check
+
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py --only train
+	$(BIN)/python benchmarks/gpu.py --only infer
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
