@@ -30,7 +30,7 @@ def reference() -> torch.device:
     return torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def exact_fp32(device):
     """fp32 really fp32 on the GPU: TF32 matmuls and convolutions round to 10 bits of mantissa, which
     the CPU comparisons' tolerances are not meant to absorb."""

@@ -46,12 +46,19 @@ def tiny(device: torch.device, **options) -> MediSee:
     return model.to(device)
 
 
-def batch_on(model: MediSee, rows: list[dict], count: int = 6) -> TrainingBatch:
-    """A false query and rows with targets, over two images, collated onto the model's device."""
-    false = [r for r in rows if r["query_kind"] == "false_query"][:1]
-    targets = [r for r in rows if r["box"]][: count - len(false)]
-    batch = reader_batch(false + targets, model.sam_size, model.clip_size)
-    return collate(batch, model.text, model.device)
+def by_image(rows: list[dict]) -> list[list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["image_id"], []).append(row)
+    return list(grouped.values())
+
+
+def batch_on(model: MediSee, rows: list[dict]) -> TrainingBatch:
+    """A false query and three rows with targets from each of two images, on the model's device."""
+    first, second = by_image(rows)[:2]
+    chosen = [r for r in first if r["query_kind"] == "false_query"][:1]
+    chosen += [r for r in first if r["box"]][:3] + [r for r in second if r["box"]][:3]
+    return collate(reader_batch(chosen, model.sam_size, model.clip_size), model.text, model.device)
 
 
 def trainable(model: MediSee) -> dict[str, torch.Tensor]:
@@ -172,8 +179,9 @@ def test_fp16_steps_with_the_loss_scaler_stay_finite(device, rows):
 # ----- host syncs -------------------------------------------------------------------------------
 # Where a training step makes the host wait for the GPU, outside our code, per occurrence:
 KNOWN_SYNCS = {
-    # transformers' causal-mask shortcut reads `padding_mask.all()`: once per LM forward
-    "transformers/masking_utils.py": "one per LM forward",
+    # transformers' SDPA causal-mask shortcut (`_ignore_causal_mask_sdpa`) reads whether the padding mask
+    # is all ones: once per LM forward, twice when the batch is padded
+    "transformers/masking_utils.py": "up to two per LM forward",
     # segment-anything indexes the device's relative-position table with a CPU index tensor (a blocking
     # copy): twice per image-encoder block (height and width)
     "segment_anything/modeling/image_encoder.py": "two per SAM image-encoder block",
@@ -204,11 +212,18 @@ def test_a_step_waits_for_the_gpu_only_at_known_third_party_places(device, rows)
     unknown = [s for s in sites if not any(known in s for known in KNOWN_SYNCS)]
     assert unknown == [], f"a step waits for the GPU at {sorted(set(unknown))}"
     blocks = len(model.sam.image_encoder.blocks)
-    assert len(sites) <= 1 + 2 * blocks, sites
+    assert len(sites) <= 2 + 2 * blocks, sites
 
 
 # ----- embedding cache --------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.bfloat16,
+    ],
+    ids=["fp32", "bf16"],
+)
 def test_cached_image_embeddings_give_the_uncached_losses(device, rows, dtype):
     model = tiny(device, compute_dtype=dtype, cast_frozen=True).eval()
     batch = batch_on(model, rows)
@@ -218,7 +233,7 @@ def test_cached_image_embeddings_give_the_uncached_losses(device, rows, dtype):
         computed = as_numbers(model(cache.attach(model, batch)))
         cached = as_numbers(model(cache.attach(model, batch)))
     images = len(batch.image_keys)
-    assert (cache.misses, cache.hits) == (images, images)
+    assert images == 2 and (cache.misses, cache.hits) == (images, images)
     assert {e.device.type for e in cache.entries.values()} == {device.type}
     for key in plain:
         assert computed[key] == pytest.approx(plain[key], abs=1e-5), key
@@ -229,10 +244,7 @@ def test_cached_image_embeddings_give_the_uncached_losses(device, rows, dtype):
 @pytest.fixture(scope="module")
 def images_and_queries(rows) -> tuple[list[np.ndarray], list[list[str]]]:
     """Three phantom images, each with two of its queries and its false query."""
-    by_image: dict[str, list[dict]] = {}
-    for row in rows:
-        by_image.setdefault(row["image_id"], []).append(row)
-    chosen = list(by_image.values())[:3]
+    chosen = by_image(rows)[:3]
     images = [decode_image(image_rows[0]["image_png"]) for image_rows in chosen]
     queries = [
         [r["query"] for r in image_rows if r["box"]][:2]

@@ -45,6 +45,13 @@ def unpack_masks(mask_bits: np.ndarray, size: int) -> np.ndarray:
     return np.unpackbits(mask_bits, axis=1, count=size * size).reshape(len(mask_bits), size, size)
 
 
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting for the GPU: from pinned memory, asynchronously."""
+    if device.type != "cuda" or values.device.type != "cpu":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class TrainingBatch:
     """B query rows over M distinct images (rows of one image share its encodings)."""
@@ -65,14 +72,12 @@ class TrainingBatch:
 
     def to(self, device, non_blocking: bool = False) -> TrainingBatch:
         """On `device`; `non_blocking` copies to a GPU from pinned memory while the GPU keeps working."""
-        pin = non_blocking and torch.device(device).type == "cuda"
+        device = torch.device(device)
 
         def move(value):
             if not isinstance(value, torch.Tensor):
                 return value
-            if pin and value.device.type == "cpu":
-                value = value.pin_memory()
-            return value.to(device, non_blocking=non_blocking)
+            return to_device(value, device) if non_blocking else value.to(device)
 
         return TrainingBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 

@@ -193,7 +193,9 @@ class MediSee(nn.Module):
         x = sam_images.permute(0, 3, 1, 2).float()
         x = (x - self.sam.pixel_mean) / self.sam.pixel_std
         x = x * _inside_images(x.shape[-2:], resized_hw).unsqueeze(1)
-        return self.sam.image_encoder(x)
+        # contiguous: the encoder's output is channels-last, and a cached (stacked) embedding is not;
+        # in bf16 the mask decoder's convolutions round differently on the two layouts
+        return self.sam.image_encoder(x).contiguous()
 
     def heads(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n, d) -> normalised xyxy boxes (B, 4) and SAM prompt tokens (B, P)."""
@@ -272,7 +274,8 @@ class MediSee(nn.Module):
         resized = batch.resized_hw
         box_pred, prompt_tokens = self.heads(candidates)
         box_true = box_ops.frame_to_normalized(batch.box_sam.float(), resized)
-        box_true = torch.where(counted.unsqueeze(-1), box_true, box_true.new_tensor([0.0, 0.0, 1.0, 1.0]))
+        whole_image = torch.cat([box_true.new_zeros(1, 2), box_true.new_ones(1, 2)], -1)  # no host copy
+        box_true = torch.where(counted.unsqueeze(-1), box_true, whole_image)
         l1, giou = box_loss(box_pred.float(), box_true)  # rows without a target: a harmless stand-in box
         embeddings = batch.image_embeddings
         if embeddings is None:

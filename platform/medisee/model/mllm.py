@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,13 @@ def resize_for_tokenizer(llava, tokenizer) -> None:
 def normalize_clip(images_uint8: torch.Tensor) -> torch.Tensor:
     """(B, C, C, 3) uint8 -> (B, 3, C, C) float normalised with CLIP's mean/std."""
     x = images_uint8.permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _clip_constants(x.device)
     return (x - mean) / std
+
+
+@functools.cache
+def _clip_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copied to a device once: a copy from host memory on every forward would wait for the GPU."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1).to(device)
+    return mean, std

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from medisee.data.batch import TrainingBatch
+from medisee.data.batch import TrainingBatch, to_device
 
 GIB = 1024**3
 
@@ -34,7 +34,7 @@ class ImageEmbeddingCache:
         self.misses += len(missing)
         computed = {}
         if missing:
-            index = torch.tensor(missing, device=batch.sam_image.device)
+            index = to_device(torch.tensor(missing), batch.sam_image.device)
             with torch.no_grad(), module.autocast():
                 fresh = module.image_embeddings(batch.sam_image[index], batch.image_resized_hw[index])
             computed = {batch.image_keys[i]: fresh[n] for n, i in enumerate(missing)}
