@@ -86,7 +86,7 @@ def test_largest_batch_is_the_last_that_fits():
     memory = plan(Setup("medisee-7b", "lora", batch_size=1))
     for size in GPU_SIZES_GIB.values():
         batch = memory.largest_batch(size)
-        assert memory.total_gib(batch) <= size
+        assert batch == 0 or memory.total_gib(batch) <= size
         assert memory.total_gib(batch + 1) > size
 
 
@@ -112,7 +112,7 @@ def test_plan_command_reports_the_presets_setup():
     assert report["verdicts"] == expected.verdicts()
 
 
-def test_the_24gb_profile_plans_to_fit_under_22_gib():
+def test_the_24gb_profile_plans_to_fit_under_22_gb():
     import json
 
     from typer.testing import CliRunner
@@ -125,9 +125,9 @@ def test_the_24gb_profile_plans_to_fit_under_22_gib():
         "quantize": "nf4",
         "precision": "bf16",
         "gradient_checkpointing": True,
-        "image_cache_gib": 2.0,
+        "image_cache_gib": 1.0,
     }
-    assert train["verdicts"]["24 GB"] == "fits" and train["total_gib"] < 22
+    assert train["verdicts"]["24 GB"] == "fits" and train["total_gib"] * 1024**3 < 22e9  # the 22 GB
     assert train["largest_batch"]["24 GB"] >= train["setup"]["batch_size"]
     serve = json.loads(CliRunner().invoke(app, ["plan", "-c", "medisee-7b-24gb", "--inference"]).output)
     assert serve["setup"]["finetune"] is None and serve["setup"]["precision"] == "bf16"

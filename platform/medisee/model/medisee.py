@@ -26,6 +26,8 @@ from medisee.model.losses import bce_loss, box_loss, dice_loss, similarity_loss
 from medisee.model.mllm import normalize_clip
 from medisee.model.text import TextSpec
 
+SAM_IMAGES_PER_PASS = 2
+
 
 def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -189,13 +191,18 @@ class MediSee(nn.Module):
 
     # ----- decoder side ----------------------------------------------------------------------
     def image_embeddings(self, sam_images: torch.Tensor, resized_hw: torch.Tensor) -> torch.Tensor:
-        """(M, S, S, 3) uint8 padded SAM-frame images -> (M, P, g, g). Padding stays zero after normalising."""
+        """(M, S, S, 3) uint8 padded SAM-frame images -> (M, P, g, g). Padding stays zero after normalising.
+
+        SAM's global-attention blocks hold a full (heads, T, T) score matrix per image (~1.2 GB at
+        1024 px in bf16), so the encoder takes SAM_IMAGES_PER_PASS images at a time.
+        """
         x = sam_images.permute(0, 3, 1, 2).float()
         x = (x - self.sam.pixel_mean) / self.sam.pixel_std
         x = x * _inside_images(x.shape[-2:], resized_hw).unsqueeze(1)
+        chunks = [self.sam.image_encoder(part) for part in x.split(SAM_IMAGES_PER_PASS)]
         # contiguous: the encoder's output is channels-last, and a cached (stacked) embedding is not;
         # in bf16 the mask decoder's convolutions round differently on the two layouts
-        return self.sam.image_encoder(x).contiguous()
+        return torch.cat(chunks).contiguous()
 
     def heads(self, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n, d) -> normalised xyxy boxes (B, 4) and SAM prompt tokens (B, P)."""

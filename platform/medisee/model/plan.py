@@ -12,6 +12,7 @@ Everything else is arithmetic on those counts and the LM's shapes:
   for every layer, or, with gradient checkpointing, each layer's input plus one layer recomputed;
   plus the logits of the whole sequence in fp32 (the loss upcasts them);
 - inference: the KV cache of the whole sequence and one layer's temporaries;
+- SAM's attention scores while it encodes SAM_IMAGES_PER_PASS images (`sam_encoder_peak_bytes`);
 - a fixed allowance for the CUDA context, kernels' workspaces and allocator fragmentation;
 - the SAM image-embedding cache's budget, when the recipe keeps one.
 """
@@ -97,10 +98,12 @@ class MemoryPlan:
     trainable_state_gib: float
     activations_gib_per_sample: float
     overhead_gib: float
+    encoder_peak_gib: float = 0.0  # SAM's attention scores while it encodes (transient)
 
     def total_gib(self, batch_size: int | None = None) -> float:
         batch = self.setup.batch_size if batch_size is None else batch_size
         state = self.weights_gib + self.trainable_state_gib + self.activations_gib_per_sample * batch
+        state += self.encoder_peak_gib
         return state * FRAGMENTATION + self.overhead_gib + self.setup.image_cache_gib
 
     def verdicts(self) -> dict[str, str]:
@@ -122,6 +125,7 @@ class MemoryPlan:
             "trainable_state_gib": round(self.trainable_state_gib, 2),
             "activations_gib_per_sample": round(self.activations_gib_per_sample, 3),
             "overhead_gib": self.overhead_gib,
+            "encoder_peak_gib": round(self.encoder_peak_gib, 2),
             "total_gib": round(self.total_gib(), 2),
             "verdicts": self.verdicts(),
             "largest_batch": {name: self.largest_batch(size) for name, size in GPU_SIZES_GIB.items()},
@@ -171,10 +175,20 @@ def lm_layer_activation_bytes(
     return (norms + attention + mlp) * tokens
 
 
+def sam_encoder_peak_bytes(image_size: int, patch_size: int, heads: int, dtype_bytes: int) -> int:
+    """Transient bytes of one image in a SAM global-attention block (segment-anything's ViT): the
+    (heads, T, T) scores, the copy with the relative-position terms added, and softmax's output, which
+    autocast computes in fp32 (then casts back for the product with V). Per image, in bytes."""
+    tokens = (image_size // patch_size) ** 2
+    scores = heads * tokens * tokens
+    return scores * (2 * dtype_bytes + 4) if dtype_bytes < 4 else scores * 2 * 4
+
+
 def plan(setup: Setup) -> MemoryPlan:
     from medisee.model.build import PRESETS
+    from medisee.model.medisee import SAM_IMAGES_PER_PASS
 
-    mllm = PRESETS[setup.preset].mllm
+    mllm, sam = PRESETS[setup.preset].mllm, PRESETS[setup.preset].sam
     params = count_parameters(setup.preset, setup.finetune, setup.lora_r)
     tokens = mllm.num_image_tokens + setup.text_tokens
     dtype_bytes = BYTES[setup.precision]
@@ -210,4 +224,7 @@ def plan(setup: Setup) -> MemoryPlan:
         trainable_state_gib=trainable / GIB,
         activations_gib_per_sample=(activations + logits) / GIB,
         overhead_gib=CUDA_OVERHEAD_GIB,
+        encoder_peak_gib=SAM_IMAGES_PER_PASS
+        * sam_encoder_peak_bytes(sam.image_size, sam.patch_size, sam.encoder_heads, dtype_bytes)
+        / GIB,
     )
