@@ -149,6 +149,7 @@ class Bench:
     steps: int
     warmup: int
     max_batch: int | None
+    compile_backend: str = "inductor"
     device_name: str = ""
     peak_flops: float | None = None
     total_gib: float | None = None
@@ -502,7 +503,7 @@ def compile_comparison(bench: Bench, model, optimizer, start: int, on_oom) -> di
     from medisee.model.build import compile_language_model
     from medisee.train.step import as_numbers, train_step
 
-    layers = compile_language_model(model)
+    layers = compile_language_model(model, bench.compile_backend)
     first: list[float] = []
 
     def measure(size: int) -> dict:
@@ -829,6 +830,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=COMPILE_BATCH,
         help=f"compiled vs eager at most at this batch (default {COMPILE_BATCH}; 0: the LoRA bf16 batch)",
     )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (the CPU smoke test uses aot_eager: no C++ kernel compilation)",
+    )
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else ["train", "infer"]
     unknown = [n for n in names if n not in PARTS]
@@ -847,6 +853,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
         steps=args.steps or (1 if args.quick else 5),
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
         max_batch=args.max_batch,
+        compile_backend=args.compile_backend,
     )
     if bench.cuda:
         device = bench.device = torch.device("cuda", torch.cuda.current_device())
