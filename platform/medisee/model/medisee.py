@@ -193,7 +193,7 @@ class MediSee(nn.Module):
     def image_embeddings(self, sam_images: torch.Tensor, resized_hw: torch.Tensor) -> torch.Tensor:
         """(M, S, S, 3) uint8 padded SAM-frame images -> (M, P, g, g). Padding stays zero after normalising.
 
-        SAM's global-attention blocks hold a full (heads, T, T) score matrix per image (~1.2 GB at
+        SAM's global-attention blocks hold a full (heads, T, T) score matrix per image (~1.5 GiB at
         1024 px in bf16), so the encoder takes SAM_IMAGES_PER_PASS images at a time.
         """
         x = sam_images.permute(0, 3, 1, 2).float()
