@@ -67,7 +67,7 @@ def build_from_config(
 ) -> MediSee:
     """The model a config describes. Loss weights and gradient checkpointing only matter for training.
 
-    `precision` (resolved: bf16 | fp16 | fp32; see medisee.train.precision) sets the compute dtype and,
+    `precision` (resolved: bf16 | fp16 | fp32; see medisee.model.precision) sets the compute dtype and,
     outside FSDP (which casts per layer itself), the dtype frozen MLLM weights are held in.
     """
     m = cfg.model

@@ -45,18 +45,20 @@ class Setup:
     image_cache_gib: float = 0.0  # trainer.image_embedding_cache_gib
 
 
-INFER_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
 def setup_from_config(cfg, inference: bool = False) -> Setup:
     """The Setup a configuration trains (or, with `inference`, scores) with, on GPUs.
 
     trainer.precision=auto plans for bf16 on a GPU run (fp16 takes the same memory) and fp32 on CPU;
     inference plans for infer.dtype.
     """
+    import torch
+
+    from medisee.model.precision import PRECISION_DTYPES
+
     t = cfg.trainer
     if inference:
-        precision = INFER_PRECISION[cfg.infer.dtype]
+        infer_dtype = getattr(torch, cfg.infer.dtype)
+        precision = next(name for name, dtype in PRECISION_DTYPES.items() if dtype == infer_dtype)
     elif t.precision == "auto":
         precision = "bf16" if t.use_gpu else "fp32"
     else:
@@ -196,12 +198,12 @@ def plan(setup: Setup) -> MemoryPlan:
 
     frozen_lm_linear = params.lm_linear if setup.finetune != "full" else 0
     lm_linear_bytes = NF4_BYTES_PER_WEIGHT if setup.quantize == "nf4" else dtype_bytes
-    frozen_mllm = params.total - params.trainable - frozen_lm_linear - params.frozen_sam
     shards = setup.workers if setup.strategy == "fsdp" else 1
     if setup.strategy == "fsdp":  # frozen weights stay fp32 shards; layers are gathered in the layer dtype
-        weights = (frozen_lm_linear * 4 + frozen_mllm * 4 + params.frozen_sam * 4) / shards
+        weights = (params.total - params.trainable) * 4 / shards
         weights += 2 * params.lm_linear / mllm.layers * dtype_bytes  # the layer it runs + the prefetched one
     else:  # medisee.model.build: frozen MLLM weights in the compute dtype, SAM in fp32
+        frozen_mllm = params.total - params.trainable - frozen_lm_linear - params.frozen_sam
         weights = frozen_lm_linear * lm_linear_bytes + frozen_mllm * dtype_bytes + params.frozen_sam * 4
     trainable = params.trainable * TRAINABLE_BYTES / shards if training else 0
 

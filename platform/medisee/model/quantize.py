@@ -17,12 +17,10 @@ QUANTIZE_MODES = ("none", "nf4")
 
 
 def lm_linear_layers(llava) -> dict[str, nn.Linear]:
-    """The plain linear layers inside the LM's decoder layers, by qualified name."""
-    layers = llava.model.language_model.layers
+    """The plain linear layers inside the LM's decoder layers, by name under the LM's `layers`."""
     return {
-        f"{index}.{name}": module
-        for index, layer in enumerate(layers)
-        for name, module in layer.named_modules()
+        name: module
+        for name, module in llava.model.language_model.layers.named_modules()
         if type(module) is nn.Linear
     }
 
@@ -32,14 +30,11 @@ def quantize_lm_nf4(llava, compute_dtype: torch.dtype, device: torch.device | st
     import bitsandbytes as bnb
 
     layers = llava.model.language_model.layers
-    replaced = 0
-    for qualified, linear in lm_linear_layers(llava).items():
-        index, name = qualified.split(".", 1)
+    found = lm_linear_layers(llava)
+    for name, linear in found.items():
         parent_name, _, attr = name.rpartition(".")
-        parent = layers[int(index)].get_submodule(parent_name) if parent_name else layers[int(index)]
-        setattr(parent, attr, _nf4_copy(bnb, linear, compute_dtype, device))
-        replaced += 1
-    return replaced
+        setattr(layers.get_submodule(parent_name), attr, _nf4_copy(bnb, linear, compute_dtype, device))
+    return len(found)
 
 
 def _nf4_copy(bnb, linear: nn.Linear, compute_dtype: torch.dtype, device) -> nn.Module:

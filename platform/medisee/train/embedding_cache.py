@@ -15,8 +15,7 @@ from dataclasses import replace
 import torch
 
 from medisee.data.batch import TrainingBatch, to_device
-
-GIB = 1024**3
+from medisee.model.plan import GIB
 
 
 class ImageEmbeddingCache:

@@ -83,7 +83,6 @@ class RecipeState:
     mlflow_client: object = None
     mlflow_run_id: str | None = None
     last_validation: dict = field(default_factory=dict)
-    precision: str = "fp32"
     scaler: torch.amp.GradScaler | None = None
     image_cache: ImageEmbeddingCache | None = None
 
@@ -143,7 +142,7 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
     val_uri = cfg.data.val_uri or next(iter(cfg.data.sources.values()))
     eval_rows = load_eval_rows(val_uri, "val", settings, cfg.trainer.eval_limit, rank, world)
     state = RecipeState(cfg, settings, rank, world, model, module, optimizer, scheduler, eval_rows)
-    state.precision, state.scaler = precision, loss_scaler(precision, device)
+    state.scaler = loss_scaler(precision, device)
     if cfg.trainer.image_embedding_cache_gib:
         state.image_cache = ImageEmbeddingCache(cfg.trainer.image_embedding_cache_gib)
     if rank == 0:
