@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medisee.config import MediSeeConfig, PrepareConfig, load_config
-from medisee.data.prepare import prepare
+from medisee.config import MediSeeConfig, load_config
+from tests.train.batches import prepare_phantom
 
 
 def phantom_run_config(
     tmp_path: Path, tracking_uri: str, experiment: str, run_name: str, overrides: list[str]
 ) -> MediSeeConfig:
-    shards = tmp_path / "shards"
-    prepare(
-        "phantom", "-", str(shards), PrepareConfig(phantom_images=16, val_fraction=0.25), executor="local"
-    )
+    shards = prepare_phantom(tmp_path, images=16, val_fraction=0.25)
     return load_config(
         "tiny",
         [

@@ -7,16 +7,13 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from medisee.config import PrepareConfig
-from medisee.data.prepare import prepare
-from medisee.data.reader import Preprocess, shard_files
 from medisee.train.evaluate import load_eval_rows
 from tests.conftest import free_port
+from tests.train.batches import prepare_phantom, reader_batch, split_rows
 
 pytestmark = pytest.mark.slow
 
@@ -27,26 +24,16 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def phantom_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "shards"
-    prepare("phantom", "-", str(out), PrepareConfig(phantom_images=8, val_fraction=0.25), executor="local")
-    return out
+    return prepare_phantom(tmp_path_factory.mktemp("fsdp"), images=8, val_fraction=0.25)
 
 
 def micro_batches(shards, sam_size: int, clip_size: int) -> list[list[list[dict]]]:
     """[rank][step * MICRO_BATCHES + m] -> reader batch. Rank 1's first micro-batch holds only false
     queries, so that rank runs no decoder while rank 0 does (the conditional path FSDP must join)."""
-    rows = []
-    for uri in shard_files(str(shards), "train", None):
-        rows.extend(pq.read_table(uri).to_pylist())
+    rows = split_rows(shards, "train")
     with_target = [r for r in rows if r["box"] is not None]
     false = [r for r in rows if r["query_kind"] == "false_query"]
     assert len(with_target) >= 16 and len(false) >= 2
-    preprocess = Preprocess(sam_size, clip_size)
-    import pyarrow as pa
-
-    def batch(chosen):
-        return preprocess(pa.Table.from_pylist(chosen))
-
     per_rank = [[], []]
     for i in range(STEPS * MICRO_BATCHES):
         for rank in range(WORLD):
@@ -55,7 +42,7 @@ def micro_batches(shards, sam_size: int, clip_size: int) -> list[list[list[dict]
             else:
                 start = (i * WORLD + rank) * 2
                 chosen = with_target[start : start + 2]
-            per_rank[rank].append(batch(chosen))
+            per_rank[rank].append(reader_batch(chosen, sam_size, clip_size))
     return per_rank
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from medisee import storage
-from medisee.config import PrepareConfig, load_config
-from medisee.data.prepare import prepare
+from medisee.config import load_config
 from medisee.infer import Predictor
 from medisee.train.recipe import list_checkpoints
 from medisee.train.trainer import run_training
+from tests.train.batches import prepare_phantom
 from tests.train.runs import phantom_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -23,8 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_train_fail_resume_register(ray_local, s3_bucket, mlflow_server, tmp_path, images_for_predict):
     settings, root = s3_bucket
     tracking_uri, _ = mlflow_server
-    local = tmp_path / "shards"
-    prepare("phantom", "-", str(local), PrepareConfig(phantom_images=24, val_fraction=0.25), executor="local")
+    local = prepare_phantom(tmp_path, images=24, val_fraction=0.25)
     storage.upload_dir(local, storage.join(root, "shards"), settings)
     overrides = [
         f"storage.endpoint={settings.endpoint}",
@@ -176,8 +175,7 @@ def test_a_registered_model_outlives_the_ray_session_that_trained_it(tmp_path):
 
     project = tmp_path / "project"
     project.mkdir()
-    shards = project / "shards"
-    prepare("phantom", "-", str(shards), PrepareConfig(phantom_images=8, val_fraction=0.25), executor="local")
+    shards = prepare_phantom(project, images=8, val_fraction=0.25)
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
     cmd = [
