@@ -7,8 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medisee.data.preprocess import sam_input
-from medisee.infer.images import as_rgb_uint8
+from medisee.infer.images import PreparedImage, original_shape, sam_of
 from medisee.infer.results import Decoded
 from medisee.model import boxes as box_ops
 
@@ -19,7 +18,7 @@ class DecoderStage:
 
     @torch.no_grad()
     def __call__(
-        self, images: list[np.ndarray], image_index: list[int], candidates: np.ndarray
+        self, images: list[np.ndarray | PreparedImage], image_index: list[int], candidates: np.ndarray
     ) -> list[Decoded]:
         """candidates (Q, n, d) for queries about images[image_index[q]]; only those images are encoded."""
         if len(image_index) == 0:
@@ -27,8 +26,8 @@ class DecoderStage:
         model = self.model
         used = sorted(set(image_index))
         local = torch.tensor([used.index(i) for i in image_index], device=model.device)
-        images = [as_rgb_uint8(images[i]) for i in used]
-        sam_images, frames = zip(*(sam_input(im, model.sam_size) for im in images), strict=True)
+        shapes = [original_shape(images[i]) for i in used]
+        sam_images, frames = zip(*(sam_of(images[i], model.sam_size) for i in used), strict=True)
         image_hw = torch.tensor([f.resized_hw for f in frames], device=model.device)
         states = torch.as_tensor(np.asarray(candidates), dtype=torch.float32, device=model.device)
         with model.autocast():
@@ -39,14 +38,14 @@ class DecoderStage:
             box_frame = box_ops.normalized_to_frame(box_norm.float(), image_hw[local])
             low_res, iou = model.decode_masks(embeddings, local, box_frame, prompt_tokens)
             logits = model.frame_logits(low_res)
-        original = torch.tensor([images[j].shape[:2] for j in local.tolist()], device=model.device)
+        original = torch.tensor([shapes[j] for j in local.tolist()], device=model.device)
         unclipped = box_ops.normalized_to_original(box_norm.float(), original, clip=False).cpu().numpy()
         clipped = box_ops.normalized_to_original(box_norm.float(), original).cpu().numpy()
         out = []
         for q, j in enumerate(local.tolist()):
             h, w = frames[j].resized_hw
             crop = logits[q : q + 1, :h, :w].unsqueeze(0)
-            full = F.interpolate(crop, images[j].shape[:2], mode="bilinear", align_corners=False)[0, 0]
+            full = F.interpolate(crop, shapes[j], mode="bilinear", align_corners=False)[0, 0]
             mask = full > self.mask_threshold
             out.append(
                 Decoded(

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from medisee.data import prompts
-from medisee.data.preprocess import clip_input
-from medisee.infer.images import as_rgb_uint8, flatten_queries
+from medisee.infer.images import PreparedImage, clip_of, flatten_queries
 from medisee.infer.results import QueryEncoding
 
 MODES = ("teacher_forced", "generate")
@@ -26,7 +25,7 @@ class MLLMStage:
 
     @torch.no_grad()
     def __call__(
-        self, images: list[np.ndarray], queries: list[list[str]], mode: str | None = None
+        self, images: list[np.ndarray | PreparedImage], queries: list[list[str]], mode: str | None = None
     ) -> list[QueryEncoding]:
         """images[i] with its queries[i]; results in the order of the flattened queries."""
         mode = mode or self.mode
@@ -36,7 +35,7 @@ class MLLMStage:
         if not flat:
             return []
         model = self.model
-        clip = np.stack([clip_input(as_rgb_uint8(im), model.clip_size) for im in images])
+        clip = np.stack([clip_of(im, model.clip_size) for im in images])
         index = torch.tensor(image_index, device=model.device)
         with model.autocast():
             features = model.image_features(torch.from_numpy(clip).to(model.device))

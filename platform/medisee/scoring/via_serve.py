@@ -3,7 +3,7 @@
 `medisee infer ... --via-serve APP` replaces the MLLM / verifier / decoder steps by one step that
 sends each image (with all its queries) to the application's ingress through its deployment handle,
 with at most `max_in_flight` requests outstanding per actor. The same graph answers (so the cluster
-holds one copy of the models); decode, output rows, errors and the exactly-once writer are shared
+holds one copy of the models; only each image's model-sized inputs are sent); decode, output rows, errors and the exactly-once writer are shared
 with the actor-pool path.
 """
 
@@ -32,6 +32,14 @@ class ServeStep:
         self.handle = serve.get_app_handle(app_name)
         self.model_info, self.max_in_flight = model_info, max_in_flight
         self.overlay_fraction, self.timeout_s = overlay_fraction, timeout_s
+        self.sizes = self.handle.input_sizes.remote().result(timeout_s=timeout_s)
+
+    def prepared(self, row: dict):
+        """The model-sized inputs of the row's image: what crosses to the application, whatever the
+        image's size (a decoded 4k radiograph would exceed the 4 MiB of a gRPC message)."""
+        from medisee.infer.images import prepare_image
+
+        return prepare_image(image_of(row), self.sizes["clip_size"], self.sizes["sam_size"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -45,7 +53,8 @@ class ServeStep:
             window = rows[start : start + self.max_in_flight]
             started = time.perf_counter()
             pending = [
-                self.handle.answer.remote(image_of(r), r["queries"], self.model_info["ref"]) for r in window
+                self.handle.answer.remote(self.prepared(r), r["queries"], self.model_info["ref"])
+                for r in window
             ]
             for row, response in zip(window, pending, strict=True):
                 try:

@@ -27,12 +27,19 @@ class StageOptions(BaseModel):
 
 
 class IngressOptions(BaseModel):
+    """The ingress is async: a request waiting for its body or for the graph costs a coroutine, so
+    Serve lets many in (`max_ongoing_requests`) and the app itself admits `max_in_flight` into the
+    graph, answering the rest with its JSON 503 + Retry-After before Serve's queue would refuse them
+    with a bare one. /healthz then always finds a slot, even while slow clients hold connections."""
+
     model_config = ConfigDict(extra="forbid")
 
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.25, gt=0)
-    max_ongoing_requests: int = Field(32, ge=1)
+    max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(64, ge=1)
+    max_in_flight: int = Field(32, ge=1)  # requests past their body, decoding or in the graph
+    decode_threads: int = Field(4, ge=1)  # image decoding and response rendering, off the event loop
 
 
 class AppArgs(BaseModel):
@@ -59,11 +66,17 @@ class AppArgs(BaseModel):
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     request_timeout_s: float = Field(30.0, gt=0)
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    max_image_bytes: int = Field(512 * 1024 * 1024, gt=0)  # decoded size from a DICOM's header, all frames
+    body_timeout_s: float = Field(60.0, gt=0)  # the whole body must arrive within this
+    min_body_bytes_per_s: float = Field(8192.0, ge=0)  # after the first 5 s; 0: no minimum rate
+    max_render_side: int = Field(1024, ge=16)  # longest side of a returned overlay / heatmap
+    ready_ttl_s: float = Field(15.0, ge=0)  # /readyz re-runs its check when the last one is older
     max_queries: int = Field(16, ge=1)
     max_query_chars: int = Field(500, ge=1)
-    api_keys_env: str = "MEDISEE_API_KEYS"  # comma-separated keys; no keys configured = no auth
-    api_keys_file: str | None = None  # one key per line
+    api_keys_env: str = "MEDISEE_API_KEYS"  # comma-separated keys
+    api_keys_file: str | None = None  # one key per line; re-read when it changes (rotation)
+    allow_anonymous: bool = False  # without keys the ingress refuses to start unless this is set
     log_payloads: bool = False  # image bytes and query text never reach the logs unless this is on
     judge_base_url: str | None = None
     judge_model: str = "gpt-4o-mini"

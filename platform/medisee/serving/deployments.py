@@ -55,6 +55,11 @@ class _Versioned:
             self.resident.use(ref, weights)
             return fn(*inputs)
 
+    def input_sizes(self) -> dict:
+        """What the ingress prepares images to (every version of a base shares it)."""
+        model = self.resident.model
+        return {"clip_size": int(model.clip_size), "sam_size": int(model.sam_size)}
+
     async def __call__(self, *request):
         # Serve's batcher closes a batch batch_wait_timeout_s after its first request, even when
         # nothing else is coming. Wait only while other requests are in flight on this replica: a
@@ -78,7 +83,7 @@ class MLLMDeployment(_Versioned):
         self.stage = MLLMStage(self.resident.model, args.mode, args.max_new_tokens)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, images: list[np.ndarray], queries: list[list[str]]):
+    async def _batched(self, images: list, queries: list[list[str]]):  # PreparedImage or array
         encodings = await self._run(self.stage, images, queries)
         per_request = [[] for _ in images]
         for enc in encodings:
@@ -97,7 +102,7 @@ class DecoderDeployment(_Versioned):
         self.stage = DecoderStage(self.resident.model, args.mask_threshold)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, images: list[np.ndarray], candidates: list[np.ndarray]):
+    async def _batched(self, images: list, candidates: list[np.ndarray]):  # PreparedImage or array
         index = [i for i, c in enumerate(candidates) for _ in range(len(c))]
         stacked = np.concatenate([c for c in candidates if len(c)]) if index else np.zeros((0,))
         decoded = await self._run(self.stage, images, index, stacked) if index else []

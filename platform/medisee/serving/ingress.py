@@ -4,12 +4,11 @@ encoded once by each stage. The final verdict goes back to the verifier only for
 left uncertain (the others are settled by the screening)."""
 
 import asyncio
-import hmac
 import logging
-import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
+from medisee.infer.images import PreparedImage, prepare_image
 from medisee.infer.results import assemble, wants_decoder
 from medisee.infer.verifier_stage import settled
 from medisee.serving.args import AppArgs
+from medisee.serving.auth import KeyRing
 from medisee.serving.requests import ApiError, openapi_request_body, parse_request, read_body
-from medisee.serving.responses import result_json
+from medisee.serving.responses import render_size, response_parts
 
 log = logging.getLogger("medisee.serve")
 api = FastAPI(
@@ -36,13 +37,6 @@ PAGE = Path(__file__).with_name("page.html")
 def error(status: int, message: str, request_id: str, headers: dict | None = None) -> JSONResponse:
     body = {"error": {"status": status, "message": message}, "request_id": request_id}
     return JSONResponse(body, status_code=status, headers=headers or {})
-
-
-def configured_keys(args: AppArgs) -> list[str]:
-    keys = [k.strip() for k in os.environ.get(args.api_keys_env, "").split(",") if k.strip()]
-    if args.api_keys_file:
-        keys += [line.strip() for line in Path(args.api_keys_file).read_text().splitlines() if line.strip()]
-    return keys
 
 
 def replica_lost(exc: BaseException) -> bool:
@@ -86,12 +80,10 @@ def graph_error(exc: Exception, request_id: str) -> JSONResponse:
     return error(500, f"internal error ({type(exc).__name__}); request id {request_id}", request_id)
 
 
-def key_matches(given: str, keys: list[str]) -> bool:
-    """Constant time in the key's content: every configured key is compared, no early exit."""
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given.encode(), key.encode())
-    return matched
+def overloaded(request_id: str) -> JSONResponse:
+    return error(
+        503, "overloaded: too many requests in flight; retry shortly", request_id, {"Retry-After": "1"}
+    )
 
 
 @serve.deployment
@@ -99,9 +91,12 @@ def key_matches(given: str, keys: list[str]) -> bool:
 class Ingress:
     def __init__(self, args: AppArgs, mllm, verifier, decoder):
         self.args, self.mllm, self.verifier, self.decoder = args, mllm, verifier, decoder
-        self.keys = configured_keys(args)
+        self.keys = KeyRing(args.api_keys_env, args.api_keys_file, args.allow_anonymous)
         self.reconfigure({"model": args.model, "extra_models": args.extra_models})
         self.judge = bool(args.judge_base_url)
+        self.pool = ThreadPoolExecutor(args.ingress.decode_threads, thread_name_prefix="medisee-decode")
+        self.in_flight = 0
+        self.sizes: dict | None = None
 
     def reconfigure(self, config: dict) -> None:
         """The served version (Serve calls this on a user_config change: no replica restarts; the model
@@ -109,7 +104,7 @@ class Ingress:
         self.model = config.get("model") or self.args.model
         extra = config.get("extra_models") or []
         self.versions = [self.model, *[m for m in [self.args.model, *extra] if m != self.model]]
-        self.ready: dict | None = None
+        self.ready: tuple[float, dict] | None = None
 
     def served_version(self) -> str:
         """For batch scoring through this application (medisee infer --via-serve)."""
@@ -117,31 +112,56 @@ class Ingress:
 
     # ----- helpers -------------------------------------------------------------------------------
     def authorise(self, request: Request) -> None:
-        if not self.keys:
-            return
-        given = (
-            request.headers.get("x-api-key")
-            or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        )
-        if not given or not key_matches(given, self.keys):
+        if not self.keys.admits(request.headers):
             raise ApiError(
                 401, "missing or wrong API key (send it as 'Authorization: Bearer <key>' or 'X-API-Key')"
             )
 
     def version(self, requested: str | None, header: str | None) -> str:
         version = requested or header or self.model
-        if version not in self.versions:
-            raise ApiError(422, f"unknown model_version {version!r}; served: {', '.join(self.versions)}")
+        if version not in self.versions:  # the served references are URIs: not for anonymous eyes
+            raise ApiError(422, "unknown model_version; GET /v1/models lists the served versions")
         return version
 
+    async def run(self, fn, *args):
+        """CPU work (decoding, preparing, rendering) on the ingress's own threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def input_sizes(self) -> dict:
+        """The model's input sizes (asked once of the MLLM deployment: every version shares its base)."""
+        if self.sizes is None:
+            self.sizes = await self.mllm.input_sizes.remote()
+        return self.sizes
+
+    async def prepare(self, image: np.ndarray | PreparedImage) -> PreparedImage:
+        if isinstance(image, PreparedImage):
+            return image
+        sizes = await self.input_sizes()
+        return await self.run(prepare_image, image, sizes["clip_size"], sizes["sam_size"])
+
+    async def judge_image(self, image) -> np.ndarray | None:
+        """What the judge sees: the image downscaled (a handle call carries at most a few MiB)."""
+        if not self.judge or isinstance(image, PreparedImage):
+            return None
+        from PIL import Image
+
+        h, w = render_size(image.shape[:2], self.args.max_render_side)
+        return await self.run(lambda: np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR)))
+
     async def answer(
-        self, image: np.ndarray, queries: list[str], version: str, early_reject: bool | None = None
+        self,
+        image: np.ndarray | PreparedImage,
+        queries: list[str],
+        version: str,
+        early_reject: bool | None = None,
     ) -> tuple[list, dict]:
-        """The graph for one image: results (QueryResult, mask as RLE) and seconds per stage."""
+        """The graph for one image: results (QueryResult, mask as RLE) and seconds per stage. Only the
+        prepared image (model-sized, whatever the original's size) crosses to the model replicas."""
         early_reject = self.args.early_reject if early_reject is None else early_reject
         t0 = time.perf_counter()
+        prepared = await self.prepare(image)
         mllm = self.mllm.options(multiplexed_model_id=version)
-        encodings = await call_stage(lambda: mllm.remote(image, queries), "MLLM")
+        encodings = await call_stage(lambda: mllm.remote(prepared, queries), "MLLM")
         t1 = time.perf_counter()
         screenings = await call_stage(lambda: self.verifier.screen.remote(version, encodings), "verifier")
         t2 = time.perf_counter()
@@ -150,16 +170,14 @@ class Ingress:
         if todo:
             candidates = np.stack([encodings[j].candidates for j in todo])
             decoder = self.decoder.options(multiplexed_model_id=version)
-            out = await call_stage(lambda: decoder.remote(image, candidates), "decoder")
+            out = await call_stage(lambda: decoder.remote(prepared, candidates), "decoder")
             decoded = dict(zip(todo, out, strict=True))
         t3 = time.perf_counter()
         verdicts = [settled(s) for s in screenings]
         undecided = [j for j, v in enumerate(verdicts) if v is None]
         if undecided:  # only uncertain queries need the decoder's signals (and the judge): one more hop
-            items = [
-                (screenings[j], decoded.get(j), image if self.judge else None, encodings[j])
-                for j in undecided
-            ]
+            seen = await self.judge_image(image)
+            items = [(screenings[j], decoded.get(j), seen, encodings[j]) for j in undecided]
             decided = await call_stage(lambda: self.verifier.decide.remote(version, items), "verifier")
             for j, verdict in zip(undecided, decided, strict=True):
                 verdicts[j] = verdict
@@ -177,12 +195,27 @@ class Ingress:
         started = time.perf_counter()
         try:
             self.authorise(request)
-            body = await read_body(request, self.args.max_upload_bytes)
-            req = await parse_request(request, body, self.args)
+            body = await read_body(
+                request, self.args.max_upload_bytes, self.args.body_timeout_s, self.args.min_body_bytes_per_s
+            )
+        except ApiError as exc:
+            return error(exc.status, exc.message, request_id, exc.headers)
+        if self.in_flight >= self.args.ingress.max_in_flight:  # admitted below Serve's own queue limit
+            return overloaded(request_id)
+        self.in_flight += 1
+        try:
+            return await self.segment_admitted(request, body, request_id, started)
+        finally:
+            self.in_flight -= 1
+
+    async def segment_admitted(self, request: Request, body: bytes, request_id: str, started: float):
+        try:
+            req = await parse_request(request.headers, body, self.args, self.run)
             version = self.version(req.model_version, request.headers.get("serve_multiplexed_model_id"))
             results, timings = await asyncio.wait_for(
                 self.answer(req.image, req.queries, version), self.args.request_timeout_s
             )
+            parts = await self.run(response_parts, results, req.image, req, self.args.max_render_side)
         except ApiError as exc:
             return error(exc.status, exc.message, request_id, exc.headers)
         except asyncio.TimeoutError:
@@ -194,14 +227,13 @@ class Ingress:
             )
         except Exception as exc:  # the graph's own failures: overload first, then anything else
             return graph_error(exc, request_id)
-        answers = [result_json(r, req.image, req.mask_format, req.heatmap, req.overlay) for r in results]
         total = time.perf_counter() - started
         log.info("request %s: %d queries, %.3f s%s", request_id, len(req.queries), total,
                  f", queries {req.queries}" if self.args.log_payloads else "")  # fmt: skip
         return {
             "request_id": request_id,
             "model_version": version,
-            "results": answers,
+            **parts,
             "timings": {**timings, "total_s": total},
         }
 
@@ -211,15 +243,28 @@ class Ingress:
 
     @api.get("/readyz")
     async def readyz(self):
-        """Ready once every deployment answers and the golden pair comes back as stored."""
-        if self.ready is None:
+        """Ready while every deployment answers and the golden pair comes back as stored; checked again
+        once the last check is older than ready_ttl_s. The reason names the failed step, never the
+        exception's text (that goes to the log)."""
+        now = time.monotonic()
+        if self.ready is None or now - self.ready[0] > self.args.ready_ttl_s:
+            from medisee.infer.golden import GoldenMismatch
+
             try:
-                self.ready = await asyncio.wait_for(self.golden(), self.args.request_timeout_s)
-            except Exception as exc:  # not ready: say why
-                return JSONResponse(
-                    {"ready": False, "reason": f"{type(exc).__name__}: {exc}"[:500]}, status_code=503
-                )
-        return {"ready": True, "golden": self.ready}
+                golden = await asyncio.wait_for(self.golden(), self.args.request_timeout_s)
+            except asyncio.TimeoutError:
+                return self.not_ready("the model deployments did not answer in time", None)
+            except GoldenMismatch as exc:
+                return self.not_ready("the golden pair did not come back as stored", exc)
+            except Exception as exc:
+                return self.not_ready("the model deployments did not answer", exc)
+            self.ready = (now, golden)
+        return {"ready": True, "golden": self.ready[1]}
+
+    def not_ready(self, reason: str, exc: Exception | None) -> JSONResponse:
+        self.ready = None
+        log.warning("readyz: %s%s", reason, f": {type(exc).__name__}: {exc}" if exc else "")
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
 
     async def golden(self) -> dict:
         import json

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -98,8 +99,18 @@ class SegmentRequest:
     overlay: bool = False
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The body, refused as soon as it is known to exceed `limit` (header first, then while streaming)."""
+MULTIPART_SINGLE = ("model_version", "mask_format", "heatmap", "overlay")
+JSON_FIELDS = ("image", "queries", "model_version", "return")
+RETURN_FIELDS = ("mask_format", "heatmap", "overlay")
+BODY_GRACE_S = 5.0  # the minimum rate applies after this long (a connection's slow start)
+
+
+async def read_body(
+    request, limit: int, timeout_s: float = 60.0, min_rate: float = 0.0, grace_s: float = BODY_GRACE_S
+) -> bytes:
+    """The body, refused as soon as it is known to exceed `limit` (header first, then while
+    streaming), and cut off with 408 when it has not arrived within `timeout_s` or arrives slower
+    than `min_rate` bytes per second after the first seconds: a slow client holds no slot for long."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -108,8 +119,20 @@ async def read_body(request, limit: int) -> bytes:
             raise ApiError(400, "Content-Length is not a number") from None
         if size > limit:
             raise ApiError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes")
-    chunks, total = [], 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    started, chunks, total = loop.time(), [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        elapsed = loop.time() - started
+        wait = timeout_s - elapsed
+        if min_rate > 0:  # the longest wait after which the rate is still met
+            wait = min(wait, max(grace_s, (total + 1) / min_rate) - elapsed + 0.05)
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.001))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, too_slow(total, loop.time() - started, timeout_s, min_rate)) from None
         total += len(chunk)
         if total > limit:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
@@ -117,59 +140,109 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_request(request, body: bytes, args: AppArgs) -> SegmentRequest:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def too_slow(received: int, elapsed: float, timeout_s: float, min_rate: float) -> str:
+    return (
+        f"request body incomplete after {elapsed:.1f} s ({received} bytes received): bodies must arrive "
+        f"within {timeout_s:g} s and at {min_rate:g} bytes/s or faster"
+    )
+
+
+async def parse_request(headers, body: bytes, args: AppArgs, run=asyncio.to_thread) -> SegmentRequest:
+    """The whole request: fields checked first, then the image decoded. CPU work (JSON, base64, image
+    decoding) goes through `run` (a thread by default), never on the event loop."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        fields, image_bytes = await _multipart(request, body)
+        fields, image_bytes = await _multipart(headers, body)
     elif content_type == "application/json":
-        fields, image_bytes = _json(body)
+        fields, image_bytes = await run(_json, body)
     else:
         raise ApiError(
             415,
             f"unsupported content type {content_type or 'none'!r}: send multipart/form-data or application/json",
         )
+    check_queries(fields.get("queries"), args)  # refuse bad fields before the costly decode
+    image = await run(decode_upload, image_bytes, args.max_image_pixels, args.max_image_bytes)
     return SegmentRequest(
-        image=decode_upload(image_bytes, args.max_image_pixels),
+        image=image,
         queries=check_queries(fields.get("queries"), args),
-        model_version=fields.get("model_version") or None,
+        model_version=_text(fields.get("model_version"), "model_version") or None,
         mask_format=_choice(fields.get("mask_format", "rle"), ("rle", "png"), "mask_format"),
         heatmap=_flag(fields.get("heatmap", False), "heatmap"),
         overlay=_flag(fields.get("overlay", False), "overlay"),
     )
 
 
-async def _multipart(request, body: bytes) -> tuple[dict, bytes]:
+async def _multipart(headers, body: bytes) -> tuple[dict, bytes]:
+    """Every field of the form, repeated ones included: `query` / `queries` may repeat (each value is
+    one query; a single `queries` value may also be a JSON list), anything else may not."""
+    from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def stream():
         yield body
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=1, max_fields=64).parse()
+        form = await MultiPartParser(headers, stream(), max_files=4, max_fields=128).parse()
     except MultiPartException as exc:
         raise ApiError(400, f"malformed multipart body: {exc.message}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "a multipart field is not valid UTF-8") from None
+    items = form.multi_items()
+    names = [k for k, _ in items]
+    for name in dict.fromkeys(names):
+        if name not in ("image", "query", "queries", *MULTIPART_SINGLE):
+            raise ApiError(422, f"unknown multipart field {name!r}")
+        if name not in ("query", "queries") and names.count(name) > 1:
+            raise ApiError(422, f"multipart field {name!r} given {names.count(name)} times: give it once")
+    if "query" in names and "queries" in names:
+        raise ApiError(422, "give the queries as repeated 'query' fields or as 'queries', not both")
     upload = form.get("image")
-    if upload is None or isinstance(upload, str):
+    if not isinstance(upload, UploadFile):
         raise ApiError(422, "multipart field 'image' (a file) is required")
-    fields = {k: v for k, v in form.items() if k not in ("image", "query")}
-    queries = [q for q in form.getlist("query") if isinstance(q, str)]
-    if "queries" in fields:
-        try:
-            fields["queries"] = json.loads(fields["queries"])
-        except json.JSONDecodeError:
-            fields["queries"] = [fields["queries"]]
-    elif queries:
-        fields["queries"] = queries
+    fields = {}
+    for name, value in items:
+        if name == "image":
+            continue
+        if not isinstance(value, str):
+            raise ApiError(422, f"multipart field {name!r} must be text, not a file")
+        if name in ("query", "queries"):
+            fields.setdefault("queries", []).extend(_multipart_queries(value, names.count(name) == 1))
+        else:
+            fields[name] = value
     return fields, await upload.read()
+
+
+def _multipart_queries(value: str, only_one: bool) -> list:
+    if only_one and value.lstrip().startswith("["):  # one field holding a JSON list of queries
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise ApiError(422, "field 'queries' starts with '[' but is not a JSON list of strings") from None
+        if isinstance(parsed, list):
+            return parsed
+    return [value]
+
+
+def _no_duplicate_keys(pairs: list[tuple]) -> dict:
+    keys = [k for k, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ApiError(422, f"JSON field {key!r} given {keys.count(key)} times: give it once")
+    return dict(pairs)
 
 
 def _json(body: bytes) -> tuple[dict, bytes]:
     try:
-        fields = json.loads(body)
+        fields = json.loads(body, object_pairs_hook=_no_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "body is JSON nested too deeply") from None
     if not isinstance(fields, dict):
         raise ApiError(422, "the JSON body must be an object")
+    unknown = [k for k in fields if k not in JSON_FIELDS]
+    if unknown:
+        raise ApiError(422, f"unknown JSON field {unknown[0]!r}; the fields are {', '.join(JSON_FIELDS)}")
     image = fields.get("image")
     if not isinstance(image, str) or not image:
         raise ApiError(422, "field 'image' (base64 of a PNG, JPEG or DICOM file) is required")
@@ -182,7 +255,10 @@ def _json(body: bytes) -> tuple[dict, bytes]:
     returns = fields.get("return") or {}
     if not isinstance(returns, dict):
         raise ApiError(422, "field 'return' must be an object")
-    return {**fields, **{k: returns[k] for k in ("mask_format", "heatmap", "overlay") if k in returns}}, data
+    unknown = [k for k in returns if k not in RETURN_FIELDS]
+    if unknown:
+        raise ApiError(422, f"unknown field 'return.{unknown[0]}'; it takes {', '.join(RETURN_FIELDS)}")
+    return {**{k: v for k, v in fields.items() if k != "return"}, **returns}, data
 
 
 def check_queries(queries, args: AppArgs) -> list[str]:
@@ -200,6 +276,12 @@ def check_queries(queries, args: AppArgs) -> list[str]:
             raise ApiError(422, f"a query of {len(q)} characters: at most {args.max_query_chars}")
         out.append(q.strip())
     return out
+
+
+def _text(value, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ApiError(422, f"{name} must be a string")
+    return value
 
 
 def _choice(value, allowed: tuple[str, ...], name: str) -> str:
@@ -230,48 +312,45 @@ def sniff(data: bytes) -> str:
     return "unknown"
 
 
-def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+def decode_upload(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
+    """uint8 H×W×3 of an uploaded file; the size is checked from the header before pixels are decoded."""
     kind = sniff(data)
     if kind == "unknown":
         raise ApiError(
             415, "unsupported image type: send PNG, JPEG, TIFF, BMP or DICOM (with its DICM preamble)"
         )
     if kind == "dicom":
-        return _dicom(data, max_pixels)
-    from PIL import Image
+        return _dicom(data, max_pixels, max_bytes)
+    from PIL import Image, ImageOps
 
     from medisee.data.codec import as_rgb, to_uint8_image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > max_pixels:
-                raise ApiError(
-                    413,
-                    f"{img.width}×{img.height} pixels exceeds the limit of {max_pixels} (decompression bomb refused)",
-                )
+                raise ApiError(413, too_many_pixels(img.width, img.height, max_pixels))
             img.load()
-            return as_rgb(np.asarray(to_uint8_image(img)))
+            return as_rgb(np.asarray(to_uint8_image(ImageOps.exif_transpose(img))))
     except ApiError:
         raise
+    except Image.DecompressionBombError:  # over PIL's own limit: refused before its header is trusted
+        raise ApiError(
+            413, f"image exceeds the limit of {max_pixels} pixels (decompression bomb refused)"
+        ) from None
     except Exception as exc:  # PIL raises many types for broken files
         raise ApiError(400, f"unreadable {kind} image: {type(exc).__name__}") from None
 
 
-def _dicom(data: bytes, max_pixels: int) -> np.ndarray:
-    import pydicom
+def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    return f"{width}×{height} pixels exceeds the limit of {max_pixels} (decompression bomb refused)"
 
-    from medisee.data.sources.dicom import read_frames
-    from medisee.scoring.decode import DecodeOptions, WindowContext
+
+def _dicom(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
+    from medisee.data.bounded import InputTooLarge, dicom_first_frame
 
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        rows, cols = int(header.get("Rows", 0)), int(header.get("Columns", 0))
+        return dicom_first_frame(data, max_pixels, max_bytes)
+    except InputTooLarge as exc:
+        raise ApiError(413, f"DICOM refused: {exc}") from None
     except Exception as exc:  # pydicom raises many types for damaged files
         raise ApiError(400, f"unreadable DICOM: {type(exc).__name__}") from None
-    if rows * cols > max_pixels:
-        raise ApiError(413, f"{cols}×{rows} pixels exceeds the limit of {max_pixels}")
-    try:
-        _, frames = read_frames(data, WindowContext(DecodeOptions()))
-    except Exception as exc:  # truncated pixel data and the like
-        raise ApiError(400, f"unreadable DICOM pixel data: {type(exc).__name__}") from None
-    return frames[0]

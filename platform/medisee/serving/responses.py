@@ -1,4 +1,6 @@
-"""QueryResults as JSON: box, mask (COCO RLE or PNG), optional heatmap and overlay as base64 PNG."""
+"""QueryResults as JSON: box, mask (COCO RLE or PNG), optional heatmap per query and one overlay per
+image as base64 PNG. Renderings are downscaled to `max_side` so that a response stays small whatever
+the image's size and the number of queries (masks keep full resolution: RLE, or a 1-channel PNG)."""
 
 from __future__ import annotations
 
@@ -7,45 +9,58 @@ import io
 import json
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from medisee.data.codec import rle_to_mask
 
+COLOURS = ((230, 60, 60), (60, 200, 90), (240, 190, 40), (170, 90, 230), (40, 200, 220), (240, 120, 30))
+
 
 def png_b64(array: np.ndarray) -> str:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def heatmap_png(similarity: np.ndarray, hw: tuple[int, int]) -> str:
-    from PIL import Image
+def render_size(hw: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(height, width) with the longest side at most max_side, aspect kept."""
+    scale = min(1.0, max_side / max(hw))
+    return max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale))
 
+
+def heatmap_png(similarity: np.ndarray, hw: tuple[int, int], max_side: int) -> str:
     span = float(similarity.max() - similarity.min())
     scaled = (
         ((similarity - similarity.min()) / span * 255).astype(np.uint8)
         if span > 0
         else np.zeros(similarity.shape, np.uint8)
     )
-    return png_b64(np.asarray(Image.fromarray(scaled).resize((hw[1], hw[0]), Image.Resampling.BILINEAR)))
+    h, w = render_size(hw, max_side)
+    return png_b64(np.asarray(Image.fromarray(scaled).resize((w, h), Image.Resampling.BILINEAR)))
 
 
-def overlay_png(image: np.ndarray, mask: np.ndarray | None, box) -> str:
-    from PIL import Image, ImageDraw
-
-    out = image.astype(np.float32).copy()
-    if mask is not None:
-        out[mask] = 0.55 * out[mask] + 0.45 * np.asarray((230, 60, 60), np.float32)
+def overlay_png(image: np.ndarray, results: list, masks: list, max_side: int) -> str:
+    """The image downscaled, every query's mask tinted in its own colour and its box drawn."""
+    h, w = render_size(image.shape[:2], max_side)
+    scale = w / image.shape[1], h / image.shape[0]
+    out = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR), np.float32).copy()
+    for j, mask in enumerate(masks):
+        if mask is not None:
+            small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+            out[small] = 0.55 * out[small] + 0.45 * np.asarray(COLOURS[j % len(COLOURS)], np.float32)
     canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    if box:
-        ImageDraw.Draw(canvas).rectangle(list(box), outline=(60, 170, 230), width=2)
+    draw = ImageDraw.Draw(canvas)
+    for j, result in enumerate(results):
+        if result.box:
+            x0, y0, x1, y1 = result.box
+            box = [x0 * scale[0], y0 * scale[1], x1 * scale[0], y1 * scale[1]]
+            draw.rectangle(box, outline=COLOURS[j % len(COLOURS)], width=2)
     return png_b64(np.asarray(canvas))
 
 
-def result_json(result, image: np.ndarray, mask_format: str, heatmap: bool, overlay: bool) -> dict:
-    """`result.mask` is the RLE text the decoder deployment returned (None when rejected or not found)."""
-    mask = rle_to_mask(result.mask) if result.mask is not None else None
+def result_json(result, mask: np.ndarray | None, hw: tuple[int, int], options, max_side: int) -> dict:
+    """`result.mask` is the RLE text the decoder deployment returned (None when rejected or not
+    found); `mask` the same decoded."""
     out = {
         "query": result.query,
         "answer": result.answer,
@@ -63,11 +78,19 @@ def result_json(result, image: np.ndarray, mask_format: str, heatmap: bool, over
         "mask_area": int(mask.sum()) if mask is not None else None,
     }
     if mask is not None:
-        out["mask"] = {"format": "rle", "rle": json.loads(result.mask)} if mask_format == "rle" else {
+        out["mask"] = {"format": "rle", "rle": json.loads(result.mask)} if options.mask_format == "rle" else {
             "format": "png", "png": png_b64(mask.astype(np.uint8) * 255)
         }  # fmt: skip
-    if heatmap and result.similarity is not None:
-        out["heatmap_png"] = heatmap_png(result.similarity, image.shape[:2])
-    if overlay:
-        out["overlay_png"] = overlay_png(image, mask, result.box)
+    if options.heatmap and result.similarity is not None:
+        out["heatmap_png"] = heatmap_png(result.similarity, hw, max(16, max_side // 4))  # a coarse map
+    return out
+
+
+def response_parts(results: list, image: np.ndarray, options, max_side: int) -> dict:
+    """{"results": [...], "overlay_png"?: ...}; CPU work: the ingress runs it off the event loop."""
+    masks = [rle_to_mask(r.mask) if r.mask is not None else None for r in results]
+    hw = image.shape[:2]
+    out = {"results": [result_json(r, m, hw, options, max_side) for r, m in zip(results, masks, strict=True)]}
+    if options.overlay:
+        out["overlay_png"] = overlay_png(image, results, masks, max_side)
     return out
