@@ -194,6 +194,7 @@ def two_apps_args(model: str, **changes):
         decoder=StageOptions(num_cpus=0.4),
         verifier=StageOptions(num_cpus=0.1, max_batch_size=16),
         ingress=IngressOptions(num_cpus=0.1),
+        allow_anonymous=True,  # loopback only
         **changes,
     )
 

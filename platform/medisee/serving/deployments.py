@@ -56,9 +56,9 @@ class _Versioned:
             return fn(*inputs)
 
     def input_sizes(self) -> dict:
-        """What the ingress prepares images to (every version of a base shares it)."""
-        model = self.resident.model
-        return {"clip_size": int(model.clip_size), "sam_size": int(model.sam_size)}
+        """The size the ingress prepares this part's input to (every version of a base shares it)."""
+        name = "clip_size" if self.part == "mllm" else "sam_size"
+        return {name: int(getattr(self.resident.model, name))}
 
     async def __call__(self, *request):
         # Serve's batcher closes a batch batch_wait_timeout_s after its first request, even when

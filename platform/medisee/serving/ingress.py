@@ -128,9 +128,13 @@ class Ingress:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def input_sizes(self) -> dict:
-        """The model's input sizes (asked once of the MLLM deployment: every version shares its base)."""
+        """The model's input sizes, asked once of the MLLM and decoder deployments (every version of a
+        base shares them)."""
         if self.sizes is None:
-            self.sizes = await self.mllm.input_sizes.remote()
+            clip, sam = await asyncio.gather(
+                self.mllm.input_sizes.remote(), self.decoder.input_sizes.remote()
+            )
+            self.sizes = {**clip, **sam}
         return self.sizes
 
     async def prepare(self, image: np.ndarray | PreparedImage) -> PreparedImage:
