@@ -346,11 +346,29 @@ def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
 
 
 def _dicom(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
-    from medisee.data.bounded import InputTooLarge, dicom_first_frame
+    """The first frame, after the header's decoded size (rows × columns × frames × samples × bytes)
+    passed the limits."""
+    import pydicom
+
+    from medisee.data.sources.dicom import read_frames
+    from medisee.scoring.decode import DecodeOptions, WindowContext
 
     try:
-        return dicom_first_frame(data, max_pixels, max_bytes)
-    except InputTooLarge as exc:
-        raise ApiError(413, f"DICOM refused: {exc}") from None
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        rows, cols = int(header.get("Rows", 0)), int(header.get("Columns", 0))
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        decoded = rows * cols * frames * int(header.get("SamplesPerPixel", 1) or 1)
+        decoded *= max(1, int(header.get("BitsAllocated", 8) or 8) // 8)
     except Exception as exc:  # pydicom raises many types for damaged files
         raise ApiError(400, f"unreadable DICOM: {type(exc).__name__}") from None
+    if rows * cols > max_pixels:
+        raise ApiError(413, f"DICOM refused: {cols}×{rows} pixels exceeds the limit of {max_pixels}")
+    if decoded > max_bytes:
+        raise ApiError(
+            413, f"DICOM refused: {frames} frames decode to {decoded} bytes > the limit of {max_bytes}"
+        )
+    try:
+        _, frames_read = read_frames(data, WindowContext(DecodeOptions()))
+    except Exception as exc:  # truncated pixel data and the like
+        raise ApiError(400, f"unreadable DICOM pixel data: {type(exc).__name__}") from None
+    return frames_read[0]
