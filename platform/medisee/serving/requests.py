@@ -160,11 +160,11 @@ async def parse_request(headers, body: bytes, args: AppArgs, run=asyncio.to_thre
             415,
             f"unsupported content type {content_type or 'none'!r}: send multipart/form-data or application/json",
         )
-    check_queries(fields.get("queries"), args)  # refuse bad fields before the costly decode
+    queries = check_queries(fields.get("queries"), args)  # bad fields refused before the costly decode
     image = await run(decode_upload, image_bytes, args.max_image_pixels, args.max_image_bytes)
     return SegmentRequest(
         image=image,
-        queries=check_queries(fields.get("queries"), args),
+        queries=queries,
         model_version=_text(fields.get("model_version"), "model_version") or None,
         mask_format=_choice(fields.get("mask_format", "rle"), ("rle", "png"), "mask_format"),
         heatmap=_flag(fields.get("heatmap", False), "heatmap"),
