@@ -55,7 +55,7 @@ def serve_configs() -> dict[Path, dict]:
 
 
 def patch_text(config: dict) -> str:
-    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=float("inf"))
     return (
         "# Written by `python infra/render.py` from serve/config.yaml: edit those, not this file.\n"
         "apiVersion: ray.io/v1\n"

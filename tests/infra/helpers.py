@@ -115,7 +115,12 @@ def kustomize(directory: str) -> tuple[dict, ...]:
 def base_files() -> list[dict]:
     """The base's resources as written (no kustomize): for checks that must run without kubectl."""
     kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
-    return [yaml.safe_load((K8S / "base" / name).read_text()) for name in kustomization["resources"]]
+    return [
+        doc
+        for name in kustomization["resources"]
+        for doc in yaml.safe_load_all((K8S / "base" / name).read_text())
+        if doc
+    ]
 
 
 def merge_patch(doc: dict, patch: dict) -> dict:

@@ -4,8 +4,10 @@ KubeRay manifests, and without credentials (instance roles only)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -15,6 +17,7 @@ import yaml
 
 from tests.infra.helpers import (
     INFRA,
+    ROOT,
     SECRET_LIKE,
     dockerfile_instructions,
     load_render_module,
@@ -127,3 +130,62 @@ def test_gpu_workers_autoscale_and_hold_the_prod_serve_config():
     render = load_render_module()
     prod = render.serve_configs()[render.K8S / "overlays" / "prod" / render.PATCH_NAME]
     assert undersized(prod["applications"][0]["deployments"], node_groups) == []
+
+
+def api_keys_file() -> str:
+    from medisee.serving.args import AppArgs
+
+    (app,) = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"]
+    return AppArgs.model_validate_json(app["runtime_env"]["env_vars"]["MEDISEE_SERVE_ARGS"]).api_keys_file
+
+
+def refresh_script(tmp_path: Path) -> Path:
+    """The host's key-refresh script as initialization_commands writes it, with its folder moved to
+    tmp_path and `sudo tee` replaced by a plain write."""
+    (write, *_) = launcher()["initialization_commands"]
+    script = tmp_path / "medisee-api-keys"
+    command = write.replace("sudo tee /usr/local/bin/medisee-api-keys", f"tee {script}")
+    subprocess.run(["bash", "-c", command], check=True, timeout=30)
+    folder = str(Path(api_keys_file()).parent)
+    script.write_text(script.read_text().replace(f"dir={folder}", f"dir={tmp_path / 'keys-dir'}"))
+    (tmp_path / "keys-dir").mkdir()
+    return script
+
+
+def run_with_aws(script: Path, tmp_path: Path, aws_body: str) -> subprocess.CompletedProcess:
+    """Runs the script with a stand-in `aws` command first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "aws").write_text(f"#!/bin/sh\n{aws_body}\n")
+    (bin_dir / "aws").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_every_node_mounts_the_serve_api_keys_file_read_only():
+    """serve/config.yaml names the keys file; each node's container sees its folder read-only, from a
+    host folder that a cron job refreshes from Secrets Manager (rotation without a restart)."""
+    folder = str(Path(api_keys_file()).parent)
+    words = shlex.split(" ".join(launcher()["docker"]["run_options"]))
+    volumes = [words[i + 1] for i, word in enumerate(words) if word in ("--volume", "-v")]
+    assert volumes == [f"{folder}:{folder}:ro"]
+    commands = " ".join(launcher()["initialization_commands"])
+    assert "--secret-id medisee/serve-api-keys" in commands
+    assert "*/5 * * * * root /usr/local/bin/medisee-api-keys" in commands
+    assert f"install -d -m 0755 {folder}" in commands
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the script gives the file to uid 1000 (chown needs root)")
+def test_key_refresh_replaces_the_file_whole_and_keeps_it_on_a_failed_read(tmp_path):
+    script = refresh_script(tmp_path)
+    keys = tmp_path / "keys-dir" / "keys"
+    assert run_with_aws(script, tmp_path, "printf 'k1\\nk2\\n'").returncode == 0
+    assert keys.read_text() == "k1\nk2\n"
+    info = keys.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (1000, 100, 0o440)
+    # a failed or empty read never replaces the keys in use
+    assert run_with_aws(script, tmp_path, "echo denied >&2; exit 255").returncode != 0
+    assert run_with_aws(script, tmp_path, "true").returncode != 0
+    assert keys.read_text() == "k1\nk2\n"
+    assert run_with_aws(script, tmp_path, "echo k3").returncode == 0
+    assert keys.read_text() == "k3\n"

@@ -25,6 +25,7 @@ from tests.infra.helpers import (
     cluster_spec,
     config_maps,
     container_env,
+    dockerfile_instructions,
     groups,
     k8s_group_resources,
     kubectl,
@@ -34,6 +35,7 @@ from tests.infra.helpers import (
     undersized,
     with_change,
 )
+from tests.infra.policies import all_containers, operator_pods
 
 RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 
@@ -74,7 +76,7 @@ def test_every_rendered_manifest_matches_the_kuberay_crds(name, renders, crd_sch
 
 
 def test_base_files_match_the_kuberay_crds_without_kustomize(crd_schemas):
-    docs = base_files()
+    docs = ray_docs(base_files())
     assert {d["kind"] for d in docs} == RAY_KINDS
     for doc in docs:
         assert schema_errors(doc, crd_schemas) == [], f"{doc['kind']}/{doc['metadata']['name']}"
@@ -213,14 +215,52 @@ def test_rayservice_autoscales_and_upgrades_without_downtime(manifests):
         assert spec["enableInTreeAutoscaling"] is True
         for group in spec["workerGroupSpecs"]:
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
-        ingress_model = next(
-            d["user_config"]["model"]
-            for d in embedded_serve_config(docs)["applications"][0]["deployments"]
-            if d["name"] == "Ingress"
-        )
+        (app,) = embedded_serve_config(docs)["applications"]
+        ingress_model = next(d["user_config"]["model"] for d in app["deployments"] if d["name"] == "Ingress")
+        assert serve_args(app).model == ingress_model
         for container in ray_containers(service):
-            env = {e["name"]: e for e in container["env"]}
-            assert env["MEDISEE_SERVE_MODEL"]["value"] == ingress_model
+            # the application's args come from its runtime_env, which a container's value would not override
+            names = {e["name"] for e in container.get("env", [])}
+            assert not names & {"MEDISEE_SERVE_ARGS", "MEDISEE_SERVE_MODEL"}
+
+
+def serve_args(app: dict):
+    """The AppArgs the application is built with (serve/app.py: AppArgs.from_env)."""
+    from medisee.serving.args import AppArgs
+
+    return AppArgs.model_validate_json(app["runtime_env"]["env_vars"]["MEDISEE_SERVE_ARGS"])
+
+
+API_KEYS_SECRET = "medisee-api-keys"
+
+
+def secret_mounts(pod_spec: dict, container: dict) -> dict[str, dict]:
+    """mountPath -> the Secret volume mounted there (its `secret` field and the mount)."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    return {
+        m["mountPath"]: {**volumes[m["name"]]["secret"], "mount": m}
+        for m in container.get("volumeMounts", [])
+        if "secret" in volumes[m["name"]]
+    }
+
+
+def test_serve_config_names_the_api_keys_file_every_serve_container_mounts(manifests):
+    """serve/config.yaml binds 0.0.0.0: its args name a keys file (never anonymous), and every
+    RayService container mounts Secret medisee-api-keys there, as a directory: a subPath mount is
+    never updated, and the application re-reads the file to take a rotated key without a restart."""
+    (app,) = serve_config()["applications"]
+    args = serve_args(app)
+    assert args.api_keys_file and not getattr(args, "allow_anonymous", False)
+    folder, _, file_name = args.api_keys_file.rpartition("/")
+    for name, docs in manifests.items():
+        (service,) = by_kind(docs, "RayService").values()
+        for group in groups(service):
+            pod = group["template"]["spec"]
+            mounted = secret_mounts(pod, pod["containers"][0])[folder]
+            assert mounted["secretName"] == API_KEYS_SECRET, name
+            assert mounted["items"] == [{"key": "keys", "path": file_name}]
+            assert not mounted.get("optional") and mounted["defaultMode"] & 0o077 == 0o040  # no others
+            assert mounted["mount"]["readOnly"] is True and "subPath" not in mounted["mount"]
 
 
 # ---- overlays
@@ -315,24 +355,51 @@ def test_every_container_sets_the_serve_flags_of_a_local_ray(manifests):
 def test_one_image_per_render_and_the_installed_ray_version(manifests):
     package_version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     for name, docs in manifests.items():
-        images = {c["image"] for d in ray_docs(docs) for c in ray_containers(d)}
+        images = {c["image"] for pod in operator_pods(docs) for c in all_containers(pod.spec)}
+        images.discard("(the head's image)")  # the autoscaler's, when autoscalerOptions names none
         assert len(images) == 1, f"{name}: {images}"
-        assert images.pop().rsplit(":", 1)[1].startswith(package_version), name
+        assert images.pop().split("@")[0].rsplit(":", 1)[1].startswith(package_version), name
         for doc in ray_docs(docs):
             assert cluster_spec(doc)["rayVersion"] == ray.__version__
-    for doc in base_files():
+    for doc in ray_docs(base_files()):
         assert cluster_spec(doc)["rayVersion"] == ray.__version__
 
 
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def image_references(docs) -> list[str]:
+    """Every image a render names: containers anywhere, and autoscalerOptions.image."""
+    return [
+        value
+        for key, value in flat_render(docs).items()
+        if re.search(r"\.(containers|initContainers|ephemeralContainers)\.\d+\.image$", key)
+        or key.endswith("autoscalerOptions.image")
+    ]
+
+
+def test_prod_images_are_pinned_by_digest(renders):
+    """A tag can be moved; the prod nodes pull exactly the image that was tested (kustomize `images:`
+    with a digest in overlays/prod)."""
+    images = image_references(renders["overlays/prod"])
+    assert len(images) == 14  # 4 heads, 8 worker groups, 2 submitters
+    assert [i for i in images if not DIGEST.search(i)] == []
+    assert [i for i in image_references(renders["base"]) if DIGEST.search(i)] == []  # the check is live
+
+
 def test_pods_run_as_the_images_non_root_user(manifests):
+    """The uid and gid of the Dockerfile's USER (the image's own user owns its files; tests/infra's
+    restricted-profile check covers the rest of the securityContext)."""
+    (user,) = [
+        a for k, a in dockerfile_instructions((ROOT / "infra" / "Dockerfile").read_text()) if k == "USER"
+    ]
+    uid, gid = (int(n) for n in user.split(":"))
     for docs in manifests.values():
-        for doc in ray_docs(docs):
-            for group in groups(doc):
-                pod = group["template"]["spec"]
-                assert pod["securityContext"]["runAsNonRoot"] is True
-                assert pod["securityContext"]["runAsUser"] != 0
-                for container in pod["containers"]:
-                    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        for pod in operator_pods(docs):
+            context = pod.spec["securityContext"]
+            assert (context["runAsNonRoot"], context["runAsUser"], context["runAsGroup"]) == (True, uid, gid)
+            for container in all_containers(pod.spec):
+                assert container["securityContext"].get("runAsUser", uid) == uid, pod.where
 
 
 # ---- credentials and cluster access
@@ -383,7 +450,7 @@ def test_inline_secret_check_finds_a_literal_key():
         service,
         "spec.rayClusterConfig.headGroupSpec.template.spec.containers.0.env",
         [
-            *container["env"],
+            *container.get("env", []),
             {"name": "AWS_SECRET_ACCESS_KEY", "value": "abc"},
         ],
     )
@@ -397,20 +464,88 @@ def test_inline_secret_check_finds_a_literal_key():
     ]
 
 
-def test_credentials_come_from_secrets_by_reference(manifests):
+def container_secrets(pod_spec: dict, container: dict) -> set[str]:
+    """The Secrets a container can read: envFrom, env valueFrom, and the Secret volumes it mounts."""
+    names = {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
+    names |= {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        names |= {volume["secret"]["secretName"]} if "secret" in volume else set()
+        names |= {
+            s["secret"]["name"] for s in volume.get("projected", {}).get("sources", []) if "secret" in s
+        }
+    return names
+
+
+S3, MLFLOW, JUDGE = "medisee-s3", "medisee-mlflow", "medisee-judge"
+# What each workload's Ray containers use (KubeRay adds the Ray token, medisee-ray-token, itself):
+# object storage and MLflow wherever models, data or runs are read or written (the jobs' drivers run on
+# their heads); the judge's key where the verifier runs; the API keys in the serving containers only.
+# The serving head has no replicas (num-cpus 0): the Serve controller and a proxy need the keys only.
+RAY_CONTAINER_SECRETS = {
+    ("RayJob/medisee-train", "head"): {S3, MLFLOW},
+    ("RayJob/medisee-train", "worker"): {S3, MLFLOW},
+    ("RayJob/medisee-batch-infer", "head"): {S3, MLFLOW},
+    ("RayJob/medisee-batch-infer", "worker"): {S3, MLFLOW, JUDGE},
+    ("RayService/medisee", "head"): {API_KEYS_SECRET},
+    ("RayService/medisee", "worker"): {S3, MLFLOW, JUDGE, API_KEYS_SECRET},
+    ("RayCluster/medisee-interactive", "head"): {S3, MLFLOW},
+    ("RayCluster/medisee-interactive", "worker"): {S3, MLFLOW},
+}
+
+
+def secrets_by_container(docs) -> dict[tuple[str, str], set[str]]:
+    """(pod, container) -> its Secrets, for every container of every pod the render makes."""
+    return {
+        (pod.where, container["name"]): container_secrets(pod.spec, container)
+        for pod in operator_pods(docs)
+        for container in all_containers(pod.spec)
+    }
+
+
+def expected_secrets(where: str, container: str) -> set[str]:
+    workload, _, group = where.partition(" ")
+    if container not in ("ray-head", "ray-worker"):  # a submitter, the autoscaler, wait-gcs-ready
+        return set()
+    return RAY_CONTAINER_SECRETS[(workload, "head" if group == "headgroup" else "worker")]
+
+
+def test_each_container_gets_only_the_secrets_it_uses(manifests):
     for name, docs in manifests.items():
-        for doc in ray_docs(docs):
-            for container in ray_containers(doc):
-                secrets = {s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s}
-                assert {"medisee-s3", "medisee-mlflow"} <= secrets, f"{name}: {doc['metadata']['name']}"
-                keyed = {
-                    e["name"]: e["valueFrom"]["secretKeyRef"]
-                    for e in container.get("env", [])
-                    if "valueFrom" in e
-                }
-                if doc["kind"] == "RayService":
-                    assert keyed["MEDISEE_API_KEYS"] == {"name": "medisee-api-keys", "key": "keys"}
-                    assert keyed["OPENAI_API_KEY"]["optional"] is True
+        found = secrets_by_container(docs)
+        assert len(found) == 4 + 8 * 2 + 2 + 2, (
+            name
+        )  # Ray containers + init containers, submitters, autoscalers
+        wrong = {k: v for k, v in found.items() if v != expected_secrets(*k)}
+        assert wrong == {}, name
+    for doc in manifests[next(iter(manifests))]:
+        for container in ray_containers(doc) if doc["kind"] in RAY_KINDS else []:
+            optional = {
+                e["name"]: e["valueFrom"]["secretKeyRef"].get("optional") for e in container.get("env", [])
+            }
+            assert optional.get("OPENAI_API_KEY", True) is True  # only with verifier.judge_base_url
+
+
+def test_secret_scoping_check_sees_a_secret_given_to_the_wrong_container():
+    (service,) = [d for d in base_files() if d["kind"] == "RayService"]
+    head = "spec.rayClusterConfig.headGroupSpec.template.spec.containers.0"
+    leaky = with_change(service, f"{head}.envFrom", [{"secretRef": {"name": S3}}])
+    found = secrets_by_container([leaky])
+    assert found[("RayService/medisee headgroup", "ray-head")] == {S3, API_KEYS_SECRET}
+    (job,) = [d for d in base_files() if d["metadata"]["name"] == "medisee-train"]
+    leaky_job = with_change(
+        job,
+        "spec.submitterPodTemplate.spec.containers.0.env",
+        [{"name": "K", "valueFrom": {"secretKeyRef": {"name": API_KEYS_SECRET, "key": "keys"}}}],
+    )
+    assert secrets_by_container([leaky_job])[("RayJob/medisee-train submitter", "ray-job-submitter")] == {
+        API_KEYS_SECRET
+    }
 
 
 def test_clusters_use_token_authentication(manifests):

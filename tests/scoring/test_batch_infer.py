@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -98,7 +99,7 @@ def test_mixed_archive_in_s3_reconciles_and_equals_the_predictor(
     }
     results = read_table(f"{bucket}/out/results", settings)
     assert len(results) == summary["results"] and len({r["record_id"] for r in results}) == len(results)
-    assert {r["partition"] for r in results} >= {"images-00000", "nifti-nifti_mr.nii.gz"}
+    assert {r["partition"] for r in results} >= {"images-00000", "nifti-nifti_mr-2dad8c0132f1"}
     nifti_images = {r["image_id"] for r in results if r["image_id"].startswith("nifti/")}
     z_slices = nib.load(shared_data / "totalsegmentator_ref" / "example_mr_sm.nii.gz").shape[2]
     assert len(nifti_images) + summary["skipped"].get("empty_slices", 0) == z_slices
@@ -126,11 +127,32 @@ def run_cli(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
                             start_new_session=True, **kwargs)  # fmt: skip
 
 
+def session_pids(ray_tmp: str) -> list[int]:
+    """Every process started under this RAY_TMPDIR. Ray's workers rename themselves (`ray::PartitionWriter`),
+    so their command lines do not name the session, but their environment does."""
+    marker = f"RAY_TMPDIR={ray_tmp}".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return [pid for pid in pids if pid != os.getpid()]
+
+
 def kill_tree(proc: subprocess.Popen, ray_tmp: str) -> None:
-    """SIGKILL the driver's process group, then any Ray process of its session left behind."""
+    """SIGKILL the driver's process group and every process of its Ray session, and wait until they are
+    gone: a writer actor that outlives the count would commit a partition the test did not see."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+    deadline = time.time() + 60
+    while (pids := session_pids(ray_tmp)) and time.time() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    assert not session_pids(ray_tmp), "processes of the killed Ray session are still running"
 
 
 def test_killed_driver_then_rerun_loses_nothing_and_duplicates_nothing(artifact, tmp_path):

@@ -177,9 +177,9 @@ def test_classify_and_plan_a_mixed_folder(tmp_path, shared_data):
     assert kinds == {
         "images-00000": "image",
         "images-00001": "image",
-        "nifti-mr.nii.gz": "nifti",
-        "dicom-1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322": "dicom",
-        "file-mystery.xyz": "unreadable",
+        "nifti-mr-9696d5dd8c96": "nifti",
+        "dicom-1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322-5713db53730f": "dicom",
+        "file-mystery.xyz-76a121292551": "unreadable",
     }
 
 

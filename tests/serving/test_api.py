@@ -225,4 +225,12 @@ def test_config_file_is_what_serve_build_writes(tmp_path):
         yaml.safe_load((root / "serve" / "config.yaml").read_text()),
     )
     built["applications"][0]["name"] = "medisee"
+    (app,) = ours["applications"]
+    # serve build writes no runtime_env; ours names the registered model and the mounted key file
+    assert built["applications"][0]["runtime_env"] == {}
+    built["applications"][0]["runtime_env"] = app["runtime_env"]
     assert ours == built
+    from medisee.serving.args import AppArgs
+
+    served = AppArgs.model_validate_json(app["runtime_env"]["env_vars"]["MEDISEE_SERVE_ARGS"])
+    assert served.api_keys_file == "/etc/medisee/api-keys/keys" and not served.allow_anonymous

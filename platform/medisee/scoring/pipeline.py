@@ -20,6 +20,7 @@ from medisee.config import MediSeeConfig
 from medisee.scoring.decode import DecodeOptions, decode_batch
 from medisee.scoring.plan import plan_digest, plan_partitions
 from medisee.scoring.queries import QueryPlan, QuerySpecError, parse_query_spec
+from medisee.scoring.reconcile import reconcile
 from medisee.scoring.stages import DecoderStep, MLLMStep, ModelSpec, finish_rows, screen_rows
 from medisee.scoring.via_serve import ServeStep
 from medisee.scoring.writer import (
@@ -169,44 +170,40 @@ def model_steps(ds, cfg, spec: ModelSpec, model: dict, info: dict):
 
 
 def summarize(output: str, partitions: list[dict], settings, seconds: float, scored: int) -> dict:
-    """Totals over every partition's marker; reconciled when the rows the decode step announced
-    (inputs) equal the rows found in the written result and error files."""
+    """Totals over every partition's marker, and the reconciliation (scoring/reconcile.py): reconciled
+    when every planned partition is committed, its files hold the rows its marker counts, every
+    planned input has a row (or was skipped), and the rows the decode step announced (inputs) equal
+    the rows found in the written result and error files."""
     markers = completed_partitions(output, settings)
     missing = sorted(p["key"] for p in partitions if p["key"] not in markers)
+    planned = {p["key"] for p in partitions}
     totals = {"inputs": 0, "images": 0, "decoded": 0}
     counters: dict[str, dict] = {
         k: {} for k in ("verdicts", "decided_by", "error_reasons", "skipped", "stage_seconds")
     }
-    for m in markers.values():
+    for key, m in markers.items():
+        if key not in planned:
+            continue
         for k in totals:
             totals[k] += m[k]
         for k, counter in counters.items():
             for name, value in m[k].items():
                 counter[name] = counter.get(name, 0) + value
-    results, errors = written_rows(output, "results", settings), written_rows(output, "errors", settings)
+    checked = reconcile(output, partitions, markers, settings)
+    results, errors = checked["results"], checked["errors"]
+    consistent = not (
+        checked["unaccounted_inputs"] or checked["partitions_inconsistent"] or checked["files_not_in_plan"]
+    )
     return {
         "partitions": len(partitions),
-        "partitions_done": len(markers),
+        "partitions_done": len(planned & markers.keys()),
         "partitions_missing": missing,
         **totals,
-        "results": results,
-        "errors": errors,
-        "reconciled": totals["inputs"] == results + errors and not missing,
+        **checked,
+        "reconciled": totals["inputs"] == results + errors and not missing and consistent,
         **counters,
         "seconds": round(seconds, 2),
         "partitions_scored_this_run": scored,
         "results_per_second": round(results / seconds, 2) if seconds > 0 and scored else None,
         "output": output,
     }
-
-
-def written_rows(output: str, table: str, settings) -> int:
-    """Rows in the committed files of one output table, from the Parquet footers."""
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.filesystem(output, settings)
-    total = 0
-    for uri in storage.list_files(storage.join(output, table), (".parquet",), settings):
-        with fs.open_input_file(storage.filesystem(uri, settings)[1]) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total

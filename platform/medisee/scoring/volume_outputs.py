@@ -14,7 +14,6 @@ import numpy as np
 
 from medisee import storage
 from medisee.data.codec import rle_to_mask
-from medisee.scoring.plan import slug
 
 
 def queries_in_order(results: list[dict]) -> list[str]:
@@ -49,7 +48,7 @@ def write_dicom_seg(partition: str, results: list[dict], options) -> str:
         masks = [rle_to_mask(r["mask_rle"]) if r and r["mask_rle"] else None for r in rows]
         segments.append(SegmentResult(query, overall_verdict([r["verdict"] for r in rows if r]), masks))
     info = options.model_info
-    name = f"{slug(partition.removeprefix('dicom-'))}.dcm"
+    name = f"{partition.removeprefix('dicom-')}.dcm"  # the key is unique and file-name safe
     try:
         seg = build_dicom_seg(
             datasets,
@@ -92,7 +91,7 @@ def write_nifti_labels(partition: str, results: list[dict], options) -> str:
             slice_masks.setdefault(r["slice_index"], {})[label] = mask
     data, sidecar = build_label_volume(reference, axis, labels, slice_masks)
     sidecar["source"] = source
-    base = slug(partition.removeprefix("nifti-").removesuffix(".nii.gz").removesuffix(".nii"))
+    base = partition.removeprefix("nifti-")  # the key is unique and file-name safe
     storage.write_bytes(
         storage.join(options.output, "nifti_labels", f"{base}.nii.gz"), data, options.settings
     )

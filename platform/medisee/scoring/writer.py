@@ -3,12 +3,14 @@
     <output>/_job.json              what this output was made from (input, queries, model, options, plan)
     <output>/results/<partition>.parquet   one row per query (schema.RESULT_SCHEMA)
     <output>/errors/<partition>.parquet    one row per failed input or query (schema.ERROR_SCHEMA)
-    <output>/overlays/<image>.png          optional sample
-    <output>/dicom_seg/<series>.dcm, <output>/nifti_labels/<volume>.nii.gz (+ .json)   optional
+    <output>/overlays/<image>-<hash>.png   optional sample
+    <output>/dicom_seg/<series>-<hash>.dcm, <output>/nifti_labels/<volume>-<hash>.nii.gz (+ .json)
+                                           optional; the names follow the partition key
     <output>/_done/<partition>.json        the commit marker, with the partition's counts
     <output>/_staging/<partition>/<piece>.parquet   rows of a partition not yet complete (see below)
 
-Each file is written atomically (temporary file + rename locally; one PUT on S3) and the marker
+Every name is the partition key or `plan.unique_name` of an image id and its partition, so no two
+inputs write the same file (not even on a case-insensitive store). Each file is written atomically (temporary file + rename locally; one PUT on S3) and the marker
 goes last. A rerun skips marked partitions and rewrites the others under the same names, so a
 killed job neither loses nor duplicates a row.
 
@@ -34,7 +36,7 @@ import pyarrow.parquet as pq
 
 from medisee import storage
 from medisee.scoring import schema
-from medisee.scoring.plan import slug
+from medisee.scoring.plan import unique_name
 from medisee.storage import StorageSettings
 
 STAGE_TIMES = ("t_decode_s", "t_mllm_s", "t_verifier_s", "t_decoder_s")
@@ -60,6 +62,11 @@ def done_uri(output: str, partition: str) -> str:
 
 def staging_uri(output: str, partition: str) -> str:
     return storage.join(output, "_staging", partition)
+
+
+def overlay_uri(output: str, partition: str, image_id: str) -> str:
+    """Image ids are unique within a partition only (two shards may hold the same id)."""
+    return storage.join(output, "overlays", f"{unique_name(f'{partition}/{image_id}', image_id)}.png")
 
 
 def row_key(row: dict) -> str:
@@ -153,9 +160,7 @@ class PartitionWriter:
         for r in results:
             if r.get("overlay_png"):
                 storage.write_bytes(
-                    storage.join(o.output, "overlays", f"{slug(r['image_id'])}.png"),
-                    r["overlay_png"],
-                    o.settings,
+                    overlay_uri(o.output, partition, r["image_id"]), r["overlay_png"], o.settings
                 )
         extra = write_volume_outputs(partition, results, o)
         if results:

@@ -6,6 +6,7 @@
                                    "long_explanation": [...], "short_explanation": [...]}}
       test.jsonl      {"image", "mask", "class_text", "long", "short", "bbox"} per line
 
+Index paths are relative to the input folder (see `files.locate`).
 Each training target gives a long and a short reasoning query, picked reproducibly from
 the class's pools (a query and its explanation share the same index when the pools align).
 """
@@ -18,7 +19,7 @@ import posixpath
 from medisee import storage
 from medisee.data import prompts
 from medisee.data.records import record_id, split_for
-from medisee.data.sources.files import file_spec, with_false_queries
+from medisee.data.sources.files import indexed_spec, indexed_target, with_false_queries
 from medisee.data.sources.sa_med2d import MASK_SUFFIX, modality_of
 
 
@@ -72,17 +73,19 @@ def specs(input_uri: str, ctx):
             for mask_rel, class_name in masks.items():
                 rid = record_id(ctx.source, key, class_name, _instance(mask_rel), "reasoning")
                 targets.append(
-                    {
-                        "class_name": class_name,
-                        "mask_uri": storage.join(input_uri, mask_rel),
-                        "instance": _instance(mask_rel),
-                        "queries": _reasoning_queries(pools, class_name, rid),
-                    }
+                    indexed_target(
+                        input_uri,
+                        mask_rel,
+                        class_name=class_name,
+                        instance=_instance(mask_rel),
+                        queries=_reasoning_queries(pools, class_name, rid),
+                    )
                 )
             out.append(
-                file_spec(
+                indexed_spec(
+                    input_uri,
+                    image_rel,
                     key,
-                    storage.join(input_uri, image_rel),
                     modality_of(image_rel),
                     split_for(key, ctx.prepare.val_fraction),
                     targets,
@@ -96,10 +99,7 @@ def specs(input_uri: str, ctx):
             item = json.loads(line)
             key = posixpath.splitext(posixpath.basename(item["image"]))[0]
             spec = by_image.setdefault(
-                key,
-                file_spec(
-                    key, storage.join(input_uri, item["image"]), modality_of(item["image"]), "test", []
-                ),
+                key, indexed_spec(input_uri, item["image"], key, modality_of(item["image"]), "test", [])
             )
             queries = [
                 _test_query(item[length], length, f"{key}/{item['mask']}/{length}")
@@ -107,13 +107,14 @@ def specs(input_uri: str, ctx):
                 if item.get(length)
             ]
             spec["targets"].append(
-                {
-                    "class_name": item["class_text"],
-                    "mask_uri": storage.join(input_uri, item["mask"]),
-                    "instance": _instance(item["mask"]),
-                    "queries": queries or None,
-                    "box": [float(v) for v in item["bbox"]] if item.get("bbox") else None,
-                }
+                indexed_target(
+                    input_uri,
+                    item["mask"],
+                    class_name=item["class_text"],
+                    instance=_instance(item["mask"]),
+                    queries=queries or None,
+                    box=[float(v) for v in item["bbox"]] if item.get("bbox") else None,
+                )
             )
         out.extend(by_image.values())
     if not out:

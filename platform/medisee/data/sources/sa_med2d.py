@@ -6,6 +6,7 @@
       SAMed2D_v1.json                      {"images/<name>.png": ["masks/<name>--0003_000.png", ...]}
       SAMed2D_v1_class_mapping_id.json     mask name -> class, or class -> [mask names]
 
+Index paths are relative to the release folder (see `files.locate`).
 The modality is the image name's prefix (`ct_00` -> `ct`); the instance index is the
 mask name's trailing `_NNN`. Queries: the referring templates.
 """
@@ -18,7 +19,7 @@ import re
 
 from medisee import storage
 from medisee.data.records import split_for
-from medisee.data.sources.files import file_spec, with_false_queries
+from medisee.data.sources.files import indexed_spec, indexed_target, with_false_queries
 
 INDEX_NAME = "SAMed2D_v1.json"
 MASK_SUFFIX = re.compile(r"--(?P<cls>\d+)_(?P<inst>\d+)\.png$")
@@ -60,16 +61,18 @@ def specs(input_uri: str, ctx):
             name = posixpath.basename(mask_rel)
             match = MASK_SUFFIX.search(name)
             targets.append(
-                {
-                    "class_name": mapping.get(name, f"class {match['cls']}" if match else "unknown"),
-                    "mask_uri": storage.join(input_uri, mask_rel),
-                    "instance": int(match["inst"]) if match else 0,
-                }
+                indexed_target(
+                    input_uri,
+                    mask_rel,
+                    class_name=mapping.get(name, f"class {match['cls']}" if match else "unknown"),
+                    instance=int(match["inst"]) if match else 0,
+                )
             )
         out.append(
-            file_spec(
+            indexed_spec(
+                input_uri,
+                image_rel,
                 key,
-                storage.join(input_uri, image_rel),
                 modality_of(image_rel),
                 split_for(key, ctx.prepare.val_fraction),
                 targets,

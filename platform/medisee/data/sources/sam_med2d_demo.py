@@ -5,7 +5,8 @@
     image2label_train.json   {"data_demo/images/X.png": ["data_demo/masks/X_cls_000.png", ...]}
     label2image_test.json    {"data_demo/masks/X_cls_000.png": "data_demo/images/X.png"}
 
-Paths in the JSON start with the repository folder name; only the part after it is used.
+Paths in the JSON start with the repository folder name; only the part after it is used, and it
+must stay inside the input (see `files.locate`).
 Class names may contain underscores, so a mask name is parsed by removing the image stem
 and the trailing `_NNN`. Images referenced by neither file become image-only rows.
 """
@@ -17,7 +18,7 @@ import posixpath
 import re
 
 from medisee import storage
-from medisee.data.sources.files import file_spec, with_false_queries
+from medisee.data.sources.files import indexed_spec, indexed_target, with_false_queries
 
 INSTANCE = re.compile(r"_(\d{3})$")
 AMOS_ID = re.compile(r"^amos_(\d+)_")
@@ -66,12 +67,6 @@ def specs(input_uri: str, ctx):
         targets = []
         for mask_rel in sorted(masks):
             class_name, instance = parse_mask_name(mask_rel, stem)
-            targets.append(
-                {
-                    "class_name": class_name,
-                    "mask_uri": storage.join(input_uri, mask_rel),
-                    "instance": instance,
-                }
-            )
-        out.append(file_spec(stem, storage.join(input_uri, image_rel), modality_of(stem), split, targets))
+            targets.append(indexed_target(input_uri, mask_rel, class_name=class_name, instance=instance))
+        out.append(indexed_spec(input_uri, image_rel, stem, modality_of(stem), split, targets))
     return with_false_queries([s for s in out if s["targets"]], ctx) + [s for s in out if not s["targets"]]
