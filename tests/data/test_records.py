@@ -96,3 +96,39 @@ def test_reasoning_puts_the_suffix_after_the_query_and_the_tokens_before_the_exp
     assert prompts.reasoning("Q?", "E", "x") == prompts.reasoning("Q?", "E", "x")
     _, plain = prompts.reasoning("Q?", None, "x")
     assert plain in prompts.ANSWERS
+
+
+def exif_rotated_jpeg(orientation: int = 6) -> tuple[bytes, np.ndarray]:
+    """A 40×20 JPEG whose EXIF orientation says "rotate 90° clockwise to view", and the upright array."""
+    import io
+
+    from PIL import Image
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, format="JPEG", exif=exif, quality=95)
+    return buffer.getvalue(), np.rot90(stored, k=-1)
+
+
+def test_every_front_end_reads_an_exif_rotated_photo_upright_and_checks_pixels_from_the_header():
+    from medisee.data.codec import BadRecord, decode_image
+    from medisee.serving.requests import ApiError, decode_upload
+
+    data, upright = exif_rotated_jpeg()
+    batch = decode_image(data)
+    served = decode_upload(data, max_pixels=10_000, max_bytes=1 << 20)
+    assert batch.shape == served.shape == upright.shape == (40, 20, 3)
+    assert np.array_equal(batch, served)
+    assert np.abs(batch.astype(int) - upright).mean() < 8  # JPEG noise only: the band is on top now
+    with pytest.raises(BadRecord) as refused:
+        decode_image(data, max_pixels=799)
+    assert refused.value.reason == "too_large"
+    with pytest.raises(ApiError) as answered:
+        decode_upload(data, max_pixels=799, max_bytes=1 << 20)
+    assert answered.value.status == 413
+    with pytest.raises(BadRecord) as broken:
+        decode_image(data[: len(data) // 2] + b"\x00" * 7)
+    assert broken.value.reason == "unreadable_image"

@@ -6,7 +6,7 @@ import io
 import json
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 
 class BadRecord(ValueError):
@@ -33,15 +33,27 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Image bytes (PNG/JPEG/...) → uint8 H×W×3. Raises BadRecord for unreadable data."""
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Image bytes (PNG/JPEG/TIFF/BMP) → uint8 H×W×3, turned upright by its EXIF orientation: the one
+    reader of encoded images for training, batch scoring and serving. The pixel count is checked from
+    the header before pixels are decoded. Raises BadRecord: too_large or unreadable_image."""
     try:
         with Image.open(io.BytesIO(data)) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise BadRecord("too_large", too_many_pixels(img.width, img.height, max_pixels))
             img.load()
-            array = np.asarray(to_uint8_image(img))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadRecord("unreadable_image", str(exc)[:200]) from None
+            array = np.asarray(to_uint8_image(ImageOps.exif_transpose(img)))
+    except BadRecord:
+        raise
+    except Image.DecompressionBombError:  # over PIL's own limit: refused before its header is trusted
+        raise BadRecord("too_large", "over PIL's pixel limit (decompression bomb refused)") from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for broken files
+        raise BadRecord("unreadable_image", f"{type(exc).__name__}: {exc}"[:200]) from None
     return as_rgb(array)
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    return f"{width}×{height} pixels exceeds the limit of {max_pixels} (decompression bomb refused)"
 
 
 def to_uint8_image(img: Image.Image) -> Image.Image:
@@ -76,8 +88,8 @@ def decode_mask_png(data: bytes, expected_shape: tuple[int, int] | None = None) 
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadRecord("unreadable_mask", str(exc)[:200]) from None
+    except Exception as exc:  # as in decode_image: PIL raises many types for broken files
+        raise BadRecord("unreadable_mask", f"{type(exc).__name__}: {exc}"[:200]) from None
     if array.ndim == 3:
         array = array[..., 0]
     return check_mask(array, expected_shape)

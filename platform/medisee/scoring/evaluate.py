@@ -211,7 +211,7 @@ def worst_case_overlays(acc: Accumulator, output: str, settings) -> list[tuple[s
     from PIL import Image
 
     from medisee.data.codec import decode_image
-    from medisee.scoring.plan import slug
+    from medisee.scoring.plan import unique_name
 
     out = []
     for _, record_id, case in sorted(acc.worst, key=lambda c: -c[0]):
@@ -221,7 +221,7 @@ def worst_case_overlays(acc: Accumulator, output: str, settings) -> list[tuple[s
         panels = [image, tint(image, truth, (60, 200, 60)), tint(image, pred, (230, 60, 60))]
         buffer = io.BytesIO()
         Image.fromarray(np.concatenate(panels, axis=1)).save(buffer, format="PNG")
-        name = f"worst/{slug(record_id)}.png"
+        name = f"worst/{unique_name(record_id)}.png"
         storage.write_bytes(storage.join(output, name), buffer.getvalue(), settings)
         out.append((name, record_id, case["dice"]))
     return out
