@@ -47,7 +47,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
         raise
     except Image.DecompressionBombError:  # over PIL's own limit: refused before its header is trusted
         raise BadRecord("too_large", "over PIL's pixel limit (decompression bomb refused)") from None
-    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for broken files
+    except Exception as exc:  # PIL raises many types for broken files (OSError, struct.error, ...)
         raise BadRecord("unreadable_image", f"{type(exc).__name__}: {exc}"[:200]) from None
     return as_rgb(array)
 
