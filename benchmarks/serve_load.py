@@ -381,6 +381,36 @@ def hop_costs(base: str, one: bytes, image, rounds: int, calls: int) -> dict[str
 
 
 # ----- the benchmark -----------------------------------------------------------------------------
+def upscaled(image, side: int):
+    """A phantom image at radiograph size: what a chest X-ray upload weighs, with the same anatomy."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
+
+
+def large_images(url: str, small: list[bytes], large: list[bytes], args) -> dict[str, Window]:
+    """(d) the same queries on 128² and on `--large-side`² PNG uploads, batching on, alternated."""
+    windows: dict[str, Window] = defaultdict(Window)
+    mb = statistics.mean(len(b) for b in large) / 1e6
+    for r in range(args.rounds):
+        for kind in ("small", "large") if r % 2 == 0 else ("large", "small"):
+            w = asyncio.run(
+                closed_loop(
+                    url,
+                    small if kind == "small" else large,
+                    args.large_concurrency,
+                    args.seconds,
+                    args.warmup,
+                )
+            )
+            windows[kind].add(w)
+            log(f"(d) round {r + 1} c={args.large_concurrency} {kind:>5} images: {w.rps:6.1f} req/s, "
+                f"p50 {w.ms(50):7.1f} ms, errors {w.errors}, stages {w.stage_ms()}"
+                + (f" (bodies {mb:.1f} MB)" if kind == "large" else ""))  # fmt: skip
+    return windows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -391,6 +421,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternated repetitions of every comparison")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels of (a)")
     parser.add_argument("--calls", type=int, default=40, help="requests per round and variant in (b)")
+    parser.add_argument("--large-side", type=int, default=2048, help="side of the PNG uploads of (d)")
+    parser.add_argument("--large-concurrency", type=int, default=8, help="concurrency of (d)")
     parser.add_argument("--reject-concurrency", type=int, default=8, help="concurrency of (c)")
     args = parser.parse_args()
     if args.smoke:
@@ -510,6 +542,9 @@ def main() -> None:
         }
         log(f"(b) batching {name:>3}: HTTP p50 {p50:.1f} ms (median stage times in the ingress {stages}), "
             f"in-process p50 {p50_local:.1f} ms ({local_stages}) -> overhead {overhead_ms[name]:.1f} ms")  # fmt: skip
+    large = large_images(
+        urls["on"], bodies, [body(upscaled(images[i], args.large_side), q) for i, q in true_pairs], args
+    )
     for name in ("on", "off"):
         serve.delete(name)
     hops = hop_costs(base, one, image, args.rounds, 2 * args.calls)
@@ -556,6 +591,10 @@ def main() -> None:
             mean = {role: round(statistics.mean(r.get(role, 0.0) for r in rows), 1) for role in roles}
             log(f"    c={level:>2} batching {name:>3}: total {sum(mean.values()):.1f}: {mean}; "
                 f"batches per round {batches[(name, level)]}")  # fmt: skip
+    small_w, large_w = large["small"], large["large"]
+    log(f"(d) c={args.large_concurrency}: {args.large_side}² PNG {large_w.rps:.1f} req/s, p50 {large_w.ms(50):.1f} ms, "
+        f"errors {large_w.errors} | 128² PNG {small_w.rps:.1f} req/s, p50 {small_w.ms(50):.1f} ms, "
+        f"errors {small_w.errors}")  # fmt: skip
     level = args.reject_concurrency
     on, off = reject[("reject", level)], reject[("no_reject", level)]
     saving = 100 * (1 - off.rps / on.rps)  # time per request saved at the same concurrency
@@ -607,6 +646,18 @@ def main() -> None:
     print(
         json.dumps(
             {"name": "model_batching_ceiling", "value": round(ceiling, 2), "unit": "x", "target": None}
+        )
+    )
+    side, level = args.large_side, args.large_concurrency
+    for key, value, unit in (
+        (f"serve_large_{side}px_rps_c{level}", round(large_w.rps, 2), "req/s"),
+        (f"serve_large_{side}px_p50_ms_c{level}", round(large_w.ms(50), 1), "ms"),
+        (f"serve_small_128px_rps_c{level}", round(small_w.rps, 2), "req/s"),
+    ):
+        print(json.dumps({"name": key, "value": value, "unit": unit, "target": None}))
+    print(
+        json.dumps(
+            {"name": f"serve_large_{side}px_errors", "value": large_w.errors, "unit": "requests", "target": 0}
         )
     )
     top = levels[-1]
