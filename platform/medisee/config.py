@@ -80,6 +80,15 @@ class TrackingConfig(Section):
     registered_model: str = "medisee"
 
 
+# Input limits: one default each for every front end (prepare, batch scoring, serving); what each
+# bounds is in medisee.data.bounded and docs/operations.md.
+MIB = 1024 * 1024
+MAX_FILE_BYTES = 512 * MIB
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_DICOM_BYTES = 256 * MIB
+MAX_VOLUME_BYTES = 1024 * MIB
+
+
 class PrepareConfig(Section):
     shard_max_bytes: int = Field(128 * 1024 * 1024, gt=0)
     false_queries_per_image: int = Field(1, ge=0)
@@ -89,6 +98,9 @@ class PrepareConfig(Section):
     # NIfTI / DICOM intensity window (CT Hounsfield units) used when the file carries none.
     ct_window: tuple[float, float] = (-160.0, 240.0)
     slice_axis: int = Field(2, ge=0, le=2)
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0)  # one image: a DICOM frame, a NIfTI slice
+    max_dicom_bytes: int = Field(MAX_DICOM_BYTES, gt=0)  # one DICOM's pixel data decoded, all frames
+    max_volume_bytes: int = Field(MAX_VOLUME_BYTES, gt=0)  # one NIfTI volume in memory (float32)
     # phantom generator
     phantom_images: int = Field(200, ge=1)
     phantom_size: int = Field(128, ge=32)
@@ -227,8 +239,10 @@ class ScoringConfig(Section):
     early_reject: bool = True  # queries the verifier calls absent skip the decoder
     mask_threshold: float = 0.0
     images_per_partition: int = Field(64, ge=1)  # image files per output partition (folders of images)
-    max_file_bytes: int = Field(512 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(50_000_000, gt=0)
+    max_file_bytes: int = Field(MAX_FILE_BYTES, gt=0)
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0)
+    max_dicom_bytes: int = Field(MAX_DICOM_BYTES, gt=0)
+    max_volume_bytes: int = Field(MAX_VOLUME_BYTES, gt=0)
     decode_num_cpus: float = Field(0.25, gt=0)
     mllm_actors: int = Field(1, ge=1)
     mllm_batch_images: int = Field(8, ge=1)

@@ -35,6 +35,7 @@ from medisee.storage import StorageSettings
 OUTPUT_OPTIONS = (
     "mode", "max_new_tokens", "early_reject", "mask_threshold", "images_per_partition", "split",
     "slice_axis", "resample_spacing", "keep_empty_slices", "max_file_bytes", "max_image_pixels",
+    "max_dicom_bytes", "max_volume_bytes",
 )  # fmt: skip
 
 
@@ -108,7 +109,7 @@ def run_graph(cfg, todo: list[dict], queries: QueryPlan, model: dict, settings, 
     info = {"name": model["name"], "version": model["version"], "sha256": model["sha256"]}
     opts = DecodeOptions(
         settings, ic.max_file_bytes, ic.max_image_pixels, ic.slice_axis, ic.resample_spacing,
-        ic.keep_empty_slices, tuple(cfg.prepare.ct_window),
+        ic.keep_empty_slices, tuple(cfg.prepare.ct_window), ic.max_dicom_bytes, ic.max_volume_bytes,
     )  # fmt: skip
     items = [{"partition": json.dumps(p)} for p in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))

@@ -21,7 +21,6 @@ manifest path climbing out) is not read: it becomes an error row.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 import re
@@ -214,14 +213,12 @@ def plan_digest(partitions: list[dict]) -> str:
 # ----- DICOM -------------------------------------------------------------------------------------
 def dicom_header(uri: str, rel: str, settings: StorageSettings | None) -> dict:
     """What planning needs from one file; `error` set when it is not readable DICOM."""
-    import pydicom
+    from medisee.data.bounded import read_dicom_header
 
     try:
         fs, path = storage.filesystem(uri, settings)
         with fs.open_input_file(path) as f:
-            ds = pydicom.dcmread(
-                io.BytesIO(f.read(min(f.size(), 1 << 20))), stop_before_pixels=True, force=True
-            )
+            ds = read_dicom_header(f.read(min(f.size(), 1 << 20)))  # a deflated file: bounded inflation
     except Exception as exc:  # pydicom raises many types for damaged files
         return {
             "uri": uri,

@@ -6,6 +6,8 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from medisee.config import MAX_DICOM_BYTES, MAX_IMAGE_PIXELS
+
 
 class StageOptions(BaseModel):
     """Replicas and resources of one model deployment, and its dynamic batching."""
@@ -66,8 +68,8 @@ class AppArgs(BaseModel):
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     request_timeout_s: float = Field(30.0, gt=0)
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(50_000_000, gt=0)
-    max_image_bytes: int = Field(512 * 1024 * 1024, gt=0)  # decoded size from a DICOM's header, all frames
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0)
+    max_image_bytes: int = Field(MAX_DICOM_BYTES, gt=0)  # a DICOM's pixel data decoded (header), all frames
     body_timeout_s: float = Field(60.0, gt=0)  # the whole body must arrive within this
     min_body_bytes_per_s: float = Field(8192.0, ge=0)  # after the first 5 s; 0: no minimum rate
     max_render_side: int = Field(1024, ge=16)  # longest side of a returned overlay / heatmap

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -321,54 +320,25 @@ def decode_upload(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
         )
     if kind == "dicom":
         return _dicom(data, max_pixels, max_bytes)
-    from PIL import Image, ImageOps
-
-    from medisee.data.codec import as_rgb, to_uint8_image
+    from medisee.data.codec import BadRecord, decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                raise ApiError(413, too_many_pixels(img.width, img.height, max_pixels))
-            img.load()
-            return as_rgb(np.asarray(to_uint8_image(ImageOps.exif_transpose(img))))
-    except ApiError:
-        raise
-    except Image.DecompressionBombError:  # over PIL's own limit: refused before its header is trusted
+        return decode_image(data, max_pixels)
+    except BadRecord as exc:
+        status = 413 if exc.reason == "too_large" else 400
         raise ApiError(
-            413, f"image exceeds the limit of {max_pixels} pixels (decompression bomb refused)"
+            status, f"unreadable {kind} image: {exc.detail}" if status == 400 else exc.detail
         ) from None
-    except Exception as exc:  # PIL raises many types for broken files
-        raise ApiError(400, f"unreadable {kind} image: {type(exc).__name__}") from None
-
-
-def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
-    return f"{width}×{height} pixels exceeds the limit of {max_pixels} (decompression bomb refused)"
 
 
 def _dicom(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarray:
-    """The first frame, after the header's decoded size (rows × columns × frames × samples × bytes)
-    passed the limits."""
-    import pydicom
-
-    from medisee.data.sources.dicom import read_frames
-    from medisee.scoring.decode import DecodeOptions, WindowContext
+    """The first frame, the only one decoded, after the header's decoded size (rows × columns ×
+    frames × samples × bytes) passed the limits; a deflated file is inflated within those limits."""
+    from medisee.data.bounded import InputTooLarge, dicom_first_frame
 
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        rows, cols = int(header.get("Rows", 0)), int(header.get("Columns", 0))
-        frames = int(header.get("NumberOfFrames", 1) or 1)
-        decoded = rows * cols * frames * int(header.get("SamplesPerPixel", 1) or 1)
-        decoded *= max(1, int(header.get("BitsAllocated", 8) or 8) // 8)
-    except Exception as exc:  # pydicom raises many types for damaged files
+        return dicom_first_frame(data, max_pixels, max_bytes)
+    except InputTooLarge as exc:
+        raise ApiError(413, f"DICOM refused: {exc.detail}") from None
+    except Exception as exc:  # pydicom raises many types for damaged or truncated files
         raise ApiError(400, f"unreadable DICOM: {type(exc).__name__}") from None
-    if rows * cols > max_pixels:
-        raise ApiError(413, f"DICOM refused: {cols}×{rows} pixels exceeds the limit of {max_pixels}")
-    if decoded > max_bytes:
-        raise ApiError(
-            413, f"DICOM refused: {frames} frames decode to {decoded} bytes > the limit of {max_bytes}"
-        )
-    try:
-        _, frames_read = read_frames(data, WindowContext(DecodeOptions()))
-    except Exception as exc:  # truncated pixel data and the like
-        raise ApiError(400, f"unreadable DICOM pixel data: {type(exc).__name__}") from None
-    return frames_read[0]

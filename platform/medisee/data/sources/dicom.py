@@ -6,20 +6,25 @@
 
 Pixel values go through the modality LUT (rescale slope/intercept); the display window is the
 file's own WindowCenter/WindowWidth, else `prepare.ct_window` for CT, else the frame's min-max.
-Unlabelled files become image-only rows (inputs for batch scoring).
+Unlabelled files become image-only rows (inputs for batch scoring). A file whose header says it
+decodes to more than max_image_pixels a frame or max_dicom_bytes in all (`medisee.data.bounded`;
+the prepare section's fields of those names when it has them) is quarantined as too_large before
+its pixel data is decoded. A listed file or label mask that is a symbolic link leaving the input
+(or a label path that is absolute or has a `..` part) is quarantined unopened.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 
 import numpy as np
 
 from medisee import storage
+from medisee.data.bounded import Limits, read_dicom, read_stored
 from medisee.data.codec import BadRecord, as_rgb, window_to_uint8
 from medisee.data.records import LoadedImage, LoadedTarget, split_for
+from medisee.data.sources.files import locate, outside_input
 
 NOT_DICOM = (".png", ".jpg", ".jpeg", ".json", ".txt", ".md", ".csv")
 
@@ -38,23 +43,25 @@ def specs(input_uri: str, ctx):
         key = (
             rel.replace("/", "_").rsplit(".", 1)[0] if rel.lower().endswith(".dcm") else rel.replace("/", "_")
         )
-        targets = [
-            {"class_name": cls, "mask_uri": storage.join(input_uri, mask)}
-            for cls, mask in labels.get(rel, {}).items()
-        ]
-        out.append(
-            {
-                "kind": "dicom",
-                "image_key": key,
-                "image_uri": uri,
-                "split": split_for(key, ctx.prepare.val_fraction),
-                "targets": targets,
-            }
-        )
+        targets = [_label_target(input_uri, cls, mask) for cls, mask in labels.get(rel, {}).items()]
+        spec = {
+            "kind": "dicom",
+            "image_key": key,
+            "image_uri": uri,
+            "split": split_for(key, ctx.prepare.val_fraction),
+            "targets": targets,
+        }
+        refused = outside_input(input_uri, rel)  # the listing follows symbolic links
+        out.append(spec | ({"image_refused": f"{refused.reason}: {refused.detail}"} if refused else {}))
     return out
 
 
-def _window(ds, frame: np.ndarray, ctx) -> tuple[float, float]:
+def _label_target(input_uri: str, class_name: str, mask: str) -> dict:
+    uri, refused = locate(input_uri, mask)
+    return {"class_name": class_name, "mask_uri": uri} | ({"mask_refused": refused} if refused else {})
+
+
+def _window(ds, frame: np.ndarray, ct_window: tuple[float, float]) -> tuple[float, float]:
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is not None and width is not None:
         center = float(center[0] if hasattr(center, "__len__") and not isinstance(center, str) else center)
@@ -62,35 +69,48 @@ def _window(ds, frame: np.ndarray, ctx) -> tuple[float, float]:
         if width > 1:
             return center - width / 2, center + width / 2
     if str(ds.get("Modality", "")).upper() == "CT":
-        return ctx.prepare.ct_window
+        return ct_window
     return float(frame.min()), float(frame.max())
 
 
-def read_frames(data: bytes, ctx) -> tuple[str, list[np.ndarray]]:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
+def read_frames(
+    data: bytes, ctx, limits: Limits | None = None, count: int | None = None
+) -> tuple[str, list[np.ndarray]]:
+    """The modality and the first `count` frames (all by default) as uint8 H×W×3; InputTooLarge
+    when the header says the file is over `limits` (default: the prepare section's)."""
+    limits = limits or Limits.of(ctx.prepare)
+    ds = read_dicom(data, limits.max_image_pixels, limits.max_dicom_bytes)
+    return str(ds.get("Modality", "ot")).lower(), display_frames(ds, ctx.prepare.ct_window, count)
 
-    ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    pixels = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+
+def display_frames(ds, ct_window: tuple[float, float], count: int | None = None) -> list[np.ndarray]:
+    """Frames decoded one at a time, through the modality LUT, then windowed (grey) or clipped (RGB)."""
+    from pydicom.pixels import apply_modality_lut, iter_pixels
+
     frames_count = int(ds.get("NumberOfFrames", 1) or 1)
-    if str(ds.get("PhotometricInterpretation", "")).startswith("RGB") or (
-        pixels.ndim == 3 and pixels.shape[-1] == 3 and frames_count == 1
-    ):
-        frames = [pixels] if frames_count == 1 else list(pixels)
-        return str(ds.get("Modality", "ot")).lower(), [np.clip(f, 0, 255).astype(np.uint8) for f in frames]
-    frames = list(pixels) if frames_count > 1 else [pixels]
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    used = frames_count if count is None else min(count, frames_count)
     out = []
-    for frame in frames:
-        if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+    for raw in iter_pixels(ds, indices=range(used)):
+        frame = apply_modality_lut(raw, ds).astype(np.float32)
+        single_colour_frame = frame.ndim == 3 and frame.shape[-1] == 3 and frames_count == 1
+        if photometric.startswith("RGB") or single_colour_frame:
+            out.append(np.clip(frame, 0, 255).astype(np.uint8))
+            continue
+        if photometric == "MONOCHROME1":
             frame = frame.max() - frame
-        low, high = _window(ds, frame, ctx)
+        low, high = _window(ds, frame, ct_window)
         out.append(as_rgb(window_to_uint8(frame, low, high)))
-    return str(ds.get("Modality", "ot")).lower(), out
+    return out
 
 
 def load(spec: dict, ctx) -> list[LoadedImage]:
     try:
-        modality, frames = read_frames(storage.read_bytes(spec["image_uri"], ctx.settings), ctx)
+        if spec.get("image_refused"):
+            raise _refused(spec["image_refused"])
+        modality, frames = read_frames(read_stored(spec["image_uri"], ctx.settings), ctx)
+    except BadRecord as err:  # refused from its path, or from its header (too_large)
+        return [LoadedImage(spec["image_key"], spec["image_uri"], ctx.modality, spec["split"], err)]
     except Exception as exc:  # pydicom raises many types for damaged / truncated files
         err = BadRecord("unreadable_dicom", f"{type(exc).__name__}: {str(exc)[:200]}")
         return [LoadedImage(spec["image_key"], spec["image_uri"], ctx.modality, spec["split"], err)]
@@ -100,10 +120,21 @@ def load(spec: dict, ctx) -> list[LoadedImage]:
         targets = []
         if len(frames) == 1:
             for t in spec["targets"]:
-                try:
-                    mask = storage.read_bytes(t["mask_uri"], ctx.settings)
-                except OSError as exc:
-                    mask = BadRecord("missing_mask", str(exc)[:200])
-                targets.append(LoadedTarget(t["class_name"], mask, t["mask_uri"]))
+                targets.append(LoadedTarget(t["class_name"], _mask(t, ctx), t["mask_uri"]))
         out.append(LoadedImage(key, spec["image_uri"], modality, spec["split"], frame, targets))
     return out
+
+
+def _mask(target: dict, ctx) -> bytes | BadRecord:
+    if target.get("mask_refused"):
+        return _refused(target["mask_refused"])
+    try:
+        return storage.read_bytes(target["mask_uri"], ctx.settings)
+    except OSError as exc:
+        return BadRecord("missing_mask", str(exc)[:200])
+
+
+def _refused(why: str) -> BadRecord:
+    """The BadRecord of a path `locate` / `outside_input` refused ("reason: detail")."""
+    reason, _, detail = why.partition(": ")
+    return BadRecord(reason, detail)

@@ -7,18 +7,21 @@
 Paths are relative to the index (or absolute / s3://). Each slice along `prepare.slice_axis`
 becomes an image: CT is windowed (`prepare.ct_window`, HU), other modalities are scaled
 between the 0.5th and 99.5th percentile of the volume. Each label present in a slice is one
-target; classes of the map absent from that slice feed the false queries.
+target; classes of the map absent from that slice feed the false queries. A volume whose header
+says it is over max_volume_bytes, or whose slices are over max_image_pixels (`medisee.data.bounded`;
+the prepare section's fields of those names when it has them), is quarantined as too_large before
+its data is inflated; a .nii.gz is inflated no further than its header implies.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import posixpath
 
 import numpy as np
 
 from medisee import storage
+from medisee.data.bounded import Limits, read_nifti_image, read_stored
 from medisee.data.codec import BadRecord, as_rgb, window_to_uint8
 from medisee.data.records import LoadedImage, LoadedTarget, choose_absent, split_for
 
@@ -64,12 +67,11 @@ def specs(input_uri: str, ctx):
 
 
 def read_volume(uri: str, ctx) -> np.ndarray:
-    import nibabel as nib
-
-    data = storage.read_bytes(uri, ctx.settings)
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
-    return np.asanyarray(nib.Nifti1Image.from_bytes(data).dataobj)
+    """The volume's data; InputTooLarge when its header is over the prepare section's limits."""
+    limits = Limits.of(ctx.prepare)
+    data = read_stored(uri, ctx.settings)  # as stored: inflated here, within the header's bound
+    image = read_nifti_image(data, limits.max_volume_bytes, limits.max_image_pixels, ctx.prepare.slice_axis)
+    return np.asanyarray(image.dataobj)
 
 
 def to_display(slice2d: np.ndarray) -> np.ndarray:
