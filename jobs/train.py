@@ -1,4 +1,4 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/tiny.yaml [overrides]`"""
+"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/train.py --config tiny [overrides]` (a preset name or a YAML file)."""
 
 import sys
 

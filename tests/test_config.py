@@ -12,12 +12,12 @@ def test_presets_load():
     assert load_config("medisee-7b").trainer.strategy == "ddp"
 
 
-def test_job_configs_are_the_presets():
-    from pathlib import Path
+def test_a_yaml_file_loads_as_the_preset_it_copies(tmp_path):
+    from importlib import resources
 
-    jobs = Path(__file__).parents[1] / "jobs" / "configs"
-    for name in preset_names():
-        assert load_config(jobs / f"{name}.yaml") == load_config(name), name
+    copy = tmp_path / "mine.yaml"
+    copy.write_text((resources.files("medisee.presets") / "medisee-7b.yaml").read_text())
+    assert load_config(copy) == load_config("medisee-7b")
 
 
 def test_unknown_strategy_is_a_clear_error():
