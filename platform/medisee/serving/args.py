@@ -61,7 +61,7 @@ class AppArgs(BaseModel):
     early_reject: bool = True
     mask_threshold: float = 0.0
     batching: bool = True  # off: every request runs alone (the benchmark's comparison)
-    multiplexed_models_per_replica: int = Field(2, ge=1)
+    multiplexed_models_per_replica: int = Field(4, ge=1)  # versions' weights one model replica keeps
     mllm: StageOptions = Field(default_factory=StageOptions)
     decoder: StageOptions = Field(default_factory=StageOptions)
     verifier: StageOptions = Field(default_factory=lambda: StageOptions(num_cpus=0.1, max_batch_size=16))

@@ -33,13 +33,20 @@ class _Versioned:
         self.args = args
         self.resident = VersionedPart(args.model, self.part, _settings(args), args.tracking_uri)
         options = getattr(args, "mllm" if self.part == "mllm" else "decoder")
-        self._batched.set_max_batch_size(options.max_batch_size if args.batching else 1)
         self.batch_wait_s = options.batch_wait_timeout_s if args.batching else 0.0
         self.in_flight = 0
+        # decorated here, not on the class, so that the application's settings reach Serve's batcher
+        # and multiplexer (neither can be changed after decoration)
+        self._batched = serve.batch(
+            max_batch_size=options.max_batch_size if args.batching else 1,
+            batch_wait_timeout_s=self.batch_wait_s,
+            max_concurrent_batches=options.max_concurrent_batches,
+        )(self._batch)
 
-    @serve.multiplexed(max_num_models_per_replica=4)
-    async def weights(self, ref: str):
-        return await asyncio.to_thread(self.resident.weights_of, ref)
+        async def load(ref: str):  # a function, not a bound method: Serve keeps its cache on it
+            return await asyncio.to_thread(self.resident.weights_of, ref)
+
+        self.weights = serve.multiplexed(max_num_models_per_replica=args.multiplexed_models_per_replica)(load)
 
     async def _run(self, fn, *inputs):
         ref = serve.get_multiplexed_model_id() or self.args.model
@@ -82,8 +89,7 @@ class MLLMDeployment(_Versioned):
         super().__init__(args)
         self.stage = MLLMStage(self.resident.model, args.mode, args.max_new_tokens)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, images: list, queries: list[list[str]]):  # PreparedImage or array
+    async def _batch(self, images: list, queries: list[list[str]]):  # PreparedImage or array
         encodings = await self._run(self.stage, images, queries)
         per_request = [[] for _ in images]
         for enc in encodings:
@@ -101,8 +107,7 @@ class DecoderDeployment(_Versioned):
         super().__init__(args)
         self.stage = DecoderStage(self.resident.model, args.mask_threshold)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, images: list, candidates: list[np.ndarray]):  # PreparedImage or array
+    async def _batch(self, images: list, candidates: list[np.ndarray]):  # PreparedImage or array
         index = [i for i, c in enumerate(candidates) for _ in range(len(c))]
         stacked = np.concatenate([c for c in candidates if len(c)]) if index else np.zeros((0,))
         decoded = await self._run(self.stage, images, index, stacked) if index else []
@@ -142,6 +147,3 @@ class VerifierDeployment:
         """items: (screening, decoded or None, image or None, encoding) per query."""
         stage = self._stage(ref)
         return [stage.decide(s, d, image, enc) for s, d, image, enc in items]
-
-    def has_judge(self) -> bool:
-        return bool(self.args.judge_base_url)
