@@ -4,13 +4,70 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import typer
+from typer.core import TyperGroup
 
 from medisee.raylib import apply_env_defaults
 
+# What a user can get wrong (a model reference, a path, a store): looked up in sys.modules once raised,
+# since importing them (torch, mlflow) costs seconds that --help should not pay. Any OSError too.
+USER_ERRORS = (
+    ("medisee.model.checkpoint", "CheckpointError"),
+    ("medisee.tracking", "TrackingStoreError"),
+    ("medisee.tracking", "ModelReferenceError"),
+    ("medisee.storage", "UnsafeKey"),
+    ("medisee.scoring.plan", "PlanError"),
+    ("medisee.scoring.queries", "QuerySpecError"),
+    ("medisee.scoring.writer", "JobMismatch"),
+    ("medisee.infer.golden", "GoldenMismatch"),
+    ("medisee.data.prepare", "PrepareError"),
+    ("medisee.config", "ConfigError"),
+    ("mlflow.exceptions", "MlflowException"),
+    ("yaml", "YAMLError"),  # an override that is not YAML
+)
+TRACEBACK_ENV = "MEDISEE_TRACEBACK"  # set to 1: user errors raise with their traceback instead
+MAX_ERROR_CHARS = 600
+
+
+class BadInput(ValueError):
+    """An input the command cannot use (named in the message)."""
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (OSError, BadInput)):
+        return True
+    classes = (getattr(sys.modules.get(module), name, None) for module, name in USER_ERRORS)
+    return any(cls is not None and isinstance(exc, cls) for cls in classes)
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    mlflow = sys.modules.get("mlflow")
+    if isinstance(exc, getattr(sys.modules.get("mlflow.exceptions"), "MlflowException", ())) and mlflow:
+        text += f" (tracking store {mlflow.get_tracking_uri()})"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+class OneLineErrors(TyperGroup):
+    """Every command: a bad model reference, a missing path or an unreachable store is one line on
+    stderr and exit 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if not is_user_error(exc) or os.environ.get(TRACEBACK_ENV) == "1":
+                raise
+            typer.secho(f"{ctx.invoked_subcommand or 'medisee'}: {one_line(exc)}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
-    help="MediSee platform: prepare data, train, batch-score and serve on Ray.", no_args_is_help=True
+    cls=OneLineErrors,
+    help="MediSee platform: prepare data, train, batch-score and serve on Ray.",
+    no_args_is_help=True,
 )
 
 CONFIG_HELP = "Preset name (tiny, medisee-7b) or YAML file."
@@ -41,7 +98,7 @@ def doctor(
     """Print versions, Ray / MLflow / storage settings and what could be reached."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from medisee import storage, tracking
+    from medisee import storage
 
     cfg = _config(config, overrides)
     report: dict = {"versions": {}, "settings": {}, "reachable": {}}
@@ -67,7 +124,7 @@ def doctor(
     settings = storage.StorageSettings.from_config(cfg.storage)
     report["settings"] = {
         "ray_address": os.environ.get("RAY_ADDRESS", "local (started on demand)"),
-        "mlflow_tracking_uri": tracking.resolve_tracking_uri(cfg.tracking.uri),
+        "mlflow_tracking_uri": cfg.tracking.uri,
         "storage_endpoint": settings.endpoint or "AWS default / local paths",
         "storage_region": settings.region,
         "run_storage": cfg.run.storage_uri,
@@ -87,14 +144,13 @@ def doctor(
         report["reachable"]["storage"] = f"failed: {str(exc)[:200]}"
     report["reachable"]["s3"] = _s3_reachable(settings)
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read first: mlflow.set_tracking_uri overwrites it
-    try:
-        client = tracking.configure(cfg.tracking, settings)
-        client.search_experiments(max_results=1)
-        report["reachable"]["mlflow"] = "ok"
-    except Exception as exc:
-        report["reachable"]["mlflow"] = f"failed: {str(exc)[:200]}"
+    report["hints"] = _check_tracking(cfg.tracking, settings, report)
     if env_uri and env_uri != report["settings"]["mlflow_tracking_uri"]:
-        report["hints"] = [f"commands use tracking.uri, not $MLFLOW_TRACKING_URI: add tracking.uri={env_uri}"]
+        report["hints"].append(
+            f"commands use tracking.uri, not $MLFLOW_TRACKING_URI: add tracking.uri={env_uri}"
+        )
+    if not report["hints"]:
+        del report["hints"]
     if os.environ.get("RAY_ADDRESS"):
         try:
             import ray
@@ -107,6 +163,56 @@ def doctor(
     else:
         report["reachable"]["ray"] = "local Ray starts on demand"
     typer.echo(json.dumps(report, indent=2))
+
+
+def _check_tracking(tracking_cfg, settings, report: dict) -> list[str]:
+    """The tracking store as commands would use it, without creating one; returns hints."""
+    from medisee import tracking
+
+    try:
+        uri = tracking.absolute_tracking_uri(tracking_cfg.uri)
+        report["settings"]["mlflow_artifact_location"] = tracking.resolve_artifact_location(tracking_cfg)
+    except tracking.TrackingStoreError as exc:
+        report["reachable"]["mlflow"] = f"refused: {exc}"
+        return [str(exc)]
+    report["settings"]["mlflow_tracking_uri"] = uri
+    hints = relative_store_hints(tracking_cfg)
+    path = tracking.sqlite_path(uri)
+    if path is not None and not path.is_file():
+        report["reachable"]["mlflow"] = f"no database at {path} yet (training creates it)"
+        return [
+            *hints,
+            f"models:/ and runs:/ references need the store that has them: {tracking.store_advice()}",
+        ]
+    try:
+        tracking.client_for(uri, settings).search_experiments(max_results=1)
+        report["reachable"]["mlflow"] = "ok"
+    except Exception as exc:
+        report["reachable"]["mlflow"] = f"failed: {str(exc)[:200]}"
+    return hints
+
+
+def relative_store_hints(tracking_cfg) -> list[str]:
+    """Relative local paths work here, in this directory, but not in a Ray job (`ray job submit
+    --working-dir .` runs in an unpacked copy without git-ignored files), which refuses them."""
+    from medisee import tracking
+
+    job = "a Ray job (ray job submit --working-dir) runs in its own copy of the directory and refuses it"
+    hints = []
+    path = tracking.sqlite_path(tracking_cfg.uri)
+    if path is not None and not path.is_absolute():
+        absolute = f"sqlite:///{path.absolute()}"
+        hints.append(
+            f"tracking.uri {tracking_cfg.uri} is relative: {job}; pass tracking.uri={absolute} "
+            "(a Ray head on this machine) or tracking.uri=http://HOST:5000"
+        )
+    location = tracking_cfg.artifact_location
+    if location and not tracking.is_remote(location) and not os.path.isabs(location.removeprefix("file://")):
+        hints.append(
+            f"tracking.artifact_location {location} is relative: {job}; "
+            f"pass tracking.artifact_location={os.path.abspath(location)} or an s3:// URI"
+        )
+    return hints
 
 
 def _s3_reachable(settings) -> str:
@@ -246,7 +352,19 @@ def train(
             "data.sources is empty: give e.g. 'data.sources={phantom: /path/to/shards}'", fg="red", err=True
         )
         raise typer.Exit(2)
+    from medisee.storage import StorageSettings
+
+    for uri in cfg.data.sources.values():
+        _require_input(uri, StorageSettings.from_config(cfg.storage))
     typer.echo(json.dumps(run_training(cfg, register, alias), default=str))
+
+
+def _require_input(uri: str, settings) -> None:
+    """Refuse a missing input before a model is loaded for it."""
+    from medisee import storage
+
+    if not storage.exists(uri, settings):
+        raise BadInput(f"input {uri} does not exist")
 
 
 MODEL_HELP = "Model artifact: models:/name@alias, models:/name/N, runs:/id/model, s3://... or a local folder."
@@ -254,19 +372,23 @@ MODEL_HELP = "Model artifact: models:/name@alias, models:/name/N, runs:/id/model
 
 def _load_model(model_uri: str, cfg, parts=None):
     from medisee.model.artifact import load_model_dir
-    from medisee.model.checkpoint import CheckpointError
     from medisee.storage import StorageSettings
 
-    try:
-        return load_model_dir(
-            model_uri,
-            settings=StorageSettings.from_config(cfg.storage),
-            tracking_uri=cfg.tracking.uri,
-            **({"parts": parts} if parts else {}),
-        )
-    except (CheckpointError, OSError) as exc:
-        typer.secho(f"cannot load {model_uri}: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    return load_model_dir(
+        model_uri,
+        settings=StorageSettings.from_config(cfg.storage),
+        tracking_uri=cfg.tracking.uri,
+        **({"parts": parts} if parts else {}),
+    )
+
+
+def _pin_store(cfg, *model_uris: str | None) -> None:
+    """Resolve the tracking store here, on the submitting side, when a model reference needs it: the
+    stages of a job get the absolute store, and a missing or unreachable one is refused before Ray starts."""
+    from medisee import tracking
+
+    if any(str(uri or "").startswith(("models:/", "runs:/")) for uri in model_uris):
+        cfg.tracking.uri = tracking.existing_store(cfg.tracking.uri)
 
 
 def _verifier_inputs(model_uri: str, data_uri: str, split: str, limit: int, config, overrides):
@@ -276,8 +398,15 @@ def _verifier_inputs(model_uri: str, data_uri: str, split: str, limit: int, conf
 
     cfg = _config(config, overrides)
     settings = StorageSettings.from_config(cfg.storage)
+    if not model_uri.startswith(("models:/", "runs:/")):
+        raise BadInput(
+            f"{model_uri} is not an MLflow model: give runs:/ or models:/ (the calibration is stored there)"
+        )
+    _require_input(data_uri, settings)
     loaded = _load_model(model_uri, cfg)
     rows = load_eval_rows(data_uri, split, settings, limit=limit, include_false=True)
+    if not rows:
+        raise BadInput(f"no labelled rows of split {split!r} under {data_uri}")
     evidence, present, preds = collect_evidence(loaded.model, rows)
     return cfg, settings, loaded, evidence, present, rows, preds
 
@@ -382,26 +511,21 @@ def predict(
 ) -> None:
     """Answer questions about one image: one JSON line per query (answer, verdict, box, mask as COCO RLE)."""
     from medisee.infer import Predictor
-    from medisee.model.checkpoint import CheckpointError
     from medisee.storage import StorageSettings
 
     cfg = _config(config, overrides)
     try:
         pixels = _read_image(image, cfg)
     except Exception as exc:
-        typer.secho(f"cannot read image {image}: {exc}", fg="red", err=True)
+        typer.secho(f"predict: cannot read image {image}: {one_line(exc)}", fg="red", err=True)
         raise typer.Exit(2) from None
-    try:
-        predictor = Predictor.from_artifact(
-            model_uri,
-            settings=StorageSettings.from_config(cfg.storage),
-            tracking_uri=cfg.tracking.uri,
-            judge=_judge(cfg),
-            mode=mode,
-        )
-    except (CheckpointError, OSError) as exc:
-        typer.secho(f"cannot load {model_uri}: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    predictor = Predictor.from_artifact(
+        model_uri,
+        settings=StorageSettings.from_config(cfg.storage),
+        tracking_uri=cfg.tracking.uri,
+        judge=_judge(cfg),
+        mode=mode,
+    )
     for result in predictor.predict(pixels, query):
         typer.echo(json.dumps(result_json(result, predictor.artifact)))
 
@@ -482,11 +606,6 @@ def infer(
     Exits 2 on a bad input, query spec, model or output; 1 when the counts do not reconcile.
     """
     from medisee.console import quiet_logs
-    from medisee.model.checkpoint import CheckpointError
-    from medisee.scoring.pipeline import score_archive
-    from medisee.scoring.plan import PlanError
-    from medisee.scoring.queries import QuerySpecError
-    from medisee.scoring.writer import JobMismatch
     from medisee.storage import StorageSettings
 
     quiet_logs()
@@ -497,13 +616,12 @@ def infer(
             "infer: give --model, or --via-serve APP to use a running application's", fg="red", err=True
         )
         raise typer.Exit(2)
-    try:
-        summary = score_archive(
-            cfg, StorageSettings.from_config(cfg.storage), log=lambda m: typer.echo(m, err=True)
-        )
-    except (PlanError, QuerySpecError, JobMismatch, CheckpointError) as exc:
-        typer.secho(f"infer: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+    _pin_store(cfg, model_uri)  # before the pipeline's imports (torch, Ray Data): a refusal is quick
+    from medisee.scoring.pipeline import score_archive
+
+    summary = score_archive(
+        cfg, StorageSettings.from_config(cfg.storage), log=lambda m: typer.echo(m, err=True)
+    )
     typer.echo(summary_table(summary), err=True)
     typer.echo(json.dumps(summary))
     if not summary["reconciled"]:
@@ -549,22 +667,20 @@ def evaluate(
     from medisee.infer.golden import GoldenMismatch
     from medisee.model.checkpoint import CheckpointError
     from medisee.scoring.evaluate import evaluate_model
-    from medisee.scoring.plan import PlanError, slug
+    from medisee.scoring.plan import slug
     from medisee.storage import StorageSettings
 
     quiet_logs()
     cfg = _config(config, [*(overrides or []), f"infer.model={model_uri}"])
     output_uri = output_uri or f".medisee/eval/{slug(model_uri)}-{split}"
+    _require_input(data_uri, StorageSettings.from_config(cfg.storage))
     try:
         report = evaluate_model(
             cfg, StorageSettings.from_config(cfg.storage), data_uri, split, output_uri, worst,
             log=lambda m: typer.echo(m, err=True),
         )  # fmt: skip
     except (CheckpointError, GoldenMismatch) as exc:
-        typer.secho(f"evaluate: refused: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    except PlanError as exc:
-        typer.secho(f"evaluate: {exc}", fg="red", err=True)
+        typer.secho(f"evaluate: refused: {one_line(exc)}", fg="red", err=True)
         raise typer.Exit(2) from None
     from medisee import storage
 
@@ -585,7 +701,11 @@ def serve_cmd(
         None, help="Application settings as key=value, e.g. mllm.num_replicas=2 batching=false (see AppArgs)."
     ),
 ) -> None:
-    """Serve a model locally: the Ray Serve graph behind http://HOST:PORT (API at /docs, web page at /)."""
+    """Serve a model locally: the Ray Serve graph behind http://HOST:PORT (API at /docs, web page at /).
+
+    Needs API keys ($MEDISEE_API_KEYS or api_keys_file=PATH); allow_anonymous=true serves without
+    them, on a loopback host only. Exits 2 otherwise, and on a model that cannot be read.
+    """
     import yaml
     from ray import serve
 
@@ -603,6 +723,9 @@ def serve_cmd(
     except (ConfigError, ValueError) as exc:
         typer.secho(f"serve: {exc}", fg="red", err=True)
         raise typer.Exit(2) from None
+    args, auth_mode = refuse_open_serving(args, host)
+    args = _checked_versions(args)
+    typer.echo(f"serve: {auth_mode}", err=True)
     ensure_ray()
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": args.request_timeout_s + 5})
     serve.run(build_app(args), name="medisee", route_prefix="/", blocking=False)
@@ -614,6 +737,62 @@ def serve_cmd(
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect (`localhost`, 127.0.0.0/8, ::1); a name is not resolved here."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_open_serving(args, host: str):
+    """`(args, the auth mode as a line to log)`; BadInput for a service anyone could use: no API key
+    configured without allow_anonymous=true, or allow_anonymous on a host other machines reach (a key
+    file emptied later would then open it). The keys are read as the ingress will read them."""
+    from pathlib import Path
+
+    from medisee.serving.auth import KeyRing, NoKeys
+
+    if args.allow_anonymous and not is_loopback(host):
+        raise BadInput(
+            f"allow_anonymous=true is for a loopback host only, not --host {host}: "
+            f"configure API keys (${args.api_keys_env} or api_keys_file=PATH) instead"
+        )
+    if args.api_keys_file:  # the replicas do not run in this directory
+        args = args.model_copy(update={"api_keys_file": str(Path(args.api_keys_file).absolute())})
+    try:
+        ring = KeyRing(args.api_keys_env, args.api_keys_file, args.allow_anonymous)
+    except NoKeys as exc:
+        raise BadInput(f"{exc} (loopback hosts only)") from None
+    if ring.anonymous():
+        return args, f"auth: anonymous access on loopback {host} (allow_anonymous=true): no API key needed"
+    return args, (
+        f"auth: API keys required ({len(ring.env_keys)} from ${args.api_keys_env}, "
+        f"{len(ring.file_keys)} from {args.api_keys_file or 'no api_keys_file'})"
+    )
+
+
+def _checked_versions(args):
+    """Every version the app will load must be readable now (its manifest), not after the replicas
+    have started and failed; a local tracking store is passed on to them as an absolute path."""
+    from medisee import tracking
+    from medisee.model.artifact import describe_model
+    from medisee.storage import StorageSettings
+
+    refs = [args.model, *([args.served] if args.served else []), *args.extra_models]
+    if any(ref.startswith(("models:/", "runs:/")) for ref in refs):
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or tracking.DEFAULT_TRACKING_URI
+        args = args.model_copy(update={"tracking_uri": tracking.existing_store(uri, "tracking_uri")})
+    settings = StorageSettings.resolve(args.storage_endpoint)
+    for ref in refs:
+        describe_model(ref, settings=settings, tracking_uri=args.tracking_uri)
+    return args
 
 
 @app.command("convert-checkpoint")

@@ -18,6 +18,11 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 ENDPOINT_ENV_VARS = ("MEDISEE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+class UnsafeKey(ValueError):
+    """An object whose key, made a local path, would land outside the folder it is downloaded into."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,55 @@ def list_files(
     return sorted(out)
 
 
+def relative_names(uri: str, settings: StorageSettings | None = None) -> list[str]:
+    """The files under `uri` as their keys after the prefix, exactly as stored (not normalised)."""
+    fs, path = filesystem(uri, settings)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    root = path.rstrip("/") + "/"
+    names = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        if not info.path.startswith(root):
+            raise UnsafeKey(f"{info.path!r} was listed under {uri} but does not start with it")
+        names.append(info.path[len(root) :])
+    return sorted(names)
+
+
+def local_path_inside(folder: Path, name: str) -> Path:
+    """`folder/name` for an object key relative to a prefix; refuses one that would leave `folder`:
+    absolute, `..` or `.` segments, empty segments (`a//b`), or a path through a symlink out of it."""
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise UnsafeKey(f"object key {name!r} is not a plain relative path (it could land outside {folder})")
+    target = folder.joinpath(*parts)
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise UnsafeKey(f"object key {name!r} would be written outside {folder}: refused")
+    return target
+
+
+def copy_to_local(uri: str, target: Path, settings: StorageSettings | None = None) -> None:
+    """Stream one object to a local file (never whole in memory: model shards are gigabytes)."""
+    fs, path = filesystem(uri, settings)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(path) as src, open(target, "wb") as dst:
+        while chunk := src.read(COPY_CHUNK_BYTES):
+            dst.write(chunk)
+
+
+def download_dir(uri: str, folder: str | Path, settings: StorageSettings | None = None) -> int:
+    """Copy every file under `uri` into the local `folder`, keeping relative paths; returns the count.
+
+    Every key is checked before anything is written: one that would leave `folder` refuses the whole
+    download (UnsafeKey).
+    """
+    folder = Path(folder)
+    targets = [(name, local_path_inside(folder, name)) for name in relative_names(uri, settings)]
+    for name, target in targets:
+        copy_to_local(join(uri, name), target, settings)
+    return len(targets)
+
+
 def delete(uri: str, settings: StorageSettings | None = None) -> None:
     fs, path = filesystem(uri, settings)
     info = fs.get_file_info(path)
@@ -143,3 +197,13 @@ def upload_dir(local_dir: str | Path, uri: str, settings: StorageSettings | None
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of(uri: str, settings: StorageSettings | None = None) -> str:
+    """The sha256 of a file or object, read in chunks."""
+    fs, path = filesystem(uri, settings)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(COPY_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

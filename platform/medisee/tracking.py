@@ -5,7 +5,9 @@ Only rank 0 of a distributed job calls these. Telemetry is always off.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -17,20 +19,96 @@ from medisee.storage import StorageSettings
 MAX_PARAM_CHARS = 500
 
 
-def resolve_tracking_uri(uri: str) -> str:
-    """Make the default local SQLite store work from any working directory."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///") :]).absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    return uri
+DEFAULT_TRACKING_URI = "sqlite:///.medisee/mlflow.db"
+# Ray names a session folder session_<date>_<time>_<microseconds>_<pid>
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: "C:" is a drive
+RAY_SESSION_DIR = re.compile(r"/session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(_\d+)+(/|$)")
+
+
+class TrackingStoreError(ValueError):
+    """A tracking store or artifact root that cannot work where this process runs; says what to pass."""
+
+
+class ModelReferenceError(ValueError):
+    """A `models:/` reference that names no alias or version."""
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (relative unless it starts with `sqlite:////`)."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def absolute_tracking_uri(uri: str, setting: str = "tracking.uri") -> str:
+    """A local SQLite store as an absolute path, relative ones against this process's directory.
+
+    That directory must be the submitting side's: in a Ray job's unpacked working dir (or anywhere
+    under Ray's temp directory) the store would be a new, empty one: TrackingStoreError.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        return uri
+    reason = unusable_here(path.absolute(), relative=not path.is_absolute())
+    if reason:
+        raise TrackingStoreError(f"{setting} {uri} {reason}: {store_advice(setting)}")
+    return f"sqlite:///{path.absolute()}"
+
+
+def resolve_tracking_uri(uri: str, setting: str = "tracking.uri") -> str:
+    """`absolute_tracking_uri`, creating the folder of a relative local store (the default one)."""
+    resolved = absolute_tracking_uri(uri, setting)
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        sqlite_path(resolved).parent.mkdir(parents=True, exist_ok=True)
+    return resolved
+
+
+def existing_store(uri: str, setting: str = "tracking.uri") -> str:
+    """`uri` made absolute; a local SQLite store must exist already: a model reference read from a
+    new, empty one can only be "not found", and would leave that empty database behind."""
+    resolved = absolute_tracking_uri(uri, setting)
+    path = sqlite_path(resolved)
+    if path is not None and not path.is_file():
+        raise TrackingStoreError(f"{setting} {uri}: no MLflow database at {path}; {store_advice(setting)}")
+    return resolved
+
+
+def store_advice(setting: str = "tracking.uri") -> str:
+    return (
+        f"pass {setting}=http://HOST:5000 (an MLflow server the job can reach) "
+        f"or {setting}=sqlite:////absolute/path/mlflow.db on a disk it shares"
+    )
+
+
+def ray_job_working_dir() -> str | None:
+    """The working_dir of the Ray job whose entrypoint this process is; None outside one."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return (json.loads(raw).get("runtime_env") or {}).get("working_dir") if raw else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def unusable_here(path: Path, relative: bool) -> str | None:
+    """Why a local store or artifact root at `path` (absolute) would not outlive this Ray session."""
+    if relative and ray_job_working_dir():
+        return (
+            f"is relative to this Ray job's working dir {Path.cwd()}, which Ray unpacks without "
+            "git-ignored files such as .medisee/ and deletes with the job"
+        )
+    if in_ray_temp(str(path)):
+        return f"resolves to {path}, under Ray's temp directory: empty there and gone with the Ray session"
+    return None
+
+
+def in_ray_temp(path: str) -> bool:
+    ray_tmp = os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
+    return bool(RAY_SESSION_DIR.search(path)) or path.startswith(ray_tmp.rstrip("/") + "/")
 
 
 def default_artifact_location(tracking_uri: str) -> str | None:
     """`mlartifacts` next to a local SQLite store; None (the server decides) for anything else."""
-    if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts")
-    return None
+    path = sqlite_path(tracking_uri)
+    return str(path.parent / "mlartifacts") if path is not None else None
 
 
 def resolve_artifact_location(tracking_cfg) -> str | None:
@@ -40,18 +118,31 @@ def resolve_artifact_location(tracking_cfg) -> str | None:
     worker is Ray's per-run temp folder: the files would vanish with the Ray session.
     """
     location = tracking_cfg.artifact_location
-    if location:
-        return location if "://" in location else str(Path(location).absolute())
-    return default_artifact_location(resolve_tracking_uri(tracking_cfg.uri))
+    if not location:
+        return default_artifact_location(resolve_tracking_uri(tracking_cfg.uri))
+    if is_remote(location):
+        return location
+    path = Path(location.removeprefix("file://"))
+    reason = unusable_here(path.absolute(), relative=not path.is_absolute())
+    if reason:
+        raise TrackingStoreError(
+            f"tracking.artifact_location {location} {reason}: pass an s3:// URI or an absolute path "
+            "that every node shares"
+        )
+    return str(path.absolute())
+
+
+def is_remote(location: str) -> bool:
+    """A URI of a store (`s3://b/a`, `mlflow-artifacts:/1`, `http://...`), not a local path."""
+    return bool(URI_SCHEME.match(location)) and not location.startswith("file:")
 
 
 def is_transient_location(location: str) -> bool:
     """Under Ray's temp directory, or relative (to whatever directory a process happens to run in)."""
-    path = location.removeprefix("file://")
-    if "://" in path:
+    if is_remote(location):
         return False
-    ray_tmp = os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
-    return not os.path.isabs(path) or "/session_" in path or path.startswith(ray_tmp.rstrip("/") + "/")
+    path = location.removeprefix("file://")
+    return not os.path.isabs(path) or in_ray_temp(path)
 
 
 def configure(tracking_cfg, settings: StorageSettings | None = None):
@@ -66,10 +157,17 @@ def client_for(uri: str | None = None, settings: StorageSettings | None = None):
 
     if settings and settings.endpoint:
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = settings.endpoint
-    uri = resolve_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///.medisee/mlflow.db")
+    uri = resolve_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def reader_for(uri: str | None = None, settings: StorageSettings | None = None):
+    """`client_for` a store that must hold something already (reading a `models:/` or `runs:/` reference)."""
+    return client_for(
+        existing_store(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI), settings
+    )
 
 
 def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
@@ -197,7 +295,9 @@ def model_version(client, model_uri: str):
     if "@" in ref:
         name, alias = ref.split("@", 1)
         return client.get_model_version_by_alias(name, alias)
-    name, number = ref.split("/", 1)
+    name, _, number = ref.partition("/")
+    if not (name and number.isdigit()):
+        raise ModelReferenceError(f"{model_uri}: give models:/NAME@ALIAS or models:/NAME/VERSION")
     return client.get_model_version(name, number)
 
 
@@ -209,19 +309,26 @@ def artifact_uri(client, model_uri: str) -> str:
     return model_uri
 
 
-def download_model(client, model_uri: str, dst: str | Path | None = None, file: str | None = None) -> Path:
-    """Download `models:/name@alias`, `models:/name/3` or `runs:/id/path` (or one `file` of it)."""
+def download_model(client, model_uri: str, dst: str | Path, file: str | None = None) -> Path:
+    """Download `models:/name@alias`, `models:/name/3` or `runs:/id/path` (or one `file` of it) into
+    the folder `dst`, which the caller owns (and removes); returns where the files are inside it."""
     import mlflow
 
-    dst = Path(dst or tempfile.mkdtemp(prefix="medisee-model-"))
+    from medisee import storage
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
     source = artifact_uri(client, model_uri)
     if file is not None:
         source = f"{source.rstrip('/')}/{file}"
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst)))
+    if not local.resolve().is_relative_to(dst.resolve()):  # MLflow checks each file, not the root
+        raise storage.UnsafeKey(f"{model_uri} names {local}, outside the download folder {dst}")
+    return local
 
 
 def trained_run_id(client, model_uri: str) -> str | None:
     """The run that produced a `models:/name@alias`, `models:/name/N` or `runs:/id/...` URI."""
     if model_uri.startswith("runs:/"):
-        return model_uri[len("runs:/") :].split("/", 1)[0]
+        return client.get_run(model_uri[len("runs:/") :].split("/", 1)[0]).info.run_id  # unknown: raises
     return model_version(client, model_uri).run_id

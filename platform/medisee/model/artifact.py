@@ -14,9 +14,13 @@ s3://, `runs:/<id>/model`, `models:/<name>@<alias>` or `models:/<name>/<version>
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
+import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +30,7 @@ import yaml
 from medisee import storage
 from medisee.config import MediSeeConfig, build_config, config_to_yaml
 from medisee.model.build import MODEL_PARTS, build_model
-from medisee.model.checkpoint import CheckpointError
+from medisee.model.checkpoint import CheckpointError, check_sha256
 from medisee.model.medisee import LossWeights, MediSee
 from medisee.model.precision import PRECISION_DTYPES
 from medisee.storage import StorageSettings
@@ -170,7 +174,7 @@ def base_references(cfg: MediSeeConfig, settings: StorageSettings | None) -> dic
     refs = {"llava_path": cfg.model.llava_path, "sam_checkpoint": cfg.model.sam_checkpoint}
     for key in ("sam_checkpoint",):
         if refs[key]:
-            refs[f"{key}_sha256"] = storage.sha256(storage.read_bytes(refs[key], settings))
+            refs[f"{key}_sha256"] = storage.sha256_of(refs[key], settings)
     return refs
 
 
@@ -196,15 +200,28 @@ def load_model_dir(
 
     `dtype` (e.g. torch.bfloat16) applies to the LLaVA part; the decoder side stays float32.
     """
+    local, run_id, temporary = download(str(ref), settings, tracking_uri)
+    try:
+        loaded = load_local(local, str(ref), run_id, settings, device, dtype, parts)
+    except BaseException:
+        remove_download(temporary)
+        raise
+    if temporary is not None:  # the folder lives as long as the model (evaluate reads its golden files)
+        weakref.finalize(loaded, remove_download, temporary)
+    return loaded
+
+
+def load_local(local: Path, ref: str, run_id, settings, device, dtype, parts) -> LoadedModel:
     from medisee.verify.calibrate import CalibratedVerifier
 
-    local, run_id = fetch(str(ref), settings, tracking_uri)
-    manifest = read_manifest(local, str(ref))
+    manifest = read_manifest(local, ref)
     cfg = build_config(yaml.safe_load((local / "config.yaml").read_text()))
+    if "decoder" in parts:
+        check_base_digests(cfg, manifest, settings)
     tokenizer = load_tokenizer(local / "tokenizer") if "mllm" in parts else None
     model = build_from_config(cfg, settings, tokenizer=tokenizer, parts=parts, device=device)
-    check_tokens(model, manifest, str(ref))
-    model.load_trainable_state_dict(weights_for(model, local / WEIGHTS), source=str(ref))
+    check_tokens(model, manifest, ref)
+    model.load_trainable_state_dict(weights_for(model, local / WEIGHTS), source=ref)
     model.requires_grad_(False)
     model.eval().to(device)
     if dtype is not None and model.llava is not None:
@@ -215,31 +232,86 @@ def load_model_dir(
         if calibration_file.exists()
         else CalibratedVerifier()
     )
-    return LoadedModel(model, cfg, manifest, calibration, local, str(ref), run_id)
+    return LoadedModel(model, cfg, manifest, calibration, local, ref, run_id)
+
+
+def check_base_digests(cfg: MediSeeConfig, manifest: dict, settings: StorageSettings | None) -> None:
+    """The SAM base checkpoint must be the file the model was trained on (its recorded sha256)."""
+    expected = manifest.get("base", {}).get("sam_checkpoint_sha256")
+    if cfg.model.sam_checkpoint and expected:
+        check_sha256(cfg.model.sam_checkpoint, expected, settings)
+
+
+def download(
+    ref: str, settings: StorageSettings | None, tracking_uri: str | None
+) -> tuple[Path, str | None, Path | None]:
+    """(local folder of the artifact, MLflow run id when known, the temp folder to remove or None).
+
+    Downloads go to a new temp folder; every file stays inside it (a key or listing that would leave
+    it is refused) and the folder is removed again when the download fails.
+    """
+    if is_local(ref):
+        return local_folder(ref), None, None
+    temporary = Path(tempfile.mkdtemp(prefix="medisee-model-"))
+    try:
+        local, run_id = download_into(temporary, ref, settings, tracking_uri)
+    except BaseException:
+        remove_download(temporary)
+        raise
+    return local, run_id, temporary
+
+
+def is_local(ref: str) -> bool:
+    return not ref.startswith(("models:/", "runs:/")) and not storage.is_s3(ref)
+
+
+def local_folder(ref: str) -> Path:
+    path = Path(ref.removeprefix("file://"))
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        raise CheckpointError(ref, detail=f"{what}, and not an s3:// prefix, runs:/ or models:/ reference")
+    return path
+
+
+def download_into(folder: Path, ref: str, settings, tracking_uri) -> tuple[Path, str | None]:
+    try:
+        if storage.is_s3(ref):
+            if not storage.download_dir(ref, folder, settings):
+                raise CheckpointError(ref, detail="no files under this prefix")
+            return folder, None
+        from medisee import tracking
+
+        client = tracking.reader_for(tracking_uri, settings)
+        run_id = tracking.trained_run_id(client, ref)
+        return tracking.download_model(client, ref, folder), run_id
+    except storage.UnsafeKey as exc:
+        raise CheckpointError(ref, detail=f"refused: {exc}") from None
+
+
+def remove_download(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def fetched(ref: str, settings: StorageSettings | None, tracking_uri: str | None):
+    """`(local folder, run id)` of an artifact for the block; a downloaded copy is removed after it."""
+    local, run_id, temporary = download(str(ref), settings, tracking_uri)
+    try:
+        yield local, run_id
+    finally:
+        remove_download(temporary)
 
 
 def fetch(ref: str, settings: StorageSettings | None, tracking_uri: str | None) -> tuple[Path, str | None]:
-    """A local directory holding the artifact, and the MLflow run that produced it (when known)."""
-    if ref.startswith(("models:/", "runs:/")):
-        from medisee import tracking
+    """A local directory holding the artifact, and the MLflow run that produced it (when known).
 
-        client = tracking.client_for(tracking_uri, settings)
-        return tracking.download_model(client, ref), tracking.trained_run_id(client, ref)
-    if storage.is_s3(ref):
-        target = Path(tempfile.mkdtemp(prefix="medisee-model-"))
-        root = ref.rstrip("/") + "/"
-        files = storage.list_files(ref, (), settings)
-        if not files:
-            raise CheckpointError(ref, detail="no files under this prefix")
-        for uri in files:
-            dest = target / uri[len(root) :]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(storage.read_bytes(uri, settings))
-        return target, None
-    path = Path(ref.removeprefix("file://"))
-    if not path.is_dir():
-        raise CheckpointError(ref, detail="not a directory, s3:// prefix, runs:/ or models:/ reference")
-    return path, None
+    A downloaded copy is removed when this process exits; prefer `fetched`, which removes it sooner.
+    """
+    local, run_id, temporary = download(str(ref), settings, tracking_uri)
+    if temporary is not None:
+        atexit.register(remove_download, temporary)
+    return local, run_id
 
 
 def read_artifact_file(
@@ -250,11 +322,13 @@ def read_artifact_file(
     if ref.startswith(("models:/", "runs:/")):
         from medisee import tracking
 
-        client = tracking.client_for(tracking_uri, settings)
-        try:
-            return tracking.download_model(client, ref, file=name).read_bytes()
-        except Exception:  # mlflow raises different types for a missing artifact file
-            return None
+        client = tracking.reader_for(tracking_uri, settings)
+        tracking.trained_run_id(client, ref)  # an unknown model or run is an error, not a missing file
+        with tempfile.TemporaryDirectory(prefix="medisee-file-") as folder:
+            try:
+                return tracking.download_model(client, ref, folder, file=name).read_bytes()
+            except Exception:  # mlflow raises different types for a missing artifact file
+                return None
     uri = storage.join(ref.removeprefix("file://"), name)
     return storage.read_bytes(uri, settings) if storage.exists(uri, settings) else None
 
@@ -269,11 +343,13 @@ def describe_model(
     if ref.startswith(("models:/", "runs:/")):
         from medisee import tracking
 
-        client = tracking.client_for(tracking_uri, settings)
+        client = tracking.reader_for(tracking_uri, settings)
         run_id = tracking.trained_run_id(client, ref)
         if ref.startswith("models:/"):
             entry = tracking.model_version(client, ref)
             name, version = entry.name, str(entry.version)
+    if is_local(ref):
+        local_folder(ref)  # a missing folder is named as such, not as a folder without a manifest
     manifest = read_artifact_file(ref, MANIFEST, settings=settings, tracking_uri=tracking_uri)
     if manifest is None:
         raise CheckpointError(ref, detail=f"no {MANIFEST}: not a MediSee model artifact")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None
     module.load_state_dict(state, strict=True)
 
 
+def check_sha256(uri: str, expected: str, settings: StorageSettings | None = None) -> None:
+    """The file at `uri` must be the one recorded (a base checkpoint replaced since training is refused)."""
+    try:
+        actual = storage.sha256_of(uri, settings)
+    except OSError as exc:
+        raise CheckpointError(uri, detail=f"cannot read: {exc}") from None
+    if actual != expected:
+        raise CheckpointError(
+            uri, detail=f"sha256 {actual} differs from {expected} recorded in the model artifact"
+        )
+
+
 def load_sam_checkpoint(sam: torch.nn.Module, uri: str, settings: StorageSettings | None = None) -> None:
     state = read_torch(uri, settings)
     if "model" in state and isinstance(state["model"], dict):
@@ -79,30 +92,34 @@ def load_sam_checkpoint(sam: torch.nn.Module, uri: str, settings: StorageSetting
     load_state_strict(sam, state, uri)
 
 
-def local_dir(uri: str, settings: StorageSettings | None = None) -> Path:
-    """A local directory holding `uri`'s files (downloaded when it is on object storage)."""
+def local_dir(uri: str, settings: StorageSettings | None = None) -> tuple[Path, bool]:
+    """A local directory holding `uri`'s files, and whether it is a temporary download to remove."""
     if not storage.is_s3(uri):
         path = Path(uri.removeprefix("file://"))
         if not (path / "config.json").exists():
             raise CheckpointError(uri, detail="no config.json: not a transformers model directory")
-        return path
-    files = storage.list_files(uri, (), settings)
-    if not any(f.endswith("/config.json") for f in files):
+        return path, False
+    if not storage.exists(storage.join(uri, "config.json"), settings):
         raise CheckpointError(uri, detail="no config.json: not a transformers model directory")
     target = Path(tempfile.mkdtemp(prefix="medisee-llava-"))
-    root = uri.rstrip("/") + "/"
-    for f in files:
-        dest = target / f[len(root) :]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(storage.read_bytes(f, settings))
-    return target
+    try:
+        storage.download_dir(uri, target, settings)
+    except BaseException as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, storage.UnsafeKey):
+            raise CheckpointError(uri, detail=f"refused: {exc}") from None
+        raise
+    return target, True
 
 
 def load_llava_dir(uri: str, settings: StorageSettings | None = None, dtype: torch.dtype = torch.float32):
-    """(LlavaForConditionalGeneration, tokenizer) from a transformers LLaVA directory, weights in `dtype`."""
+    """(LlavaForConditionalGeneration, tokenizer) from a transformers LLaVA directory, weights in `dtype`.
+
+    A download from object storage is removed once loaded (the weights are in memory then).
+    """
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    path = local_dir(uri, settings)
+    path, temporary = local_dir(uri, settings)
     try:
         llava = LlavaForConditionalGeneration.from_pretrained(
             str(path), torch_dtype=dtype, attn_implementation="sdpa"
@@ -110,6 +127,9 @@ def load_llava_dir(uri: str, settings: StorageSettings | None = None, dtype: tor
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise CheckpointError(uri, detail=f"{type(exc).__name__}: {str(exc)[:300]}") from None
+    finally:
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
     return llava, tokenizer
 
 

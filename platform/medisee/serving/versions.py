@@ -27,23 +27,23 @@ class VersionedPart:
 
     def weights_of(self, ref: str) -> dict[str, torch.Tensor]:
         """The trained weights of `ref` for this part (checked against the resident model)."""
-        from medisee.model.artifact import WEIGHTS, fetch, read_manifest, weights_for
+        from medisee.model.artifact import WEIGHTS, fetched, read_manifest, weights_for
 
-        local, _ = fetch(ref, self.settings, self.tracking_uri)
-        manifest = read_manifest(local, ref)
-        mine = self.loaded.manifest
-        for key in ("preset", "vocab_size", "candidate_ids", "image_token_id", "base"):
-            if manifest.get(key) != mine.get(key):
-                raise IncompatibleVersion(
-                    f"{ref}: {key} {manifest.get(key)!r} differs from the served base's {mine.get(key)!r}"
-                )
-        if not any(manifest["base"].values()):  # randomly initialised base models: the seed is the base
-            seed = yaml.safe_load((local / "config.yaml").read_text())["run"]["seed"]
-            if seed != self.loaded.config.run.seed:
-                raise IncompatibleVersion(
-                    f"{ref}: built on random base models of seed {seed}, the served base on {self.loaded.config.run.seed}"
-                )
-        weights = weights_for(self.model, local / WEIGHTS)
+        with fetched(ref, self.settings, self.tracking_uri) as (local, _):  # a download is removed after
+            manifest = read_manifest(local, ref)
+            mine = self.loaded.manifest
+            for key in ("preset", "vocab_size", "candidate_ids", "image_token_id", "base"):
+                if manifest.get(key) != mine.get(key):
+                    raise IncompatibleVersion(
+                        f"{ref}: {key} {manifest.get(key)!r} differs from the served base's {mine.get(key)!r}"
+                    )
+            if not any(manifest["base"].values()):  # randomly initialised base models: the seed is the base
+                seed = yaml.safe_load((local / "config.yaml").read_text())["run"]["seed"]
+                if seed != self.loaded.config.run.seed:
+                    raise IncompatibleVersion(
+                        f"{ref}: built on random base models of seed {seed}, the served base on {self.loaded.config.run.seed}"
+                    )
+            weights = weights_for(self.model, local / WEIGHTS)
         own = self.model.state_dict()
         unknown = [k for k in weights if k not in own]
         mismatched = [k for k in weights if k in own and own[k].shape != weights[k].shape]
