@@ -47,3 +47,18 @@ def test_upload_dir_keeps_relative_paths(tmp_path):
     (src / "a" / "b" / "deep.bin").write_bytes(b"2")
     assert storage.upload_dir(src, str(tmp_path / "dst")) == 2
     assert (tmp_path / "dst" / "a" / "b" / "deep.bin").read_bytes() == b"2"
+
+
+def test_compressed_names_are_stored_and_read_as_given(s3_bucket, tmp_path):
+    """pyarrow's streams gzip/gunzip by file name unless told not to: a .nii.gz must go to S3 (and come
+    back) byte for byte, not gzipped twice on write and inflated without a bound on read."""
+    import gzip
+
+    settings, root = s3_bucket
+    payload = gzip.compress(b"\x00" * 100_000)
+    for uri in (f"{root}/labels.nii.gz", str(tmp_path / "labels.nii.gz")):
+        storage.write_bytes(uri, payload, settings)
+        assert storage.read_bytes(uri, settings) == payload
+    bucket = root.removeprefix("s3://")
+    stored = storage.boto3_client(settings).get_object(Bucket=bucket, Key="labels.nii.gz")["Body"].read()
+    assert stored == payload and (tmp_path / "labels.nii.gz").read_bytes() == payload

@@ -77,9 +77,14 @@ def boto3_client(settings: StorageSettings | None = None):
     return boto3.client("s3", endpoint_url=settings.endpoint, region_name=settings.region)
 
 
+# Every stream opens with compression=None: bytes as stored. pyarrow's default inflates (and, writing,
+# deflates) any name ending .gz, .bz2, .zst, ... on its own: unbounded on read, and a .nii.gz written
+# to S3 would be gzipped twice.
+
+
 def read_bytes(uri: str, settings: StorageSettings | None = None) -> bytes:
     fs, path = filesystem(uri, settings)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
 
 
@@ -97,11 +102,11 @@ def write_bytes(uri: str, data: bytes, settings: StorageSettings | None = None) 
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(parent, recursive=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open_output_stream(tmp) as f:
+        with fs.open_output_stream(tmp, compression=None) as f:
             f.write(data)
         os.replace(tmp, path)
     else:
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
 
 
@@ -158,7 +163,7 @@ def copy_to_local(uri: str, target: Path, settings: StorageSettings | None = Non
     """Stream one object to a local file (never whole in memory: model shards are gigabytes)."""
     fs, path = filesystem(uri, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with fs.open_input_stream(path) as src, open(target, "wb") as dst:
+    with fs.open_input_stream(path, compression=None) as src, open(target, "wb") as dst:
         while chunk := src.read(COPY_CHUNK_BYTES):
             dst.write(chunk)
 
@@ -203,7 +208,7 @@ def sha256_of(uri: str, settings: StorageSettings | None = None) -> str:
     """The sha256 of a file or object, read in chunks."""
     fs, path = filesystem(uri, settings)
     digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         while chunk := f.read(COPY_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()

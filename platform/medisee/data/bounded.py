@@ -110,13 +110,10 @@ def _at_pixel_data(tag, vr, length) -> bool:
 
 
 def read_stored(uri: str, settings=None) -> bytes:
-    """A file's bytes as stored: pyarrow's streams inflate a name ending .gz, .bz2, .zst, … on their
-    own and without a bound, so readers here open them with no compression and inflate themselves."""
+    """A file's bytes as stored (never inflated on the way: readers here inflate within their bounds)."""
     from medisee import storage
 
-    fs, path = storage.filesystem(uri, settings)
-    with fs.open_input_stream(path, compression=None) as stream:
-        return stream.read()
+    return storage.read_bytes(uri, settings)
 
 
 def _file_meta(data: bytes):
