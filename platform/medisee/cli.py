@@ -537,13 +537,13 @@ def _read_image(path: str, cfg):
 
     data = storage.read_bytes(path, storage.StorageSettings.from_config(cfg.storage))
     try:
-        return decode_image(data)
-    except BadRecord:
-        from medisee.data.sources.context import ConvertContext
-        from medisee.data.sources.dicom import read_frames
+        return decode_image(data, cfg.prepare.max_image_pixels)
+    except BadRecord as exc:
+        if exc.reason == "too_large":
+            raise
+        from medisee.data.bounded import dicom_first_frame
 
-        ctx = ConvertContext(settings=None, prepare=cfg.prepare, source="dicom", modality="unknown")
-        return read_frames(data, ctx)[1][0]
+        return dicom_first_frame(data, cfg.prepare.max_image_pixels, cfg.prepare.max_dicom_bytes)
 
 
 def result_json(result, loaded) -> dict:

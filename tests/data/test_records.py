@@ -132,3 +132,23 @@ def test_every_front_end_reads_an_exif_rotated_photo_upright_and_checks_pixels_f
     with pytest.raises(BadRecord) as broken:
         decode_image(data[: len(data) // 2] + b"\x00" * 7)
     assert broken.value.reason == "unreadable_image"
+
+
+def test_predict_reads_the_first_frame_of_a_dicom_as_serving_does(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    from medisee.cli import _read_image
+    from medisee.config import load_config
+    from medisee.data.codec import BadRecord
+    from medisee.serving.requests import decode_upload
+
+    path = get_testdata_file("examples_ybr_color.dcm")  # 30 JPEG frames of 240 × 320, YBR
+    cfg = load_config("tiny")
+    first = _read_image(path, cfg)
+    with open(path, "rb") as f:
+        served = decode_upload(f.read(), max_pixels=100_000, max_bytes=16 << 20)
+    assert first.shape == (240, 320, 3) and np.array_equal(first, served)
+    small = load_config("tiny", ["prepare.max_dicom_bytes=1000000"])  # 30 × 240 × 320 × 3 bytes is over
+    with pytest.raises(BadRecord) as refused:
+        _read_image(path, small)
+    assert refused.value.reason == "too_large"
