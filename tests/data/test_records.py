@@ -152,3 +152,14 @@ def test_predict_reads_the_first_frame_of_a_dicom_as_serving_does(tmp_path):
     with pytest.raises(BadRecord) as refused:
         _read_image(path, small)
     assert refused.value.reason == "too_large"
+
+
+def test_a_one_pixel_strip_keeps_one_pixel_in_the_sam_frame():
+    from medisee.data.preprocess import sam_input
+
+    strip = np.full((1, 20000, 3), 200, np.uint8)
+    frame_image, frame = sam_input(strip, 1024)
+    assert frame.resized_hw == (1, 1024)  # 1 × 1024/20000 rounds to 0 without the floor of one pixel
+    assert (
+        frame_image.shape == (1024, 1024, 3) and (frame_image[0] == 200).all() and not frame_image[1:].any()
+    )

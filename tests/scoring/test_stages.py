@@ -158,6 +158,11 @@ def test_query_specs(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\n')
     with pytest.raises(QuerySpecError, match="line 1"):
         parse_query_spec(str(tmp_path / "bad.jsonl"), str(tmp_path))
+    with pytest.raises(QuerySpecError, match="reserved"):
+        parse_query_spec("template=Where is the {class} <image>?;classes=liver", "x")
+    (tmp_path / "tokens.jsonl").write_text('{"image": "a.png", "queries": ["Segment [SEG] it"]}\n')
+    with pytest.raises(QuerySpecError, match="line 1: '\\[SEG\\]' is reserved"):
+        parse_query_spec(str(tmp_path / "tokens.jsonl"), str(tmp_path))
 
 
 def test_classify_and_plan_a_mixed_folder(tmp_path, shared_data):

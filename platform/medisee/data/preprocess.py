@@ -27,7 +27,8 @@ class SamFrame:
 
     @property
     def resized_hw(self) -> tuple[int, int]:
-        return int(self.height * self.scale + 0.5), int(self.width * self.scale + 0.5)
+        # at least one pixel: a 1 × 20000 strip would otherwise resize to a side of 0
+        return max(1, int(self.height * self.scale + 0.5)), max(1, int(self.width * self.scale + 0.5))
 
 
 def sam_input(image: np.ndarray, size: int) -> tuple[np.ndarray, SamFrame]:

@@ -9,12 +9,23 @@ explanation after. Choices are made by hashing the record id so a conversion is 
 from __future__ import annotations
 
 import hashlib
+import re
 
 TEMPLATE_VERSION = "medisee-ref-1"
 
 SEG_TOKEN = "[SEG]"
 BBOX_TOKEN = "[BBOX]"
 CANDIDATE_TOKENS = (SEG_TOKEN, BBOX_TOKEN)
+IMAGE_TOKEN = "<image>"
+# Text the conversation template gives a meaning: in a user's query it would add an image placeholder
+# or a candidate token to the prompt (the model then fails, or reads the wrong hidden states).
+RESERVED_TEXT = re.compile(r"<image>|\[/?INST\]|\[SEG\]|\[BBOX\]|\[CAND\d+\]")
+
+
+def reserved_tokens(text: str) -> list[str]:
+    """The template's reserved tokens that `text` holds, in order of first appearance."""
+    return list(dict.fromkeys(RESERVED_TEXT.findall(text)))
+
 
 REFERRING_QUERIES = (
     "Can you segment and locate the {name} in this image?",

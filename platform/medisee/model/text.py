@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-IMAGE_TOKEN = "<image>"
+from medisee.data.prompts import IMAGE_TOKEN, reserved_tokens
+
 IGNORE_INDEX = -100
 
 
@@ -25,6 +26,8 @@ def candidate_tokens(n: int) -> list[str]:
 
 
 def prompt_text(question: str) -> str:
+    if reserved := reserved_tokens(question):
+        raise ValueError(f"the query holds the template's reserved token {reserved[0]!r}")
     return f"[INST] {IMAGE_TOKEN}\n{question.strip()} [/INST]"
 
 

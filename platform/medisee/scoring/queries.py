@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from medisee import storage
+from medisee.data.prompts import reserved_tokens
 from medisee.storage import StorageSettings
 
 
@@ -59,7 +60,10 @@ def _template_queries(spec: str) -> list[str]:
         raise QuerySpecError(
             f"infer.queries={spec!r}: a template needs '{{class}}' in its text and ';classes=a,b'"
         )
-    return [body.replace("{class}", name.replace("_", " ")) for name in names]
+    queries = [body.replace("{class}", name.replace("_", " ")) for name in names]
+    if reserved := [t for q in queries for t in reserved_tokens(q)]:
+        raise QuerySpecError(f"infer.queries={spec!r}: {reserved[0]!r} is reserved by the model's template")
+    return queries
 
 
 def _read_manifest(uri: str, input_uri: str, settings: StorageSettings | None) -> dict[str, list[str]]:
@@ -82,6 +86,10 @@ def _read_manifest(uri: str, input_uri: str, settings: StorageSettings | None) -
             queries = [queries]
         if not isinstance(queries, list) or not all(isinstance(q, str) and q.strip() for q in queries):
             raise QuerySpecError(f"query manifest {uri} line {number}: queries must be non-empty strings")
+        if reserved := [t for q in queries for t in reserved_tokens(q)]:
+            raise QuerySpecError(
+                f"query manifest {uri} line {number}: {reserved[0]!r} is reserved by the template"
+            )
         manifest.setdefault(_normalise_key(str(key), input_uri), []).extend(q.strip() for q in queries)
     if not manifest:
         raise QuerySpecError(f"query manifest {uri} lists no image")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
+from medisee.data.prompts import reserved_tokens
 from medisee.serving.args import AppArgs
 
 
@@ -171,17 +173,38 @@ async def parse_request(headers, body: bytes, args: AppArgs, run=asyncio.to_thre
     )
 
 
+@functools.cache
+def strict_multipart_parser():
+    """Starlette's parser, except that a text field not valid in the form's charset is a 400:
+    Starlette decodes it as Latin-1 instead, and a query would be answered rewritten."""
+    from starlette.formparsers import MultiPartParser
+
+    class StrictFieldParser(MultiPartParser):
+        def on_part_end(self) -> None:
+            part = self._current_part
+            if part.file is None:
+                try:
+                    bytes(part.data).decode(self._charset)
+                except (UnicodeDecodeError, LookupError):
+                    raise ApiError(
+                        400, f"multipart field {part.field_name!r} is not valid {self._charset.upper()}"
+                    ) from None
+            super().on_part_end()
+
+    return StrictFieldParser
+
+
 async def _multipart(headers, body: bytes) -> tuple[dict, bytes]:
     """Every field of the form, repeated ones included: `query` / `queries` may repeat (each value is
     one query; a single `queries` value may also be a JSON list), anything else may not."""
     from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
+    from starlette.formparsers import MultiPartException
 
     async def stream():
         yield body
 
     try:
-        form = await MultiPartParser(headers, stream(), max_files=4, max_fields=128).parse()
+        form = await strict_multipart_parser()(headers, stream(), max_files=4, max_fields=128).parse()
     except MultiPartException as exc:
         raise ApiError(400, f"malformed multipart body: {exc.message}") from None
     except UnicodeDecodeError:
@@ -273,6 +296,8 @@ def check_queries(queries, args: AppArgs) -> list[str]:
             raise ApiError(422, "every query must be a non-empty string")
         if len(q) > args.max_query_chars:
             raise ApiError(422, f"a query of {len(q)} characters: at most {args.max_query_chars}")
+        if reserved := reserved_tokens(q):
+            raise ApiError(422, f"a query holds {reserved[0]!r}, a token reserved by the model's template")
         out.append(q.strip())
     return out
 
