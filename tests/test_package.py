@@ -97,7 +97,9 @@ def test_doctor_reports_versions_and_reachability(tmp_path, monkeypatch):
 
     report = json.loads(result.stdout)
     assert report["versions"]["ray"] != "missing"
-    assert report["reachable"]["mlflow"] == "ok"
+    # a fresh folder: the default SQLite store does not exist yet, and doctor does not create it empty
+    assert report["reachable"]["mlflow"].startswith("no database at ")
+    assert not (tmp_path / ".medisee" / "mlflow.db").exists()
     assert report["reachable"]["storage"] == "ok"
 
 
