@@ -46,6 +46,10 @@ def _nf4_copy(bnb, linear: nn.Linear, compute_dtype: torch.dtype, device) -> nn.
         compress_statistics=True,
         quant_type="nf4",
     )
+    # On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks the weight for a faster kernel at the first
+    # eval-mode forward and keeps it so; that kernel has no backward, so any training after an
+    # evaluation would silently stop passing gradients through these layers (LoRA grads None).
+    quantized.support_avx512bf16_for_cpu = False
     quantized.weight = bnb.nn.Params4bit(
         linear.weight.detach().to(compute_dtype).contiguous(),
         requires_grad=False,
