@@ -53,8 +53,9 @@ def loadavg() -> list[float]:
 
 
 def make_artifact(folder: Path) -> Path:
+    from medisee.artifact.model_dir import save_model_dir
     from medisee.config import load_config
-    from medisee.model.artifact import build_from_config, save_model_dir
+    from medisee.model.build import build_from_config
 
     cfg = load_config("tiny")
     save_model_dir(build_from_config(cfg), cfg, folder)
@@ -263,8 +264,8 @@ def main() -> None:
     import ray
     import torch
 
+    from medisee.artifact.model_dir import load_predictor
     from medisee.data.codec import decode_image
-    from medisee.infer import Predictor
     from medisee.raylib import ensure_ray
     from medisee.scoring.queries import parse_query_spec
 
@@ -285,7 +286,7 @@ def main() -> None:
         )
         log(f"(a) settings: tiny preset + {' '.join(args.settings)}; (b)/(c) torch threads {args.threads}")
 
-        predictor = Predictor.from_artifact(str(artifact), early_reject=True)
+        predictor = load_predictor(str(artifact), early_reject=True)
         t0 = time.perf_counter()
         ensure_ray()
         ray_start_s = time.perf_counter() - t0

@@ -33,6 +33,9 @@ Last lines, one per figure (the last is the headline):
   {"name": "serve_proxy_p50_ms" / "serve_handle_call_p50_ms", ...}  (d): Serve's own cost, no model
   {"name": "model_batching_ceiling", "value": <the model stages in-process, 8 requests one at a time
                                                over one batch of 8: batching's limit>, "unit": "x", "target": null}
+  {"name": "serve_large_<side>px_rps_c<n>" / "serve_large_<side>px_p50_ms_c<n>" /
+   "serve_small_128px_rps_c<n>", ...}  (d): --large-side² vs. 128² uploads at --large-concurrency
+  {"name": "serve_large_<side>px_errors", "value": <requests>, "unit": "requests", "target": 0}
   {"name": "serve_batching_speedup_c32", "value": <ratio>, "unit": "x", "target": 2.5}
 """
 
@@ -411,7 +414,45 @@ def large_images(url: str, small: list[bytes], large: list[bytes], args) -> dict
     return windows
 
 
-def main() -> None:
+async def sequential(url: str, one: bytes, n: int) -> tuple[list[float], list[dict]]:
+    """(b): `n` requests one after the other (after one unmeasured): their seconds and stage times."""
+    import httpx
+
+    seconds, timings = [], []
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(timeout=60) as client:
+        await client.post(url, content=one, headers=headers)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            response = await client.post(url, content=one, headers=headers)
+            seconds.append(time.perf_counter() - t0)
+            timings.append(response.json()["timings"])
+    return seconds, timings
+
+
+@dataclass
+class BatchingRuns:
+    """(a) by (variant, concurrency): the windows of all rounds, and per round the requests per
+    second, Serve's batches and the CPU milliseconds per request by process."""
+
+    windows: dict[tuple[str, int], Window] = field(default_factory=lambda: defaultdict(Window))
+    rps: dict[tuple[str, int], list[float]] = field(default_factory=lambda: defaultdict(list))
+    batches: dict[tuple[str, int], list[dict]] = field(default_factory=lambda: defaultdict(list))
+    cpu: dict[tuple[str, int], list[dict]] = field(default_factory=lambda: defaultdict(list))
+
+
+@dataclass
+class PlainResults:
+    """What (a), (b) and (d) measured on the plain artifact."""
+
+    batching: BatchingRuns
+    overhead_ms: dict[str, float]
+    ceiling: float
+    large: dict[str, Window]
+    hops: dict[str, float]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -427,37 +468,36 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.warmup, args.rounds, args.calls = 3.0, 1.5, 1, 8
-    levels = [int(x) for x in args.levels.split(",")]
+    args.levels = [int(x) for x in args.levels.split(",")]
+    return args
 
-    import torch
 
-    from medisee.raylib import ensure_ray
-
-    ensure_ray(num_cpus=2)
-    import ray
-    from ray import serve
-
+def save_artifacts(tmp: Path, images, mix: list[tuple[int, str]]) -> tuple[str, str, float]:
+    """The tiny model's artifact, plain and with (c)'s calibration; and the share of the mix that
+    the calibration's rule rejects in-process."""
+    from medisee.artifact.model_dir import save_model_dir
     from medisee.config import load_config
-    from medisee.infer import Predictor
-    from medisee.model.artifact import build_from_config, save_model_dir
-    from medisee.verify.calibrate import CalibratedVerifier
-    from medisee.verify.decision import Thresholds
+    from medisee.model.build import build_from_config
 
-    torch.set_num_threads(1)  # as in a replica (num_cpus < 1: OMP_NUM_THREADS=1)
-    run_started, load_start = time.perf_counter(), os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
-    atexit.register(shutil.rmtree, tmp, True)
     cfg = load_config("tiny")
     model = build_from_config(cfg)
     plain = str(tmp / "plain")
     save_model_dir(model, cfg, plain)
+    calibration, expected = reject_half(model, images, mix)
+    calibrated = str(tmp / "calibrated")
+    save_model_dir(model, cfg, calibrated, calibration=calibration)
+    return plain, calibrated, expected
 
-    images, true_pairs, false_pairs = request_mix()
-    # (c)'s calibration: the rule says "absent" when all three scores are below their thresholds.
-    # Compactness and purity thresholds out of reach (always below), strength at the mix's median:
-    # the lower half of the mix is rejected by the rule, the upper half is "uncertain" and goes
-    # through the decoder to the fallback (untrained weights: present).
-    mix = true_pairs + false_pairs
+
+def reject_half(model, images, mix: list[tuple[int, str]]):
+    """(c)'s calibration: the rule says "absent" when all three scores are below their thresholds.
+    Compactness and purity thresholds out of reach (always below), strength at the mix's median:
+    the lower half of the mix is rejected by the rule, the upper half is "uncertain" and goes
+    through the decoder to the fallback (untrained weights: present)."""
+    from medisee.infer import Predictor
+    from medisee.verify.calibrate import CalibratedVerifier
+    from medisee.verify.decision import Thresholds
+
     predictor = Predictor(model, early_reject=True)
     strength = []
     for index, query in mix:
@@ -467,89 +507,105 @@ def main() -> None:
     half = len(ordered) // 2
     cut = (ordered[half - 1] + ordered[half]) / 2
     calibration = CalibratedVerifier(thresholds=Thresholds(strength=cut, compactness=2.0, purity=2.0))
-    calibrated = str(tmp / "calibrated")
-    save_model_dir(model, cfg, calibrated, calibration=calibration)
     expected = sum(s < cut for s in strength) / len(strength)
     log(f"(c) calibration: strength threshold {cut:.4f} (mix strengths {ordered[0]:.3f}..{ordered[-1]:.3f}), "
         f"rule 'absent' in-process for {expected:.0%} of the mix")  # fmt: skip
+    return calibration, expected
+
+
+def start_serve() -> tuple[str, int]:
+    """Serve's HTTP proxy on a free loopback port: its base URL, and the port of Ray's metrics."""
+    import ray
+    from ray import serve
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
-    base = f"http://127.0.0.1:{port}"
-    metrics_port = ray._private.worker._global_node.metrics_export_port
+    return f"http://127.0.0.1:{port}", ray._private.worker._global_node.metrics_export_port
 
-    # ----- (a) batching on vs. off, and (b) overhead at concurrency 1 ----------------------------
+
+def bench_plain(base: str, metrics_port: int, plain: str, images, true_pairs, args) -> PlainResults:
+    """(a) batching on vs. off, (b) overhead at concurrency 1 and (d) large uploads and Serve's hops."""
+    from ray import serve
+
+    from medisee.artifact.model_dir import load_predictor
+
     urls = deploy(base, {"on": two_apps_args(plain), "off": two_apps_args(plain, batching=False)})
     bodies = [body(images[i], q) for i, q in true_pairs]
-    windows: dict[tuple[str, int], Window] = defaultdict(Window)
-    rounds: dict[tuple[str, int], list[float]] = defaultdict(list)
-    batches: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    cpu: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    batching = measure_batching(urls, bodies, metrics_port, args)
+    image, query = images[true_pairs[0][0]], true_pairs[0][1]
+    one = body(image, query)
+    local = load_predictor(plain, early_reject=True)
+    seconds, timings = time_overhead(urls, one, local, image, query, args)
+    ceiling = batching_ceiling(local, [(images[i], q) for i, q in true_pairs])
+    overhead_ms = overhead_from(seconds, timings, local, image, query)
+    large_bodies = [body(upscaled(images[i], args.large_side), q) for i, q in true_pairs]
+    large = large_images(urls["on"], bodies, large_bodies, args)
+    for name in ("on", "off"):
+        serve.delete(name)
+    hops = hop_costs(base, one, image, args.rounds, 2 * args.calls)
+    return PlainResults(batching, overhead_ms, ceiling, large, hops)
+
+
+def measure_batching(urls: dict[str, str], bodies: list[bytes], metrics_port: int, args) -> BatchingRuns:
+    """(a): every concurrency level, batching on and off alternated, the order flipped each round."""
+    runs = BatchingRuns()
     for r in range(args.rounds):
-        for level in levels:
+        for level in args.levels:
             for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 before, cpu_before = batch_counters(metrics_port), cpu_seconds(name)
                 w = asyncio.run(closed_loop(urls[name], bodies, level, args.seconds, args.warmup))
-                cpu[(name, level)].append(cpu_per_request(cpu_before, cpu_seconds(name), w.sent))
+                runs.cpu[(name, level)].append(cpu_per_request(cpu_before, cpu_seconds(name), w.sent))
                 time.sleep(2.5)
                 after = batch_counters(metrics_port)
-                batches[(name, level)].append(batch_summary(before, after, name, w.sent))
-                windows[(name, level)].add(w)
-                rounds[(name, level)].append(w.rps)
+                runs.batches[(name, level)].append(batch_summary(before, after, name, w.sent))
+                runs.windows[(name, level)].add(w)
+                runs.rps[(name, level)].append(w.rps)
                 log(f"(a) round {r + 1} c={level:>2} batching {name:>3}: {w.rps:6.1f} req/s, "
                     f"p50 {w.ms(50):6.1f} ms, p99 {w.ms(99):6.1f} ms, errors {w.errors}, "
-                    f"stages {w.stage_ms()}, batches {batches[(name, level)][-1]}")  # fmt: skip
+                    f"stages {w.stage_ms()}, batches {runs.batches[(name, level)][-1]}")  # fmt: skip
                 log(
-                    f"    CPU ms per request: {cpu[(name, level)][-1]}; load average {os.getloadavg()[0]:.1f}"
+                    f"    CPU ms per request: {runs.cpu[(name, level)][-1]}; load average {os.getloadavg()[0]:.1f}"
                 )
+    return runs
 
-    # (b): one image and query, alternated: in-process, HTTP batching on, HTTP batching off
-    image, query = images[true_pairs[0][0]], true_pairs[0][1]
-    one = body(image, query)
-    local = Predictor.from_artifact(plain, early_reject=True)
+
+def time_overhead(urls: dict[str, str], one: bytes, local, image, query: str, args):
+    """(b): one image and query, alternated: in-process, HTTP batching on, HTTP batching off.
+    Returns the seconds per call and the stage times over HTTP, by "in-process" / variant."""
+    seconds: dict[str, list[float]] = defaultdict(list)
+    timings: dict[str, list[dict]] = defaultdict(list)
     local.predict(image, [query])
-    overhead: dict[str, list[float]] = defaultdict(list)
-    stage_b: dict[str, list[dict]] = defaultdict(list)
-
-    async def sequential(url: str, n: int) -> None:
-        import httpx
-
-        async with httpx.AsyncClient(timeout=60) as client:
-            await client.post(url, content=one, headers={"content-type": "application/json"})
-            for _ in range(n):
-                t0 = time.perf_counter()
-                response = await client.post(url, content=one, headers={"content-type": "application/json"})
-                overhead[url].append(time.perf_counter() - t0)
-                stage_b[url].append(response.json()["timings"])
-
     for _ in range(args.rounds):
         for _ in range(args.calls):
             t0 = time.perf_counter()
             local.predict(image, [query])
-            overhead["in-process"].append(time.perf_counter() - t0)
+            seconds["in-process"].append(time.perf_counter() - t0)
         for name in ("on", "off"):
-            asyncio.run(sequential(urls[name], args.calls))
-    p50_local = 1000 * statistics.median(overhead["in-process"])
-    ceiling = batching_ceiling(local, [(images[i], q) for i, q in true_pairs])
+            times, stages = asyncio.run(sequential(urls[name], one, args.calls))
+            seconds[name] += times
+            timings[name] += stages
+    return seconds, timings
+
+
+def overhead_from(seconds: dict, timings: dict, local, image, query: str) -> dict[str, float]:
+    """(b): p50 over HTTP minus p50 in-process, by variant."""
+    p50_local = 1000 * statistics.median(seconds["in-process"])
     local_stages = {k: round(1000 * v, 1) for k, v in local.predict(image, [query])[0].timings.items()}
     overhead_ms = {}
     for name in ("on", "off"):
-        p50 = 1000 * statistics.median(overhead[urls[name]])
+        p50 = 1000 * statistics.median(seconds[name])
         overhead_ms[name] = p50 - p50_local
         stages = {
-            k: round(1000 * statistics.median(t[k] for t in stage_b[urls[name]]), 1)
-            for k in stage_b[urls[name]][0]
+            k: round(1000 * statistics.median(t[k] for t in timings[name]), 1) for k in timings[name][0]
         }
         log(f"(b) batching {name:>3}: HTTP p50 {p50:.1f} ms (median stage times in the ingress {stages}), "
             f"in-process p50 {p50_local:.1f} ms ({local_stages}) -> overhead {overhead_ms[name]:.1f} ms")  # fmt: skip
-    large = large_images(
-        urls["on"], bodies, [body(upscaled(images[i], args.large_side), q) for i, q in true_pairs], args
-    )
-    for name in ("on", "off"):
-        serve.delete(name)
-    hops = hop_costs(base, one, image, args.rounds, 2 * args.calls)
+    return overhead_ms
 
-    # ----- (c) early rejection on vs. off on the 50 % false mix -----------------------------------
+
+def bench_reject(base: str, calibrated: str, images, true_pairs, false_pairs, args) -> dict:
+    """(c) early rejection on vs. off on the 50 % false mix, at concurrency 1 and --reject-concurrency:
+    {(variant, concurrency): Window}."""
     urls = deploy(
         base,
         {"reject": two_apps_args(calibrated), "no_reject": two_apps_args(calibrated, early_reject=False)},
@@ -566,36 +622,52 @@ def main() -> None:
                 log(f"(c) round {r + 1} c={level} {name:>9}: {w.rps:6.1f} req/s, mean "
                     f"{1000 * statistics.mean(w.latencies):6.1f} ms, errors {w.errors}, stages {w.stage_ms()}, "
                     f"rule-absent {w.rejected}/{w.answers}")  # fmt: skip
-    serve.shutdown()
+    return reject
 
-    # ----- summary --------------------------------------------------------------------------------
+
+# ----- summary -----------------------------------------------------------------------------------
+def log_run(args, run_started: float, load_start: tuple[float, float, float]) -> None:
     log(f"\nsummary ({args.rounds} alternated rounds of {args.seconds:g} s per window; "
         f"total {time.perf_counter() - run_started:.0f} s; machine load average at the start "
         f"{load_start[0]:.1f}, at the end {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[2]:.1f} (15 min))")  # fmt: skip
+
+
+def summarize_batching(runs: BatchingRuns, levels: list[int]) -> dict[int, float]:
+    """(a)'s table; returns batching's speedup (req/s on over off) by concurrency."""
     log("(a) concurrency | batching on: req/s, p50, p99 | batching off: req/s, p50, p99 | speedup")
     speedup = {}
     for level in levels:
-        on, off = windows[("on", level)], windows[("off", level)]
+        on, off = runs.windows[("on", level)], runs.windows[("off", level)]
         speedup[level] = on.rps / off.rps
         log(f"    {level:>3} | {on.rps:6.1f}, {on.ms(50):6.1f} ms, {on.ms(99):6.1f} ms | {off.rps:6.1f}, "
             f"{off.ms(50):6.1f} ms, {off.ms(99):6.1f} ms | {speedup[level]:.2f}x "
-            f"(per round on {[round(x, 1) for x in rounds[('on', level)]]}, off "
-            f"{[round(x, 1) for x in rounds[('off', level)]]}; errors {on.errors}/{off.errors})")  # fmt: skip
+            f"(per round on {[round(x, 1) for x in runs.rps[('on', level)]]}, off "
+            f"{[round(x, 1) for x in runs.rps[('off', level)]]}; errors {on.errors}/{off.errors})")  # fmt: skip
+    return speedup
+
+
+def log_cpu(runs: BatchingRuns, levels: list[int]) -> None:
     log("(a) CPU milliseconds per request by process (mean of the rounds):")
     for level in levels:
         for name in ("on", "off"):
-            rows = cpu[(name, level)]
+            rows = runs.cpu[(name, level)]
             roles = sorted(
                 {role for r in rows for role in r}, key=lambda x: -sum(r.get(x, 0.0) for r in rows)
             )
             mean = {role: round(statistics.mean(r.get(role, 0.0) for r in rows), 1) for role in roles}
             log(f"    c={level:>2} batching {name:>3}: total {sum(mean.values()):.1f}: {mean}; "
-                f"batches per round {batches[(name, level)]}")  # fmt: skip
+                f"batches per round {runs.batches[(name, level)]}")  # fmt: skip
+
+
+def log_large(large: dict[str, Window], args) -> None:
     small_w, large_w = large["small"], large["large"]
     log(f"(d) c={args.large_concurrency}: {args.large_side}² PNG {large_w.rps:.1f} req/s, p50 {large_w.ms(50):.1f} ms, "
         f"errors {large_w.errors} | 128² PNG {small_w.rps:.1f} req/s, p50 {small_w.ms(50):.1f} ms, "
         f"errors {small_w.errors}")  # fmt: skip
-    level = args.reject_concurrency
+
+
+def summarize_reject(reject: dict, level: int, expected: float) -> tuple[float, float]:
+    """(c) at `level`: the share of answers rejected by the rule, and the % less time per request."""
     on, off = reject[("reject", level)], reject[("no_reject", level)]
     saving = 100 * (1 - off.rps / on.rps)  # time per request saved at the same concurrency
     lat_on, lat_off = (statistics.mean(reject[(n, 1)].latencies) for n in ("reject", "no_reject"))
@@ -604,73 +676,59 @@ def main() -> None:
         f"{saving:.1f} % less time per request; c=1 mean latency {1000 * lat_on:.1f} vs {1000 * lat_off:.1f} ms "
         f"({100 * (1 - lat_on / lat_off):.1f} % less); rejected by the rule: {share:.0%} of the answers "
         f"(in-process expectation {expected:.0%})")  # fmt: skip
-    print(
-        json.dumps(
-            {
-                "name": "serve_overhead_p50_ms",
-                "value": round(overhead_ms["on"], 1),
-                "unit": "ms",
-                "target": 15,
-            }
-        )
-    )
-    print(
-        json.dumps(
-            {
-                "name": "serve_overhead_p50_ms_batching_off",
-                "value": round(overhead_ms["off"], 1),
-                "unit": "ms",
-                "target": 15,
-            }
-        )
-    )
-    print(
-        json.dumps(
-            {
-                "name": "early_reject_rejected_share",
-                "value": round(100 * share, 1),
-                "unit": "%",
-                "target": None,
-            }
-        )
-    )
-    print(json.dumps({"name": "early_reject_saving", "value": round(saving, 1), "unit": "%", "target": None}))
-    for key in ("proxy_ms", "handle_call_ms"):
-        line = {
-            "name": f"serve_{key[:-3]}_p50_ms",
-            "value": round(hops[key], 1),
-            "unit": "ms",
-            "target": None,
-        }
-        print(json.dumps(line))
-    print(
-        json.dumps(
-            {"name": "model_batching_ceiling", "value": round(ceiling, 2), "unit": "x", "target": None}
-        )
-    )
+    return share, saving
+
+
+def report(name: str, value: float | int, unit: str, target: float | None) -> None:
+    """One figure: one JSON line on stdout."""
+    print(json.dumps({"name": name, "value": value, "unit": unit, "target": target}), flush=True)
+
+
+def report_figures(plain: PlainResults, share: float, saving: float, speedup: dict[int, float], args) -> None:
+    """Every figure, in the order of the module's docstring; the last line is the headline."""
+    report("serve_overhead_p50_ms", round(plain.overhead_ms["on"], 1), "ms", 15)
+    report("serve_overhead_p50_ms_batching_off", round(plain.overhead_ms["off"], 1), "ms", 15)
+    report("early_reject_rejected_share", round(100 * share, 1), "%", None)
+    report("early_reject_saving", round(saving, 1), "%", None)
+    report("serve_proxy_p50_ms", round(plain.hops["proxy_ms"], 1), "ms", None)
+    report("serve_handle_call_p50_ms", round(plain.hops["handle_call_ms"], 1), "ms", None)
+    report("model_batching_ceiling", round(plain.ceiling, 2), "x", None)
     side, level = args.large_side, args.large_concurrency
-    for key, value, unit in (
-        (f"serve_large_{side}px_rps_c{level}", round(large_w.rps, 2), "req/s"),
-        (f"serve_large_{side}px_p50_ms_c{level}", round(large_w.ms(50), 1), "ms"),
-        (f"serve_small_128px_rps_c{level}", round(small_w.rps, 2), "req/s"),
-    ):
-        print(json.dumps({"name": key, "value": value, "unit": unit, "target": None}))
-    print(
-        json.dumps(
-            {"name": f"serve_large_{side}px_errors", "value": large_w.errors, "unit": "requests", "target": 0}
-        )
-    )
-    top = levels[-1]
-    print(
-        json.dumps(
-            {
-                "name": f"serve_batching_speedup_c{top}",
-                "value": round(speedup[top], 2),
-                "unit": "x",
-                "target": 2.5,
-            }
-        )
-    )
+    large_w, small_w = plain.large["large"], plain.large["small"]
+    report(f"serve_large_{side}px_rps_c{level}", round(large_w.rps, 2), "req/s", None)
+    report(f"serve_large_{side}px_p50_ms_c{level}", round(large_w.ms(50), 1), "ms", None)
+    report(f"serve_small_128px_rps_c{level}", round(small_w.rps, 2), "req/s", None)
+    report(f"serve_large_{side}px_errors", large_w.errors, "requests", 0)
+    top = args.levels[-1]
+    report(f"serve_batching_speedup_c{top}", round(speedup[top], 2), "x", 2.5)
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from medisee.raylib import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    from ray import serve
+
+    torch.set_num_threads(1)  # as in a replica (num_cpus < 1: OMP_NUM_THREADS=1)
+    run_started, load_start = time.perf_counter(), os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    atexit.register(shutil.rmtree, tmp, True)
+    images, true_pairs, false_pairs = request_mix()
+    plain, calibrated, expected = save_artifacts(tmp, images, true_pairs + false_pairs)
+    base, metrics_port = start_serve()
+    served = bench_plain(base, metrics_port, plain, images, true_pairs, args)
+    reject = bench_reject(base, calibrated, images, true_pairs, false_pairs, args)
+    serve.shutdown()
+
+    log_run(args, run_started, load_start)
+    speedup = summarize_batching(served.batching, args.levels)
+    log_cpu(served.batching, args.levels)
+    log_large(served.large, args)
+    share, saving = summarize_reject(reject, args.reject_concurrency, expected)
+    report_figures(served, share, saving, speedup, args)
 
 
 if __name__ == "__main__":

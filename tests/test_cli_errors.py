@@ -59,9 +59,10 @@ def model_commands(model: str, tmp_path, image: str) -> dict[str, list[str]]:
     """Each command that loads a model, with inputs that exist (so only the model can be wrong)."""
     data = tmp_path / "shards"
     data.mkdir(exist_ok=True)
+    scores = str(tmp_path / "o")
     return {
         "predict": ["predict", "--model", model, "--image", image, "-q", "the liver?"],
-        "infer": ["infer", "-i", str(tmp_path), "-q", QUERIES, "--model", model, "-o", str(tmp_path / "o")],
+        "infer": ["infer", "-i", str(tmp_path), "--queries", QUERIES, "--model", model, "-o", scores],
         "evaluate": ["evaluate", "--model", model, "--data", str(data), "-o", str(tmp_path / "e")],
         "export": ["export", "--model", model, "-o", str(tmp_path / "x")],
         "serve": ["serve", "--model", model],
@@ -134,7 +135,7 @@ def test_missing_inputs(tmp_path, store):
     cases = [
         ["prepare", "image-folder", "-i", missing, "-o", str(tmp_path / "p")],
         ["predict", "--model", model, "--image", missing, "-q", "q"],
-        ["infer", "-i", missing, "-q", QUERIES, "--model", str(tmp_path), "-o", str(tmp_path / "o")],
+        ["infer", "-i", missing, "--queries", QUERIES, "--model", str(tmp_path), "-o", str(tmp_path / "o")],
         ["evaluate", "--model", str(tmp_path), "--data", missing],
         ["calibrate", "--model", model, "--data", missing, f"tracking.uri={store}"],
         ["evaluate-verifier", "--model", model, "--data", missing, f"tracking.uri={store}"],

@@ -105,7 +105,7 @@ def submit(dashboard: str, work: Path, submission: str, images: Path, out: Path,
         str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
         "--working-dir", str(work), "--submission-id", submission, "--",
         "python", "jobs/batch_infer.py", "--input", str(images), "--output", str(out),
-        "-q", "template=Segment the {class}.;classes=liver", "--model", "models:/medisee-demo@candidate",
+        "--queries", "template=Segment the {class}.;classes=liver", "--model", "models:/medisee-demo@candidate",
         *settings,
     ]  # fmt: skip
     done = subprocess.run(cmd, env=head_env(), capture_output=True, text=True, timeout=600)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -21,7 +22,7 @@ USER_ERRORS = (
     ("medisee.scoring.plan", "PlanError"),
     ("medisee.scoring.queries", "QuerySpecError"),
     ("medisee.scoring.writer", "JobMismatch"),
-    ("medisee.infer.golden", "GoldenMismatch"),
+    ("medisee.artifact.golden", "GoldenMismatch"),
     ("medisee.data.prepare", "PrepareError"),
     ("medisee.config", "ConfigError"),
     ("mlflow.exceptions", "MlflowException"),
@@ -33,6 +34,12 @@ MAX_ERROR_CHARS = 600
 
 class BadInput(ValueError):
     """An input the command cannot use (named in the message)."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """`message` in red as the command's one line on stderr, then exit `code` (2: a bad input)."""
+    typer.secho(message, fg="red", err=True)
+    raise typer.Exit(code) from None
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -60,8 +67,7 @@ class OneLineErrors(TyperGroup):
         except Exception as exc:
             if not is_user_error(exc) or os.environ.get(TRACEBACK_ENV) == "1":
                 raise
-            typer.secho(f"{ctx.invoked_subcommand or 'medisee'}: {one_line(exc)}", fg="red", err=True)
-            raise typer.Exit(2) from None
+            fail(f"{ctx.invoked_subcommand or 'medisee'}: {one_line(exc)}")
 
 
 app = typer.Typer(
@@ -80,13 +86,25 @@ def _config(config: str | None, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as exc:
-        typer.secho(f"config error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        fail(f"config error: {exc}")
+
+
+def print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import version
+
+    typer.echo(f"medisee {version('medisee')}")
+    raise typer.Exit()
 
 
 @app.callback()
-def setup() -> None:
-    """Runs before every command (not for --help)."""
+def setup(
+    _version: bool = typer.Option(
+        False, "--version", callback=print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Runs before every command (not for --help or --version)."""
     apply_env_defaults()
 
 
@@ -96,136 +114,9 @@ def doctor(
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Print versions, Ray / MLflow / storage settings and what could be reached."""
-    from importlib.metadata import PackageNotFoundError, version
+    from medisee.doctor import diagnose
 
-    from medisee import storage
-
-    cfg = _config(config, overrides)
-    report: dict = {"versions": {}, "settings": {}, "reachable": {}}
-    for pkg in (
-        "medisee",
-        "ray",
-        "torch",
-        "torchvision",
-        "transformers",
-        "peft",
-        "segment-anything",
-        "mlflow",
-        "pyarrow",
-        "boto3",
-        "pydicom",
-        "nibabel",
-        "pycocotools",
-    ):
-        try:
-            report["versions"][pkg] = version(pkg)
-        except PackageNotFoundError:
-            report["versions"][pkg] = "missing"
-    settings = storage.StorageSettings.from_config(cfg.storage)
-    report["settings"] = {
-        "ray_address": os.environ.get("RAY_ADDRESS", "local (started on demand)"),
-        "mlflow_tracking_uri": cfg.tracking.uri,
-        "storage_endpoint": settings.endpoint or "AWS default / local paths",
-        "storage_region": settings.region,
-        "run_storage": cfg.run.storage_uri,
-        "aws_credentials_in_env": bool(os.environ.get("AWS_ACCESS_KEY_ID")),
-    }
-    try:
-        import torch
-
-        report["settings"]["cuda"] = torch.cuda.is_available()
-    except Exception as exc:  # torch import problems are what doctor is for
-        report["settings"]["cuda"] = f"torch import failed: {exc}"
-    try:
-        fs, path = storage.filesystem(cfg.run.storage_uri, settings)
-        fs.get_file_info(path)
-        report["reachable"]["storage"] = "ok"
-    except Exception as exc:
-        report["reachable"]["storage"] = f"failed: {str(exc)[:200]}"
-    report["reachable"]["s3"] = _s3_reachable(settings)
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read first: mlflow.set_tracking_uri overwrites it
-    report["hints"] = _check_tracking(cfg.tracking, settings, report)
-    if env_uri and env_uri != report["settings"]["mlflow_tracking_uri"]:
-        report["hints"].append(
-            f"commands use tracking.uri, not $MLFLOW_TRACKING_URI: add tracking.uri={env_uri}"
-        )
-    if not report["hints"]:
-        del report["hints"]
-    if os.environ.get("RAY_ADDRESS"):
-        try:
-            import ray
-
-            ray.init(address=os.environ["RAY_ADDRESS"], include_dashboard=False, logging_level="ERROR")
-            report["reachable"]["ray"] = f"ok ({ray.cluster_resources()})"
-            ray.shutdown()
-        except Exception as exc:
-            report["reachable"]["ray"] = f"failed: {str(exc)[:200]}"
-    else:
-        report["reachable"]["ray"] = "local Ray starts on demand"
-    typer.echo(json.dumps(report, indent=2))
-
-
-def _check_tracking(tracking_cfg, settings, report: dict) -> list[str]:
-    """The tracking store as commands would use it, without creating one; returns hints."""
-    from medisee import tracking
-
-    try:
-        uri = tracking.absolute_tracking_uri(tracking_cfg.uri)
-        report["settings"]["mlflow_artifact_location"] = tracking.resolve_artifact_location(tracking_cfg)
-    except tracking.TrackingStoreError as exc:
-        report["reachable"]["mlflow"] = f"refused: {exc}"
-        return [str(exc)]
-    report["settings"]["mlflow_tracking_uri"] = uri
-    hints = relative_store_hints(tracking_cfg)
-    path = tracking.sqlite_path(uri)
-    if path is not None and not path.is_file():
-        report["reachable"]["mlflow"] = f"no database at {path} yet (training creates it)"
-        return [
-            *hints,
-            f"models:/ and runs:/ references need the store that has them: {tracking.store_advice()}",
-        ]
-    try:
-        tracking.client_for(uri, settings).search_experiments(max_results=1)
-        report["reachable"]["mlflow"] = "ok"
-    except Exception as exc:
-        report["reachable"]["mlflow"] = f"failed: {str(exc)[:200]}"
-    return hints
-
-
-def relative_store_hints(tracking_cfg) -> list[str]:
-    """Relative local paths work here, in this directory, but not in a Ray job (`ray job submit
-    --working-dir .` runs in an unpacked copy without git-ignored files), which refuses them."""
-    from medisee import tracking
-
-    job = "a Ray job (ray job submit --working-dir) runs in its own copy of the directory and refuses it"
-    hints = []
-    path = tracking.sqlite_path(tracking_cfg.uri)
-    if path is not None and not path.is_absolute():
-        absolute = f"sqlite:///{path.absolute()}"
-        hints.append(
-            f"tracking.uri {tracking_cfg.uri} is relative: {job}; pass tracking.uri={absolute} "
-            "(a Ray head on this machine) or tracking.uri=http://HOST:5000"
-        )
-    location = tracking_cfg.artifact_location
-    if location and not tracking.is_remote(location) and not os.path.isabs(location.removeprefix("file://")):
-        hints.append(
-            f"tracking.artifact_location {location} is relative: {job}; "
-            f"pass tracking.artifact_location={os.path.abspath(location)} or an s3:// URI"
-        )
-    return hints
-
-
-def _s3_reachable(settings) -> str:
-    """List the buckets at the configured endpoint (or AWS) when there is anything to talk to."""
-    from medisee import storage
-
-    if not (settings.endpoint or os.environ.get("AWS_ACCESS_KEY_ID")):
-        return "not configured (no storage endpoint, no AWS credentials in the environment)"
-    try:
-        buckets = [b["Name"] for b in storage.boto3_client(settings).list_buckets().get("Buckets", [])]
-    except Exception as exc:
-        return f"failed: {str(exc)[:200]}"
-    return f"ok ({len(buckets)} buckets: {', '.join(buckets[:10])})"
+    typer.echo(json.dumps(diagnose(_config(config, overrides)), indent=2))
 
 
 stack_app = typer.Typer(
@@ -249,8 +140,7 @@ def stack_up(
     try:
         state = stack.up(directory, num_cpus=num_cpus, log=lambda m: typer.echo(m, err=True))
     except stack.StackError as exc:
-        typer.secho(f"stack up: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+        fail(f"stack up: {exc}", code=1)
     env_file = shlex.quote(str(stack.stack_dir(directory) / stack.ENV_FILE))
     typer.echo(f"stack up: point commands at it with\n  source {env_file}\nstop it with: medisee stack down")
     typer.echo(f"Ray dashboard {state.dashboard_url}, MLflow {state.url('mlflow')}", err=True)
@@ -264,8 +154,7 @@ def stack_down(directory: str | None = typer.Option(None, "--dir", help=STACK_DI
     try:
         stack.down(directory, log=lambda m: typer.echo(m, err=True))
     except stack.StackError as exc:
-        typer.secho(f"stack down: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+        fail(f"stack down: {exc}", code=1)
 
 
 @stack_app.command("status")
@@ -318,20 +207,17 @@ def prepare(
             modality=modality,
         )
     except PrepareError as exc:
-        typer.secho(f"prepare: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        fail(f"prepare: {exc}")
     summary = {k: v for k, v in manifest.items() if k not in ("shards", "schema", "prepare")}
     summary["shards"] = len(manifest["shards"])
     typer.echo(json.dumps(summary, indent=2))
     if not manifest["rows_written"]:
         quarantine = storage.join(output_uri, manifest["quarantine"])
-        typer.secho(
+        fail(
             f"prepare: no rows written from {fmt} input {input_uri}: "
             f"all {manifest['rows_quarantined']} rows quarantined, see {quarantine}",
-            fg="red",
-            err=True,
+            code=1,
         )
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -348,10 +234,7 @@ def train(
     quiet_logs()
     cfg = _config(config, overrides)
     if not cfg.data.sources:
-        typer.secho(
-            "data.sources is empty: give e.g. 'data.sources={phantom: /path/to/shards}'", fg="red", err=True
-        )
-        raise typer.Exit(2)
+        fail("data.sources is empty: give e.g. 'data.sources={phantom: /path/to/shards}'")
     from medisee.storage import StorageSettings
 
     for uri in cfg.data.sources.values():
@@ -371,7 +254,7 @@ MODEL_HELP = "Model artifact: models:/name@alias, models:/name/N, runs:/id/model
 
 
 def _load_model(model_uri: str, cfg, parts=None):
-    from medisee.model.artifact import load_model_dir
+    from medisee.artifact.model_dir import load_model_dir
     from medisee.storage import StorageSettings
 
     return load_model_dir(
@@ -392,9 +275,9 @@ def _pin_store(cfg, *model_uris: str | None) -> None:
 
 
 def _verifier_inputs(model_uri: str, data_uri: str, split: str, limit: int, config, overrides):
+    from medisee.infer.rows import collect_evidence
     from medisee.storage import StorageSettings
     from medisee.train.evaluate import load_eval_rows
-    from medisee.verify.evaluate import collect_evidence
 
     cfg = _config(config, overrides)
     settings = StorageSettings.from_config(cfg.storage)
@@ -413,8 +296,7 @@ def _verifier_inputs(model_uri: str, data_uri: str, split: str, limit: int, conf
 
 def _run_id(loaded, model_uri: str) -> str:
     if loaded.run_id is None:
-        typer.secho(f"{model_uri} is not an MLflow model: give runs:/ or models:/", fg="red", err=True)
-        raise typer.Exit(2)
+        fail(f"{model_uri} is not an MLflow model: give runs:/ or models:/")
     return loaded.run_id
 
 
@@ -430,8 +312,8 @@ def calibrate(
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Fit the verifier's thresholds and fallback on a validation split; store them in the model artifact."""
+    from medisee.artifact.calibration import save_calibration
     from medisee.verify.calibrate import calibrate as fit
-    from medisee.verify.store import save_calibration
 
     cfg, settings, loaded, evidence, present, rows, preds = _verifier_inputs(
         model_uri, data_uri, split, limit, config, overrides
@@ -454,31 +336,20 @@ def evaluate_verifier_cmd(
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Rejection benchmark: accuracy, rejection P/R/F1, balanced accuracy, AUROCs, share sent to the judge."""
+    from medisee.artifact.calibration import save_calibration
     from medisee.verify.evaluate import evaluate_verifier, markdown_table
-    from medisee.verify.store import save_calibration
 
     cfg, settings, loaded, evidence, present, rows, preds = _verifier_inputs(
         model_uri, data_uri, split, limit, config, overrides
     )
     verifier = loaded.calibration
+    judge = _judge(cfg)
     verdicts = None
-    if cfg.verifier.judge_base_url:
-        from medisee.data.codec import decode_image
-        from medisee.verify.verifier import verify
+    if judge is not None:
+        from medisee.verify.judge import judged_verdicts
 
-        judge = _judge(cfg)
-        verdicts = [
-            verify(
-                e,
-                verifier,
-                judge,
-                decode_image(r["image_png"]),
-                p.similarity,
-                r["query"],
-                loaded.model.clip_size,
-            ).verdict
-            for e, r, p in zip(evidence, rows, preds, strict=True)
-        ]
+        similarities = [p.similarity for p in preds]
+        verdicts = judged_verdicts(judge, verifier, evidence, rows, similarities, loaded.model.clip_size)
     report = evaluate_verifier(verifier, evidence, present, verdicts)
     save_calibration(cfg, settings, _run_id(loaded, model_uri), verifier, report)
     table = markdown_table(report)
@@ -510,16 +381,15 @@ def predict(
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDE_HELP),
 ) -> None:
     """Answer questions about one image: one JSON line per query (answer, verdict, box, mask as COCO RLE)."""
-    from medisee.infer import Predictor
+    from medisee.artifact.model_dir import load_predictor
     from medisee.storage import StorageSettings
 
     cfg = _config(config, overrides)
     try:
         pixels = _read_image(image, cfg)
     except Exception as exc:
-        typer.secho(f"predict: cannot read image {image}: {one_line(exc)}", fg="red", err=True)
-        raise typer.Exit(2) from None
-    predictor = Predictor.from_artifact(
+        fail(f"predict: cannot read image {image}: {one_line(exc)}")
+    predictor = load_predictor(
         model_uri,
         settings=StorageSettings.from_config(cfg.storage),
         tracking_uri=cfg.tracking.uri,
@@ -572,8 +442,7 @@ def export(
     try:
         report = export_model(loaded.model, output, max_shard_size=max_shard_size)
     except FileExistsError:
-        typer.secho(f"{output} is not empty: give a new or empty folder", fg="red", err=True)
-        raise typer.Exit(2) from None
+        fail(f"{output} is not empty: give a new or empty folder")
     typer.echo(json.dumps(report, indent=2, default=str))
 
 
@@ -585,7 +454,6 @@ def infer(
     queries: str = typer.Option(
         "records",
         "--queries",
-        "-q",
         help="records (shards) | a .jsonl manifest | 'template=Segment the {class}.;classes=liver,spleen'",
     ),
     model_uri: str | None = typer.Option(
@@ -597,7 +465,9 @@ def infer(
         "--via-serve",
         help="Name of a running Serve application to send the images to (no second model copy).",
     ),
-    config: str | None = typer.Option("tiny", "--config", "-c", help=CONFIG_HELP),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help=CONFIG_HELP + " The model's own facts come from its artifact."
+    ),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. infer.mllm_actors=2."),
 ) -> None:
     """Batch-score an archive on Ray Data: results and errors as Parquet per input partition, exactly once.
@@ -612,10 +482,7 @@ def infer(
     cfg = _config(config, [*(overrides or []), f"infer.input={input_uri}", f"infer.output={output_uri}"])
     cfg.infer.queries, cfg.infer.model, cfg.infer.via_serve = queries, model_uri, via_serve
     if not (model_uri or via_serve):
-        typer.secho(
-            "infer: give --model, or --via-serve APP to use a running application's", fg="red", err=True
-        )
-        raise typer.Exit(2)
+        fail("infer: give --model, or --via-serve APP to use a running application's")
     _pin_store(cfg, model_uri)  # before the pipeline's imports (torch, Ray Data): a refusal is quick
     from medisee.scoring.pipeline import score_archive
 
@@ -625,8 +492,7 @@ def infer(
     typer.echo(summary_table(summary), err=True)
     typer.echo(json.dumps(summary))
     if not summary["reconciled"]:
-        typer.secho("infer: inputs != results + errors (see summary.json)", fg="red", err=True)
-        raise typer.Exit(1)
+        fail("infer: inputs != results + errors (see summary.json)", code=1)
 
 
 def summary_table(summary: dict) -> str:
@@ -663,8 +529,8 @@ def evaluate(
 
     Refuses (exit 2) a model that does not load completely or does not reproduce its golden pair.
     """
+    from medisee.artifact.golden import GoldenMismatch
     from medisee.console import quiet_logs
-    from medisee.infer.golden import GoldenMismatch
     from medisee.model.checkpoint import CheckpointError
     from medisee.scoring.evaluate import evaluate_model
     from medisee.scoring.plan import slug
@@ -680,8 +546,7 @@ def evaluate(
             log=lambda m: typer.echo(m, err=True),
         )  # fmt: skip
     except (CheckpointError, GoldenMismatch) as exc:
-        typer.secho(f"evaluate: refused: {one_line(exc)}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        fail(f"evaluate: refused: {one_line(exc)}")
     from medisee import storage
 
     typer.echo(storage.read_text(storage.join(output_uri, "report.md")), err=True)
@@ -721,8 +586,7 @@ def serve_cmd(
             set_nested(tree, key.strip(), yaml.safe_load(raw))
         args = AppArgs.model_validate(tree)
     except (ConfigError, ValueError) as exc:
-        typer.secho(f"serve: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        fail(f"serve: {exc}")
     args, auth_mode = refuse_open_serving(args, host)
     args = _checked_versions(args)
     typer.echo(f"serve: {auth_mode}", err=True)
@@ -782,7 +646,7 @@ def _checked_versions(args):
     """Every version the app will load must be readable now (its manifest), not after the replicas
     have started and failed; a local tracking store is passed on to them as an absolute path."""
     from medisee import tracking
-    from medisee.model.artifact import describe_model
+    from medisee.artifact.model_dir import describe_model
     from medisee.storage import StorageSettings
 
     refs = [args.model, *([args.served] if args.served else []), *args.extra_models]

@@ -125,7 +125,9 @@ class ModelConfig(Section):
     preset: Literal["tiny", "medisee-7b"] = "tiny"
     llava_path: str | None = None
     sam_checkpoint: str | None = None
-    medisee_checkpoint: str | None = None
+    # Stage two starts from stage one's model artifact (models:/NAME@ALIAS, runs:/<id>/model, s3://, a
+    # folder): its trained weights, with a fresh optimiser and step; the new run records it as parent.
+    init_from: str | None = None
     num_candidate_tokens: int = Field(2, ge=1)
     box_loss_weight: float = 2.0
     similarity_loss_weight: float = 0.0  # 1.0 in the MLMR-SD fine-tuning stage

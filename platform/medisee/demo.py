@@ -70,8 +70,9 @@ def prepare_data(cfg, root: Path, settings) -> tuple[str, str]:
 
 def verifier_benchmark(model, rows: list[dict]) -> tuple[object, dict]:
     """Calibrate on half of the images, report on the other half."""
+    from medisee.infer.rows import collect_evidence
     from medisee.verify.calibrate import calibrate
-    from medisee.verify.evaluate import collect_evidence, evaluate_verifier, split_by_image
+    from medisee.verify.evaluate import evaluate_verifier, split_by_image
 
     false_rows = [r for r in rows if r["query_kind"] == "false_query"]
     rows = false_rows + [r for r in rows if r["query_kind"] != "false_query"][: 2 * len(false_rows)]
@@ -118,11 +119,12 @@ def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> 
 
     apply_env_defaults()
     quiet_logs()
-    from medisee.model.artifact import build_from_config, load_model_dir
+    from medisee.artifact.calibration import save_calibration
+    from medisee.artifact.model_dir import load_model_dir
+    from medisee.model.build import build_from_config
     from medisee.storage import StorageSettings
     from medisee.train.evaluate import evaluate_rows, generate_report, load_eval_rows, mean_mask_baseline
     from medisee.train.trainer import run_training
-    from medisee.verify.store import save_calibration
 
     root = Path(workdir).absolute()
     cfg = demo_config(root, overrides or [])

@@ -51,7 +51,7 @@ def test_sam_med2d_demo(shared_data, tmp_path):
     image, mask = decode_image(row["image_png"]), row_mask(row)
     assert image.shape[:2] == mask.shape == (row["height"], row["width"])
     ys, xs = np.nonzero(mask)
-    assert row["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert row["box"] == [xs.min(), ys.min(), xs.max(), ys.max()]  # the last pixel included
 
 
 def read_output_of(fmt, input_path, tmp_path, **kwargs):
@@ -78,8 +78,21 @@ def test_sa_med2d_release_layout_with_bad_records(tmp_path):
     assert all(r["modality"] == "ct" for r in false)
 
 
+def with_test_boxes(base, boxes):
+    """Give the layout's test.jsonl one line per box, each with its own copy of the mask (instances
+    000, 001, ...) on the same 50 × 70 (H × W) image."""
+    (line,) = [json.loads(t) for t in (base / "test.jsonl").read_text().splitlines()]
+    masks = [line["mask"].removesuffix("_000.png") + f"_{i:03d}.png" for i in range(len(boxes))]
+    lines = [dict(line, bbox=box, mask=mask) for box, mask in zip(boxes, masks, strict=True)]
+    for mask in masks[1:]:
+        shutil.copy(base / line["mask"], base / mask)
+    (base / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in lines))
+    return base
+
+
 def test_mlmr_sd_train_and_test(tmp_path):
-    manifest, rows, quarantine = read_output_of("mlmr-sd", mlmr_sd_layout(tmp_path), tmp_path)
+    base = with_test_boxes(mlmr_sd_layout(tmp_path), [[0.4, 0.3, 0.6, 0.7]])
+    manifest, rows, quarantine = read_output_of("mlmr-sd", base, tmp_path)
     assert not quarantine
     kinds = {(r["class_name"], r["query_kind"], r["split"]) for r in rows}
     assert (
@@ -92,13 +105,37 @@ def test_mlmr_sd_train_and_test(tmp_path):
         for r in rows
         if r["class_name"] == "liver" and r["query_kind"] == "reasoning_long" and r["split"] != "test"
     ][0]
-    pair = {"Long liver question A?": "Because bile A.", "Long liver question B?": "Because bile B."}
+    pair = {"long liver question a?": "Because bile A.", "long liver question b?": "Because bile B."}
     question, suffix = liver_long["query"].split("? ", 1)
-    assert pair[question + "?"] == liver_long["explanation"] and suffix in REASONING_SUFFIXES
+    # training rows are lower-cased and draw a suffix; val rows keep the case and use the validation one
+    assert pair[question.lower() + "?"] == liver_long["explanation"] and suffix in REASONING_SUFFIXES
     assert liver_long["answer"].startswith(("[SEG]", "It is", "Sure"))
-    assert liver_long["answer"].endswith(liver_long["explanation"])
+    assert liver_long["answer"].lower().endswith(liver_long["explanation"].lower())
     test_row = [r for r in rows if r["split"] == "test" and r["query_kind"] == "reasoning_short"][0]
-    assert test_row["box"] == [26, 16, 45, 35]
+    # test.jsonl boxes are normalised; rows keep pixels: x · W, y · H of the 50 × 70 (H × W) image
+    assert (test_row["height"], test_row["width"]) == (50, 70)
+    assert test_row["box"] == pytest.approx([0.4 * 70, 0.3 * 50, 0.6 * 70, 0.7 * 50], abs=1e-4)
+    assert test_row["box"] == pytest.approx([28.0, 15.0, 42.0, 35.0], abs=1e-4)
+    normalised = np.asarray(test_row["box"]) / [70, 50, 70, 50]
+    assert normalised.tolist() == pytest.approx([0.4, 0.3, 0.6, 0.7], abs=1e-6)
+
+
+def test_mlmr_sd_refuses_test_boxes_that_are_not_normalised(tmp_path):
+    pixels, inverted, good = [26, 16, 45, 35], [0.6, 0.3, 0.4, 0.7], [0.1, 0.2, 0.3, 0.4]
+    base = with_test_boxes(mlmr_sd_layout(tmp_path), [pixels, inverted, good])
+    manifest, rows, quarantine = read_output_of("mlmr-sd", base, tmp_path)
+    refused = {}
+    for q in quarantine:
+        refused.setdefault(q["input_ref"].rsplit("--", 1)[1], set()).add((q["reason"], q["detail"]))
+    assert set(refused) == {"0001_000.png", "0001_001.png"}  # the long and the short query of each
+    ((reason, detail),) = refused["0001_000.png"]
+    assert reason == "box_not_normalized"
+    assert "[26, 16, 45, 35] has a coordinate outside [0, 1]" in detail and "not pixels" in detail
+    assert refused["0001_001.png"] == {("bad_box", "[0.6, 0.3, 0.4, 0.7] has x1 < x0 or y1 < y0")}
+    assert len(quarantine) == 4
+    kept = [r for r in rows if r["split"] == "test" and r["box"] is not None]
+    assert {r["input_ref"].rsplit("--", 1)[1] for r in kept} == {"0001_002.png"}
+    assert kept[0]["box"] == pytest.approx([7.0, 10.0, 21.0, 20.0], abs=1e-4)  # 0.1·70, 0.2·50, ...
 
 
 def test_image_folder_quarantines_empty_and_mismatched_masks(tmp_path):
@@ -154,7 +191,8 @@ def test_dicom_files_and_truncated_file(tmp_path):
     assert [q["reason"] for q in quarantine] == ["unreadable_dicom"]
     assert quarantine[0]["input_ref"].endswith("MR_truncated.dcm")
     by_kind = {r["query_kind"]: r for r in rows}
-    assert by_kind["referring"]["modality"] == "ct" and by_kind["referring"]["box"] == [50, 40, 80, 60]
+    # mask[40:60, 50:80]: the last foreground pixel is column 79, row 59 (inclusive, as the reference)
+    assert by_kind["referring"]["modality"] == "ct" and by_kind["referring"]["box"] == [50, 40, 79, 59]
     assert by_kind["image_only"]["modality"] == "mr"
     image = decode_image(by_kind["referring"]["image_png"])
     assert image.shape == (128, 128, 3) and image.std() > 10  # windowed, not flat

@@ -31,10 +31,10 @@ def test_mask_checks():
     assert check_mask(np.array([[0, 1], [1, 0]], np.uint8)).dtype == bool
 
 
-def test_box_is_pixel_xyxy_with_exclusive_far_edge():
+def test_box_is_pixel_xyxy_with_the_last_pixel_included():
     mask = np.zeros((10, 10), bool)
-    mask[2:5, 3:9] = True
-    assert mask_box(mask) == [3.0, 2.0, 9.0, 5.0]
+    mask[2:5, 3:9] = True  # rows 2..4, columns 3..8
+    assert mask_box(mask) == [3.0, 2.0, 8.0, 4.0]
 
 
 def test_rle_round_trip():
@@ -80,7 +80,7 @@ def test_reference_template_text():
     assert prompts.REFERRING_QUERIES[0] == "Can you segment and locate the {name} in this image?"
     assert len(prompts.REFERRING_QUERIES) == 4 and len(prompts.ANSWERS) == 5
     assert len(prompts.REASONING_SUFFIXES) == 6 and len(prompts.REASONING_ANSWERS) == 5
-    assert prompts.FIXED_ANSWER == "[SEG] and [BBOX]." and prompts.TEMPLATE_VERSION == "medisee-ref-1"
+    assert prompts.FIXED_ANSWER == "[SEG] and [BBOX]." and prompts.TEMPLATE_VERSION == "medisee-ref-2"
 
 
 def test_reasoning_puts_the_suffix_after_the_query_and_the_tokens_before_the_explanation():
@@ -88,9 +88,9 @@ def test_reasoning_puts_the_suffix_after_the_query_and_the_tokens_before_the_exp
     for i in range(60):
         question, answer = prompts.reasoning("Which organ makes bile?", "It makes bile.", f"id/{i}")
         query, suffix = question.split("? ", 1)
-        assert query == "Which organ makes bile" and suffix in prompts.REASONING_SUFFIXES
+        assert query == "which organ makes bile" and suffix in prompts.REASONING_SUFFIXES  # lower-cased
         tokens, explanation = answer.split("[BBOX]. ", 1)
-        assert explanation == "It makes bile." and "[SEG]" in tokens
+        assert explanation == "it makes bile." and "[SEG]" in tokens
         seen.add(answer)
     assert len(seen) == 5  # every form, and the first form's extra full stop is not doubled
     assert prompts.reasoning("Q?", "E", "x") == prompts.reasoning("Q?", "E", "x")

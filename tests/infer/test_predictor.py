@@ -140,7 +140,7 @@ def test_stages_in_a_row_equal_predictor(tiny, images):
     expected = predictor.predict_batch(images[:2], [QUERIES, QUERIES[:1]])
     mllm, verifier, decoder = (
         MLLMStage(tiny),
-        VerifierStage(calibration, clip_size=tiny.clip_size),
+        VerifierStage(calibration, None, tiny.clip_size),
         DecoderStage(tiny),
     )
     encodings = mllm(images[:2], [QUERIES, QUERIES[:1]])
@@ -193,7 +193,7 @@ def test_settled_verdicts_are_those_decide_gives():
     from medisee.infer.results import Decoded, Screening
     from medisee.infer.verifier_stage import VerifierStage, settled
 
-    stage = VerifierStage()
+    stage = VerifierStage(None, None, clip_size=128)
     decoded = Decoded(box=(0, 0, 4, 4), box_unclipped=(0, 0, 4, 4), mask=None, mask_score=0.9,
                       iou_score=0.8, area_fraction=0.1)  # fmt: skip
     screens = [None] + [Screening(0.5, 0.5, 0.9, rule) for rule in ("present", "absent", "uncertain")]

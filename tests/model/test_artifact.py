@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from medisee.artifact.model_dir import load_model_dir, load_predictor, save_model_dir
 from medisee.config import load_config
 from medisee.infer import DecoderStage, MLLMStage, Predictor
-from medisee.model.artifact import build_from_config, load_model_dir, save_model_dir
+from medisee.model.build import build_from_config
 from medisee.model.checkpoint import CheckpointError
 from medisee.verify.calibrate import CalibratedVerifier
 from medisee.verify.decision import Thresholds
@@ -59,7 +60,7 @@ def test_local_round_trip(cfg, trained, image, tmp_path):
     )
     loaded = load_model_dir(tmp_path / "m")
     assert loaded.calibration == CALIBRATION and loaded.config == cfg
-    same_results(Predictor(trained, CALIBRATION), Predictor.from_artifact(str(tmp_path / "m")), image)
+    same_results(Predictor(trained, CALIBRATION), load_predictor(str(tmp_path / "m")), image)
 
 
 def test_a_modified_file_is_refused(cfg, trained, tmp_path):
@@ -103,7 +104,7 @@ def test_stage_only_builds_equal_the_whole_model(cfg, trained, image, tmp_path):
 def test_s3_round_trip(cfg, trained, image, s3_bucket):
     settings, root = s3_bucket
     save_model_dir(trained, cfg, f"{root}/models/m1", settings=settings, calibration=CALIBRATION)
-    loaded = Predictor.from_artifact(f"{root}/models/m1", settings=settings)
+    loaded = load_predictor(f"{root}/models/m1", settings=settings)
     assert loaded.verifier.calibration == CALIBRATION
     same_results(Predictor(trained, CALIBRATION), loaded, image)
 
@@ -129,7 +130,7 @@ def test_runs_and_models_references(cfg, trained, image, tmp_path):
         "models:/artifact-test@candidate",
         f"models:/artifact-test/{version}",
     ):
-        loaded = Predictor.from_artifact(ref, tracking_uri=tracking_uri)
+        loaded = load_predictor(ref, tracking_uri=tracking_uri)
         assert loaded.artifact.run_id == run_id
         same_results(expected, loaded, image)
 
@@ -154,3 +155,50 @@ def test_manifest_records_base_model_digests(cfg, trained, tmp_path):
 
     assert manifest["base"]["sam_checkpoint_sha256"] == hashlib.sha256(sam_file.read_bytes()).hexdigest()
     assert json.loads((tmp_path / "m" / "medisee.json").read_text()) == manifest
+
+
+def test_the_manifest_holds_the_models_input_sizes_and_jobs_take_them_from_it(cfg, trained, tmp_path):
+    from medisee.artifact.model_dir import describe_model, input_sizes
+    from medisee.scoring.pipeline import check_job_names_the_model
+    from medisee.scoring.queries import QuerySpecError
+
+    save_model_dir(trained, cfg, tmp_path / "m", golden=False)
+    described = describe_model(str(tmp_path / "m"))
+    assert (
+        described["inputs"]
+        == {"sam_size": trained.sam_size, "clip_size": trained.clip_size}
+        == {
+            "sam_size": 128,
+            "clip_size": 128,
+        }
+    )
+    # an artifact written before the manifest recorded them: the preset's architecture fixes them
+    assert input_sizes({"preset": "medisee-7b"}) == {"sam_size": 1024, "clip_size": 336}
+
+    check_job_names_the_model(load_config(None), described)  # no model section: the artifact's facts
+    check_job_names_the_model(load_config("tiny"), described)
+    with pytest.raises(QuerySpecError, match=r"model\.preset='medisee-7b' contradicts .* a 'tiny' artifact"):
+        check_job_names_the_model(load_config(None, ["model.preset=medisee-7b"]), described)
+
+
+def test_stage_two_starts_from_an_artifacts_weights_and_names_it_as_parent(cfg, trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from medisee.artifact.model_dir import describe_model, start_from
+
+    save_model_dir(trained, cfg, tmp_path / "stage1", golden=False)
+    fresh = build_from_config(cfg)
+    parent = start_from(fresh, cfg, str(tmp_path / "stage1"))
+    saved = load_file(str(tmp_path / "stage1" / "weights.safetensors"))
+    state = fresh.trainable_state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    assert (
+        parent["ref"] == str(tmp_path / "stage1")
+        and parent["sha256"] == describe_model(parent["ref"])["sha256"]
+    )
+
+    manifest = save_model_dir(fresh, cfg, tmp_path / "stage2", parent=parent, golden=False)
+    assert manifest["parent"] == parent
+    lora = load_config("tiny", ["trainer.finetune=lora", "run.seed=3"])
+    with pytest.raises(CheckpointError, match=r"trainer\.finetune='full', this run has 'lora'"):
+        start_from(build_from_config(lora), lora, str(tmp_path / "stage1"))

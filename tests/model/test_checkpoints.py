@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load, load_file, save_file
 
 from medisee import storage
 from medisee.infer.predictor import Predictor
@@ -14,8 +15,6 @@ from medisee.model.checkpoint import (
     convert_official_file,
     convert_official_state_dict,
     load_official_release,
-    load_trainable,
-    save_trainable,
     write_torch,
 )
 from tests.model.conftest import QUERIES
@@ -42,7 +41,8 @@ def same_predictions(a, b, images, exact=True):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A tiny model with non-trivial heads, saved as a LLaVA dir, a SAM .pth and our trainable file."""
+    """A tiny model with non-trivial heads, saved as a LLaVA dir, a SAM .pth and its trained weights
+    (as a model artifact's weights.safetensors holds them)."""
     root = tmp_path_factory.mktemp("saved")
     model = build_model("tiny", seed=7, finetune="full")
     with torch.no_grad():
@@ -53,7 +53,7 @@ def saved(tmp_path_factory):
     model.llava.save_pretrained(root / "llava")
     model.text.tokenizer.save_pretrained(root / "llava")
     torch.save(model.sam.state_dict(), root / "medsam_vit_b.pth")
-    save_trainable(model, str(root / "trainable.pt"), "tiny")
+    save_file(model.trainable_state_dict(), str(root / "trainable.safetensors"))
     return model, root
 
 
@@ -63,10 +63,10 @@ def test_llava_dir_and_sam_pth_and_trainable_round_trip(saved, images):
         "tiny",
         llava_path=str(root / "llava"),
         sam_checkpoint=str(root / "medsam_vit_b.pth"),
-        medisee_checkpoint=str(root / "trainable.pt"),
         finetune="full",
         seed=99,
     )
+    loaded.load_trainable_state_dict(load_file(str(root / "trainable.safetensors")), "trainable.safetensors")
     loaded.eval()
     same_predictions(model, loaded, images)
 
@@ -89,10 +89,11 @@ def test_loaders_read_from_s3(saved, s3_bucket, images):
         "tiny",
         llava_path=storage.join(root_uri, "llava"),
         sam_checkpoint=storage.join(root_uri, "medsam_vit_b.pth"),
-        medisee_checkpoint=storage.join(root_uri, "trainable.pt"),
         finetune="full",
         settings=settings,
     )
+    weights = storage.read_bytes(storage.join(root_uri, "trainable.safetensors"), settings)
+    loaded.load_trainable_state_dict(load(weights), "trainable.safetensors")
     loaded.eval()
     same_predictions(model, loaded, images)
 
@@ -278,5 +279,7 @@ def test_missing_and_mismatched_checkpoints_are_clear_errors(saved, tmp_path):
     with pytest.raises(CheckpointError, match="needs model.llava_path"):
         build_model("medisee-7b")
     lora = build_model("tiny", finetune="lora")
-    with pytest.raises(CheckpointError, match="trainable.pt"):
-        load_trainable(lora, str(root / "trainable.pt"))
+    with pytest.raises(CheckpointError, match="trainable.safetensors.*missing"):
+        lora.load_trainable_state_dict(
+            load_file(str(root / "trainable.safetensors")), "trainable.safetensors"
+        )

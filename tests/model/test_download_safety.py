@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from medisee import storage
+from medisee.artifact.model_dir import describe_model, load_model_dir, save_model_dir
 from medisee.config import load_config
-from medisee.model.artifact import build_from_config, describe_model, load_model_dir, save_model_dir
+from medisee.model.build import build_from_config
 from medisee.model.checkpoint import CheckpointError, load_llava_dir
 
 pytestmark = pytest.mark.integration

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from medisee.artifact.model_dir import load_predictor
 from medisee.infer.predictor import Predictor
 from medisee.model import build_model
 from medisee.model.checkpoint import CheckpointError
@@ -189,10 +190,11 @@ def test_cli_export_of_an_artifact_answers_like_the_artifact(tmp_path):
     """`medisee export --model <artifact>`: the export loads back with the artifact's predictions."""
     from typer.testing import CliRunner
 
+    from medisee.artifact.model_dir import save_model_dir
     from medisee.cli import app
     from medisee.config import load_config
     from medisee.infer import Predictor
-    from medisee.model.artifact import build_from_config, save_model_dir
+    from medisee.model.build import build_from_config
 
     cfg = load_config("tiny", ["trainer.finetune=lora"])
     model = build_from_config(cfg).eval()
@@ -207,7 +209,7 @@ def test_cli_export_of_an_artifact_answers_like_the_artifact(tmp_path):
     assert result.exit_code == 0, result.output
     image = np.random.default_rng(5).integers(0, 255, (70, 90, 3), dtype=np.uint8)
     queries = ["Can you segment and locate the liver in this image?"]
-    expected = Predictor.from_artifact(str(tmp_path / "artifact"), early_reject=False).predict(image, queries)
+    expected = load_predictor(str(tmp_path / "artifact"), early_reject=False).predict(image, queries)
     got = Predictor(load_export(tmp_path / "out"), early_reject=False).predict(image, queries)
     for a, b in zip(expected, got, strict=True):
         assert np.array_equal(a.mask, b.mask) and np.allclose(a.box, b.box, atol=1e-4)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import torch
 
+from medisee.artifact.golden import check_golden
+from medisee.artifact.model_dir import load_model_dir, load_predictor, save_model_dir
 from medisee.config import load_config
-from medisee.infer.golden import check_golden
-from medisee.infer.predictor import Predictor
-from medisee.model.artifact import build_from_config, load_model_dir, save_model_dir
+from medisee.model.build import build_from_config
 from medisee.model.quantize import is_quantized, lm_linear_layers
 
 
@@ -27,7 +27,7 @@ def test_a_quantized_artifact_loads_quantized_and_answers_as_saved(tmp_path):
     for name, value in model.trainable_state_dict().items():  # LoRA, heads, mask decoder as trained
         assert torch.equal(loaded.model.state_dict()[name].cpu(), value), name
 
-    predictor = Predictor.from_artifact(str(tmp_path / "artifact"))
+    predictor = load_predictor(str(tmp_path / "artifact"))
     assert check_golden(predictor, tmp_path / "artifact")["ok"]  # raises GoldenMismatch otherwise
 
 

@@ -17,6 +17,12 @@ AGENT_PORTS = (
 )
 
 
+# The GCS declares a node dead after `threshold` failed health checks in a row. Ray's default period
+# (3 s) makes that ~15 s for a killed node; checked every second it is ~5 s. A live raylet that is
+# merely slow still has to miss 5 checks of 10 s each (Ray's timeout) in a row, as with the default.
+HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+
+
 def agent_ports() -> dict[str, int]:
     """A node's agents' ports given up front: otherwise its raylet waits for the dashboard agent to
     write them and aborts after ~20 s when a loaded machine slows the agent's start-up."""
@@ -52,6 +58,7 @@ def ray_cluster(monkeypatch):
             "num_cpus": 1,
             "include_dashboard": False,
             "gcs_server_port": port,
+            "_system_config": HEALTH_CHECKS,
             **agent_ports(),
         },
     )

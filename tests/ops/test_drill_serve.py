@@ -172,6 +172,7 @@ def test_serving_survives_losing_a_node_with_replicas(ray_cluster, tmp_path):
             dropped = pool.submit(replicas_gone_from, victim.node_id)
             # what KubeRay (a new pod for the worker group) or the autoscaler does for a lost node
             new_node = add_serve_node(ray_cluster)
+            node_added_at = time.monotonic()
             dropped_at = dropped.result(timeout=150)
             wait_for(lambda: at_target({survivor.node_id, new_node.node_id}), 240,
                      "the lost replicas were not replaced")  # fmt: skip
@@ -199,6 +200,7 @@ def test_serving_survives_losing_a_node_with_replicas(ray_cluster, tmp_path):
         failed_by_status=codes,
         kill_to_first_success_s=round(first_success - killed_at, 2),
         kill_to_replicas_dropped_s=round(dropped_at - killed_at, 2),
+        kill_to_replacement_node_s=round(node_added_at - killed_at, 2),
         kill_to_target_s=round(restored_at - killed_at, 2),
         failures=[f"{o.status} at +{o.done - killed_at:.2f} s: {o.detail[:120]}" for o in failed],
     )

@@ -21,11 +21,11 @@ import pytest
 from PIL import Image
 
 from medisee import storage
+from medisee.artifact.model_dir import load_predictor, save_model_dir
 from medisee.config import load_config
 from medisee.data import phantom
 from medisee.data.codec import rle_to_mask
-from medisee.infer import Predictor
-from medisee.model.artifact import build_from_config, save_model_dir
+from medisee.model.build import build_from_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -104,7 +104,7 @@ def test_mixed_archive_in_s3_reconciles_and_equals_the_predictor(
     z_slices = nib.load(shared_data / "totalsegmentator_ref" / "example_mr_sm.nii.gz").shape[2]
     assert len(nifti_images) + summary["skipped"].get("empty_slices", 0) == z_slices
 
-    predictor = Predictor.from_artifact(str(artifact))
+    predictor = load_predictor(str(artifact))
     for i in range(4):
         image = phantom.generate(seed=7, index=i, size=128)[0]
         expected = predictor.predict(image, ["Segment the liver.", "Segment the spleen."])

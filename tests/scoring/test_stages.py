@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medisee.artifact.model_dir import describe_model, load_predictor, save_model_dir
 from medisee.config import load_config
 from medisee.data import phantom
 from medisee.data.codec import rle_to_mask
-from medisee.infer import Predictor
-from medisee.model.artifact import build_from_config, save_model_dir
+from medisee.model.build import build_from_config
 from medisee.scoring import schema
 from medisee.scoring.decode import DecodeOptions, decode_partition
 from medisee.scoring.plan import classify, plan_partitions
@@ -43,10 +43,15 @@ def write_images(folder, count: int) -> list[np.ndarray]:
 def run_steps(rows: list[dict], spec: ModelSpec, early_reject: bool = True):
     table = schema.table(rows, schema.IMAGE_ROW)
     table = MLLMStep(spec)(table)
-    table = screen_rows(table)
+    clip_size = describe_model(spec.ref)["inputs"]["clip_size"]
+    table = screen_rows(table, None, clip_size)
     table = DecoderStep(spec, early_reject=early_reject)(table)
     return finish_rows(
-        table, early_reject=early_reject, model_info={"name": "m", "version": "1", "sha256": "x"}
+        table,
+        None,
+        clip_size,
+        early_reject=early_reject,
+        model_info={"name": "m", "version": "1", "sha256": "x"},
     )
 
 
@@ -56,7 +61,7 @@ def test_batch_steps_equal_the_predictor(tmp_path, artifact):
     queries = parse_query_spec(QUERIES, str(tmp_path / "in"))
     rows = decode_partition(partitions[0], queries, DecodeOptions())
     out = run_steps(rows, ModelSpec(str(artifact))).to_pylist()
-    predictor = Predictor.from_artifact(str(artifact))
+    predictor = load_predictor(str(artifact))
     expected = [r for image in images for r in predictor.predict(image, queries.template_queries)]
     assert [r["status"] for r in out] == ["result"] * 9
     assert [r["record_id"] for r in out] == [f"img{i}.png|q{j}" for i in range(3) for j in range(3)]
@@ -109,9 +114,10 @@ def test_a_failing_image_becomes_error_rows_and_the_others_go_on(tmp_path, artif
 
     rows[1]["image"] = np.full((128, 128, 3), 255, np.uint8).tobytes()
     monkeypatch.setattr(step.stage.__class__, "__call__", flaky)
-    table = screen_rows(step(schema.table(rows, schema.IMAGE_ROW)))
+    clip_size = describe_model(str(artifact))["inputs"]["clip_size"]
+    table = screen_rows(step(schema.table(rows, schema.IMAGE_ROW)), None, clip_size)
     table = DecoderStep(ModelSpec(str(artifact)))(table)
-    out = finish_rows(table).to_pylist()
+    out = finish_rows(table, None, clip_size).to_pylist()
     assert [r["status"] for r in out] == ["result"] * 3 + ["error"] * 3
     assert {(r["reason"], r["stage"]) for r in out[3:]} == {("model_error", "mllm")}
     assert [r["record_id"] for r in out[3:]] == [f"img1.png|q{j}" for j in range(3)]

@@ -32,8 +32,9 @@ def make_artifact(folder: Path, retrained: bool = False) -> str:
     """The tiny model; `retrained`: another version on the same base (its trained weights moved)."""
     import torch
 
+    from medisee.artifact.model_dir import save_model_dir
     from medisee.config import load_config
-    from medisee.model.artifact import build_from_config, save_model_dir
+    from medisee.model.build import build_from_config
 
     cfg = load_config("tiny")
     model = build_from_config(cfg)

@@ -46,9 +46,9 @@ def assert_equal_to_predictor(answers: list[dict], expected) -> None:
 
 @pytest.fixture(scope="module")
 def predictors(served):
-    from medisee.infer import Predictor
+    from medisee.artifact.model_dir import load_predictor
 
-    return {served.v1: Predictor.from_artifact(served.v1), served.v2: Predictor.from_artifact(served.v2)}
+    return {served.v1: load_predictor(served.v1), served.v2: load_predictor(served.v2)}
 
 
 def test_json_and_multipart_answers_equal_the_predictor(served, predictors):

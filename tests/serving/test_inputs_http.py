@@ -138,9 +138,9 @@ def assert_masks_match(answers: list[dict], expected) -> None:
 
 @pytest.fixture(scope="module")
 def predictor(served):
-    from medisee.infer.predictor import Predictor
+    from medisee.artifact.model_dir import load_predictor
 
-    return Predictor.from_artifact(served.v1)
+    return load_predictor(served.v1)
 
 
 @pytest.mark.parametrize("case", HTTP_FILES)

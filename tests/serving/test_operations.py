@@ -95,7 +95,7 @@ def switch_replicas() -> dict[str, int]:
 def test_switching_the_served_version_is_a_config_update_without_restarts(served):
     from ray import serve
 
-    from medisee.infer import Predictor
+    from medisee.artifact.model_dir import load_predictor
 
     deploy_config(served, served.v1)
     try:
@@ -113,7 +113,7 @@ def test_switching_the_served_version_is_a_config_update_without_restarts(served
         assert answer["model_version"] == served.v2
         image = phantom.generate(seed=13, index=1, size=128)[0]
         assert_equal_to_predictor(
-            answer["results"], Predictor.from_artifact(served.v2).predict(image, request["queries"])
+            answer["results"], load_predictor(served.v2).predict(image, request["queries"])
         )
         assert switch_replicas() == before  # the same replica processes: reconfigured, not restarted
     finally:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 WORLD = 2
 MICRO_BATCHES = 2  # per step, so gradient-sync switching is exercised
 STEPS = 2
+FINETUNES = ("full", "lora")
 
 
 @pytest.fixture(scope="module")
@@ -70,40 +71,52 @@ def build(strategy: str, finetune: str):
     )
 
 
-def worker(rank: int, port: int, strategy: str, finetune: str, batches, eval_rows, out: str, foreign) -> None:
-    """`foreign`: the other strategy's checkpoint, which a third model resumes from (or None)."""
-    from medisee.train import parallel
-    from medisee.train.evaluate import evaluate_rows
-
+def worker(rank: int, port: int, batches, eval_rows, out: str) -> None:
+    """Both strategies for each finetune mode, one after the other in the same process group (one
+    spawn: starting processes costs more than the training here)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        model, module, optimizer = build(strategy, finetune)
-        train_steps(model, module, optimizer, batches[rank], STEPS - 1)
-        # ranks evaluate different numbers of rows, and reasoning rows generate: no collectives allowed
-        mine = eval_rows[rank::WORLD][: 3 if rank == 0 else 1]
-        with parallel.full_parameters(model):
-            metrics = evaluate_rows(module, mine, batch_size=2, reduce=True)
-        saved = parallel.trainable_state(module, optimizer)
-
-        # fresh models loaded from a checkpoint continue as the original: from this run's own one
-        # exactly, and from the other strategy's one (equal to it within rounding)
-        resumes = [resume_from(saved, strategy, finetune, rank)]
-        if foreign is not None:
-            resumes.append(resume_from(foreign, strategy, finetune, rank))
-        states = []
-        for m, mod, opt in [(model, module, optimizer), *resumes]:
-            torch.manual_seed(7 + rank)  # the same LoRA dropout masks (the recipe restores RNG state)
-            train_steps(m, mod, opt, batches[rank], 1, offset=STEPS - 1)
-            states.append(parallel.trainable_state(mod, opt))
+        results = {}
+        for finetune in FINETUNES:
+            ddp = train_and_resume("ddp", finetune, batches[rank], eval_rows, rank)
+            fsdp = train_and_resume("fsdp", finetune, batches[rank], eval_rows, rank, foreign=ddp["saved"])
+            results[finetune] = {"ddp": ddp, "fsdp": fsdp}
         if rank == 0:
-            final, resumed, *crossed = states
-            result = {"metrics": metrics, "saved": saved, "final": final, "resumed": resumed}
-            torch.save(result | ({"crossed": crossed[0]} if crossed else {}), out)
+            torch.save(results, out)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def train_and_resume(strategy: str, finetune: str, batches, eval_rows, rank: int, foreign=None) -> dict:
+    """Rank 0's states (None on the others). Under FSDP a third model resumes from `foreign`, the DDP
+    checkpoint (which only rank 0 holds, as only rank 0 reads a checkpoint under FSDP)."""
+    from medisee.train import parallel
+    from medisee.train.evaluate import evaluate_rows
+
+    model, module, optimizer = build(strategy, finetune)  # seeds the RNGs: each run starts alike
+    train_steps(model, module, optimizer, batches, STEPS - 1)
+    # ranks evaluate different numbers of rows, and reasoning rows generate: no collectives allowed
+    mine = eval_rows[rank::WORLD][: 3 if rank == 0 else 1]
+    with parallel.full_parameters(model):
+        metrics = evaluate_rows(module, mine, batch_size=2, reduce=True)
+    saved = parallel.trainable_state(module, optimizer)
+
+    # fresh models loaded from a checkpoint continue as the original: from this run's own one
+    # exactly, and from the other strategy's one (equal to it within rounding)
+    resumes = [resume_from(saved, strategy, finetune, rank)]
+    if strategy == "fsdp":
+        resumes.append(resume_from(foreign, strategy, finetune, rank))
+    states = []
+    for m, mod, opt in [(model, module, optimizer), *resumes]:
+        torch.manual_seed(7 + rank)  # the same LoRA dropout masks (the recipe restores RNG state)
+        train_steps(m, mod, opt, batches, 1, offset=STEPS - 1)
+        states.append(parallel.trainable_state(mod, opt))
+    final, resumed, *crossed = states
+    result = {"metrics": metrics, "saved": saved, "final": final, "resumed": resumed}
+    return result | ({"crossed": crossed[0]} if crossed else {})
 
 
 def resume_from(checkpoint, strategy: str, finetune: str, rank: int):
@@ -126,14 +139,17 @@ def _broadcast(obj):
     return box[0]
 
 
-def run(strategy: str, finetune: str, batches, eval_rows, tmp_path, foreign=None) -> dict:
-    out = tmp_path / f"{strategy}-{finetune}.pt"
-    mp.spawn(
-        worker,
-        args=(free_port(), strategy, finetune, batches, eval_rows, str(out), foreign),
-        nprocs=WORLD,
-        join=True,
-    )
+@pytest.fixture(scope="module")
+def runs(phantom_shards, tmp_path_factory) -> dict:
+    """{finetune: {strategy: rank 0's metrics and states}} from one spawn of WORLD gloo processes."""
+    from medisee.model import build_model
+
+    probe = build_model("tiny", seed=0)
+    batches = micro_batches(phantom_shards, probe.sam_size, probe.clip_size)
+    eval_rows = load_eval_rows(str(phantom_shards), "val", None, limit=6)
+    assert any(r["query_kind"].startswith("reasoning") for r in eval_rows)
+    out = tmp_path_factory.mktemp("fsdp-runs") / "results.pt"
+    mp.spawn(worker, args=(free_port(), batches, eval_rows, str(out)), nprocs=WORLD, join=True)
     return torch.load(out, weights_only=False)
 
 
@@ -158,18 +174,9 @@ def assert_same_state(a, b, atol: float) -> None:
             assert torch.allclose(x, y, atol=atol, rtol=1e-4), (name, key, (x - y).abs().max(), y.abs().max())
 
 
-@pytest.mark.parametrize("finetune", ["full", "lora"])
-def test_fsdp_matches_ddp_and_resumes_exactly(phantom_shards, tmp_path, finetune):
-    from medisee.model import build_model
-
-    probe = build_model("tiny", seed=0)
-    batches = micro_batches(phantom_shards, probe.sam_size, probe.clip_size)
-    eval_rows = load_eval_rows(str(phantom_shards), "val", None, limit=6)
-    assert any(r["query_kind"].startswith("reasoning") for r in eval_rows)
-
-    ddp = run("ddp", finetune, batches, eval_rows, tmp_path)
-    fsdp = run("fsdp", finetune, batches, eval_rows, tmp_path, foreign=ddp["saved"])
-
+@pytest.mark.parametrize("finetune", FINETUNES)
+def test_fsdp_matches_ddp_and_resumes_exactly(runs, finetune):
+    ddp, fsdp = runs[finetune]["ddp"], runs[finetune]["fsdp"]
     trained = set(ddp["saved"][0])
     assert "sam.mask_decoder.iou_token.weight" in trained and "seg_router.gate.0.weight" in trained
     assert not any(k.startswith("sam.image_encoder") for k in trained)  # frozen towers stay out

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medisee.metrics import balanced_accuracy
 from medisee.verify import Scores, Verdict
-from medisee.verify.calibrate import CalibratedVerifier, Evidence, balanced_accuracy, calibrate
+from medisee.verify.calibrate import CalibratedVerifier, Evidence, calibrate
 from medisee.verify.heatmap import heatmap_on_image, overlay_png
 
 

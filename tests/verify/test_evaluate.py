@@ -31,6 +31,21 @@ def test_rejection_report():
     assert "| balanced_accuracy | 0.7500 |" in markdown_table(report)
 
 
+def test_rejection_metrics_without_false_queries_are_nan_not_zero():
+    present = [True, True, True]
+    evidence = [
+        Evidence(Scores(0.9, 0.9, 0.9)),
+        Evidence(Scores(0.9, 0.9, 0.9)),
+        Evidence(Scores(0.1, 0.1, 0.1)),
+    ]
+    report = evaluate_verifier(CalibratedVerifier(), evidence, present)
+    # one true query wrongly rejected: precision 0 / 1; recall and balanced accuracy undefined
+    assert report["rejection_precision"] == 0.0 and report["rejection_f1"] == 0.0
+    assert np.isnan(report["rejection_recall"]) and np.isnan(report["balanced_accuracy"])
+    assert report["accuracy"] == pytest.approx(2 / 3)
+    assert "| rejection_recall | nan |" in markdown_table(report)
+
+
 def test_split_by_image_keeps_images_together():
     rows = [{"image_id": f"img{i // 3}"} for i in range(60)]
     first, second = split_by_image(rows)

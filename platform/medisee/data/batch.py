@@ -118,10 +118,14 @@ def similarity_pairs(batch: dict[str, np.ndarray], has_target: np.ndarray) -> np
     return pair
 
 
+def answer_with_candidates(answer: str, tokens: list[str]) -> str:
+    """Make sure every candidate token appears in a positive answer (n > 2 adds extras at the end)."""
+    missing = [t for t in tokens if t not in answer]
+    return (answer.rstrip() + " " + " ".join(missing)).strip() if missing else answer
+
+
 def collate(batch: dict[str, np.ndarray], text, device: torch.device | str = "cpu") -> TrainingBatch:
     """Reader rows (READER_FIELDS) -> TrainingBatch; `text` is the model's TextSpec (template, tokenizer)."""
-    from medisee.model.text import answer_with_candidates
-
     tokens = [text.tokenizer.convert_ids_to_tokens(i) for i in text.candidate_ids]
     has_target = np.asarray(batch["has_target"], bool)
     answers = [

@@ -113,9 +113,10 @@ def check_mask(array: np.ndarray, expected_shape: tuple[int, int] | None = None)
 
 
 def mask_box(mask: np.ndarray) -> list[float]:
-    """Pixel xyxy box of a bool mask: x2/y2 are exclusive edges (x_max + 1)."""
+    """Pixel xyxy box of a bool mask, [x_min, y_min, x_max, y_max] with the last foreground pixel
+    included (not x_max + 1), as the reference derives its boxes: normalised, x_max / W."""
     ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
 
 
 def mask_to_rle(mask: np.ndarray) -> str:

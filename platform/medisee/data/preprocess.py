@@ -46,15 +46,23 @@ def sam_mask(mask: np.ndarray, frame: SamFrame) -> np.ndarray:
     return out
 
 
+def clip_resized_hw(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) after the shortest-side resize: the long side is floored, size · long // short, as
+    CLIPImageProcessor computes it (512 × 333 → 516 × 336 at size 336, not 517)."""
+    if height <= width:
+        return size, size * width // height
+    return size * height // width, size
+
+
 def clip_crop(height: int, width: int, size: int) -> tuple[float, int, int]:
-    """(scale, top, left) of the shortest-side resize + centre crop."""
-    scale = size / min(height, width)
-    rh, rw = max(size, round(height * scale)), max(size, round(width * scale))
-    return scale, (rh - size) // 2, (rw - size) // 2
+    """(scale, top, left) of the shortest-side resize + centre crop; `scale` is the short side's
+    (the floored long side comes out up to one resized pixel shorter than `scale` gives)."""
+    rh, rw = clip_resized_hw(height, width, size)
+    return size / min(height, width), (rh - size) // 2, (rw - size) // 2
 
 
 def clip_input(image: np.ndarray, size: int) -> np.ndarray:
-    scale, top, left = clip_crop(image.shape[0], image.shape[1], size)
-    rh, rw = max(size, round(image.shape[0] * scale)), max(size, round(image.shape[1] * scale))
+    _, top, left = clip_crop(image.shape[0], image.shape[1], size)
+    rh, rw = clip_resized_hw(image.shape[0], image.shape[1], size)
     resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BICUBIC))
     return np.ascontiguousarray(resized[top : top + size, left : left + size])

@@ -3,6 +3,9 @@
 Referring rows (SA-Med2D-20M style) ask for a class by name; reasoning rows (MLMR-SD style) append
 one of six request suffixes to the query, and their answers put the candidate tokens first and the
 explanation after. Choices are made by hashing the record id so a conversion is reproducible.
+As in the reference's training datasets, class names, reasoning queries and explanations are
+lower-cased; evaluation reasoning rows follow its validation dataset instead: one fixed suffix and
+the query as written.
 `TEMPLATE_VERSION` names this set of sentences; model artifacts record it.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-TEMPLATE_VERSION = "medisee-ref-1"
+TEMPLATE_VERSION = "medisee-ref-2"
 
 SEG_TOKEN = "[SEG]"
 BBOX_TOKEN = "[BBOX]"
@@ -43,13 +46,15 @@ ANSWERS = (
 )
 
 REASONING_SUFFIXES = (
-    "Please respond with segmentation mask and location bounding box.",
-    "Please output segmentation mask and location bounding box.",
     "Please respond with segmentation mask and location bounding box, and explain the reason.",
     "Please output segmentation mask and location bounding box, and explain the reason.",
+    "Please output segmentation mask and location bounding box, and explain why.",
     "Please respond with segmentation mask and location bounding box, and explain why.",
     "Please respond with segmentation mask and location bounding box, and give some explanation.",
+    "Please output segmentation mask and location bounding box, and give some explanation.",
 )
+# The reference's validation dataset ends every reasoning query with this one suffix.
+EVAL_REASONING_SUFFIX = REASONING_SUFFIXES[2]
 
 REASONING_ANSWERS = (
     "It is [SEG] and [BBOX]. {explanation}.",
@@ -70,6 +75,11 @@ def class_text(name: str) -> str:
     return " ".join(name.replace("_", " ").replace("-", " ").split())
 
 
+def _asked_name(name: str) -> str:
+    """The class name as a question writes it: spaced and lower-cased (`Liver` → `liver`)."""
+    return class_text(name).lower()
+
+
 def pick(options, key: str):
     """Deterministic choice from `options` keyed by a string."""
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
@@ -77,20 +87,30 @@ def pick(options, key: str):
 
 
 def referring(name: str, key: str) -> tuple[str, str]:
-    return pick(REFERRING_QUERIES, key + "/q").format(name=class_text(name)), pick(ANSWERS, key + "/a")
+    return pick(REFERRING_QUERIES, key + "/q").format(name=_asked_name(name)), pick(ANSWERS, key + "/a")
 
 
-def reasoning(query: str, explanation: str | None, key: str) -> tuple[str, str]:
-    """(question, answer) of a reasoning row: the query plus a request suffix; tokens, then the explanation."""
-    question = f"{query.strip()} {pick(REASONING_SUFFIXES, key + '/s')}"
+def _reasoning_question(query: str, key: str, for_eval: bool) -> str:
+    if for_eval:
+        return f"{query.strip()} {EVAL_REASONING_SUFFIX}"
+    return f"{query.strip().lower()} {pick(REASONING_SUFFIXES, key + '/s')}"
+
+
+def reasoning(query: str, explanation: str | None, key: str, for_eval: bool = False) -> tuple[str, str]:
+    """(question, answer) of a reasoning row: the query plus a request suffix; tokens, then the explanation.
+
+    `for_eval` (val/test rows) uses the fixed validation suffix and keeps the text's case, as the
+    reference's validation dataset does; training rows are lower-cased like its training dataset.
+    """
+    question = _reasoning_question(query, key, for_eval)
     if not explanation or not explanation.strip():
         return question, pick(ANSWERS, key + "/a")
-    answer = pick(REASONING_ANSWERS, key + "/a").format(explanation=explanation.strip())
+    explanation = explanation.strip() if for_eval else explanation.strip().lower()
+    answer = pick(REASONING_ANSWERS, key + "/a").format(explanation=explanation)
     # the first form adds a full stop of its own: do not double the explanation's
     return question, answer[:-1] if answer.endswith("..") else answer
 
 
 def false_query(name: str, key: str) -> tuple[str, str]:
-    return pick(REFERRING_QUERIES, key + "/q").format(name=class_text(name)), FALSE_ANSWER.format(
-        name=class_text(name)
-    )
+    asked = _asked_name(name)
+    return pick(REFERRING_QUERIES, key + "/q").format(name=asked), FALSE_ANSWER.format(name=asked)

@@ -15,6 +15,8 @@ from medisee.data import prompts
 from medisee.data.codec import BadRecord, check_mask, decode_mask_png, encode_png, mask_box, mask_to_rle
 from medisee.data.schema import empty_row
 
+NORMALIZED = "normalized"  # the key of a source box given relative to the image size
+
 
 @dataclass
 class Query:
@@ -31,7 +33,9 @@ class LoadedTarget:
     input_ref: str
     instance: int = 0
     queries: list[Query] | None = None  # None: one referring query from the templates
-    box: list[float] | None = None  # given by the source (else computed from the mask)
+    # given by the source (else computed from the mask): pixel xyxy, or {NORMALIZED: xyxy in [0, 1]}
+    # for a source that gives boxes relative to the image size, scaled here once the image is read
+    box: list[float] | dict | None = None
 
 
 @dataclass
@@ -43,6 +47,17 @@ class LoadedImage:
     image: np.ndarray | BadRecord
     targets: list[LoadedTarget] = field(default_factory=list)
     absent_classes: list[str] = field(default_factory=list)
+
+
+def target_box(box: list[float] | dict | None, mask: np.ndarray, height: int, width: int) -> list[float]:
+    """The pixel xyxy box of a row: the source's (a normalised one times the image's width and
+    height), else the mask's inclusive box (`mask_box`)."""
+    if not box:
+        return mask_box(mask)
+    if isinstance(box, dict):
+        x0, y0, x1, y1 = (float(v) for v in box[NORMALIZED])
+        return [x0 * width, y0 * height, x1 * width, y1 * height]
+    return [float(v) for v in box]
 
 
 def slug(text: str) -> str:
@@ -117,7 +132,7 @@ def rows_for_image(source: str, loaded: LoadedImage, mask_format: str = "png") -
             record_id=rid,
             input_ref=target.input_ref,
             class_name=prompts.class_text(target.class_name),
-            box=target.box or mask_box(mask),
+            box=target_box(target.box, mask, height, width),
             query=query.text,
             answer=query.answer,
             query_kind=query.kind,

@@ -6,7 +6,7 @@ actors / replicas: MLLM -> verifier screening -> decoder (skipped for rejected q
 no box and no mask (its decoder signals stay in the result as evidence); without it (evaluation),
 every query keeps its box and mask.
 
-    predictor = Predictor.from_artifact("models:/medisee@candidate")
+    predictor = load_predictor("models:/medisee@candidate")     # medisee.artifact.model_dir
     results = predictor.predict(image, ["Segment the liver.", "Where is the spleen?"])
 """
 
@@ -41,16 +41,7 @@ class Predictor:
         self.verifier = VerifierStage(calibration, judge, model.clip_size)
         self.decoder = DecoderStage(model, mask_threshold)
         self.early_reject = early_reject
-        self.artifact = artifact  # medisee.model.artifact.LoadedModel when loaded from one
-
-    @classmethod
-    def from_artifact(
-        cls, ref: str, *, device="cpu", dtype=None, settings=None, tracking_uri=None, judge=None, **options
-    ) -> Predictor:
-        from medisee.model.artifact import load_model_dir
-
-        loaded = load_model_dir(ref, settings=settings, tracking_uri=tracking_uri, device=device, dtype=dtype)
-        return cls(loaded.model, loaded.calibration, judge, artifact=loaded, **options)
+        self.artifact = artifact  # medisee.artifact.model_dir.LoadedModel when loaded from one
 
     def predict(
         self, image: np.ndarray, queries: list[str] | str, mode: str | None = None

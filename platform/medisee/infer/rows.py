@@ -6,9 +6,13 @@ verifier says (early rejection off), so that metrics and calibration see every m
 
 from __future__ import annotations
 
+import numpy as np
+
 from medisee.data.codec import decode_image
 from medisee.infer.predictor import Predictor
 from medisee.infer.results import QueryResult
+from medisee.verify.calibrate import Evidence
+from medisee.verify.scores import score_maps
 
 
 def predict_rows(
@@ -35,3 +39,16 @@ def predict_rows(
         out.extend(results[i][j] for i, j in slots)
     predictor.model.train(was_training)
     return out
+
+
+def collect_evidence(
+    model, rows: list[dict], batch_size: int = 16
+) -> tuple[list[Evidence], list[bool], list]:
+    """Run the model on true and false queries; return evidence, presence labels and predictions."""
+    preds = predict_rows(model, rows, batch_size=batch_size)
+    scores = score_maps(np.stack([p.similarity.reshape(-1) for p in preds])) if preds else []
+    evidence = [
+        Evidence(s, p.mask_score, p.iou_score, p.area_fraction) for s, p in zip(scores, preds, strict=True)
+    ]
+    present = [r["query_kind"] != "false_query" for r in rows]
+    return evidence, present, preds

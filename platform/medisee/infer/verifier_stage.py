@@ -18,9 +18,20 @@ from medisee.verify.verifier import verify
 
 
 class VerifierStage:
-    def __init__(self, calibration: CalibratedVerifier | None = None, judge=None, clip_size: int = 336):
+    def __init__(self, calibration: CalibratedVerifier | None, judge, clip_size: int):
+        """`clip_size`: the model's CLIP input size (the judge's heatmap overlay is drawn at it)."""
         self.calibration = calibration or CalibratedVerifier()
         self.judge, self.clip_size = judge, clip_size
+
+    @classmethod
+    def from_json(cls, calibration_json: str | None, clip_size: int, verifier_cfg=None) -> VerifierStage:
+        """The stage of an artifact's `verifier.json` text (None: uncalibrated defaults) and, when a
+        `verifier` config section names a judge endpoint, that judge."""
+        from medisee.verify.judge import judge_from_config
+
+        calibration = CalibratedVerifier.from_json(calibration_json) if calibration_json else None
+        judge = judge_from_config(verifier_cfg) if verifier_cfg is not None else None
+        return cls(calibration, judge, clip_size)
 
     def screen(self, encodings: list[QueryEncoding]) -> list[Screening | None]:
         """None for a query whose answer has no candidate tokens (there is no map to score)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from medisee.config import MediSeeConfig
 from medisee.model import checkpoint as ckpt
 from medisee.model.medisee import LossWeights, MediSee, default_compute_dtype
 from medisee.model.mllm import (
@@ -21,6 +22,7 @@ from medisee.model.mllm import (
     num_image_tokens,
     resize_for_tokenizer,
 )
+from medisee.model.precision import PRECISION_DTYPES
 from medisee.model.quantize import QUANTIZE_MODES, quantize_lm_nf4
 from medisee.model.sam import SAM_TINY, SAM_VIT_B, SamConfig, build_sam
 from medisee.model.text import IMAGE_TOKEN, TextSpec, add_candidate_tokens, build_tiny_tokenizer
@@ -52,7 +54,6 @@ def build_model(
     *,
     llava_path: str | None = None,
     sam_checkpoint: str | None = None,
-    medisee_checkpoint: str | None = None,
     official_release: str | None = None,
     tokenizer=None,
     num_candidate_tokens: int = 2,
@@ -127,8 +128,6 @@ def build_model(
         configure_trainable(model, finetune, lora_r, lora_alpha, lora_dropout)
     else:
         model.requires_grad_(False)
-    if medisee_checkpoint:
-        ckpt.load_trainable(model, medisee_checkpoint, settings)
     if held is not None:
         hold_weights(model, held)
     if gradient_checkpointing and llava is not None:
@@ -231,3 +230,39 @@ def compile_language_model(model: MediSee, backend: str = "inductor") -> int:
     for layer in layers:
         layer.compile(dynamic=None, backend=backend)
     return len(layers)
+
+
+def build_from_config(
+    cfg: MediSeeConfig,
+    settings: StorageSettings | None = None,
+    *,
+    training: bool = False,
+    tokenizer=None,
+    parts: tuple[str, ...] = MODEL_PARTS,
+    precision: str | None = None,
+    device: torch.device | str = "cpu",
+) -> MediSee:
+    """The model a config describes. Loss weights and gradient checkpointing only matter for training.
+
+    `precision` (resolved: bf16 | fp16 | fp32; see medisee.model.precision) sets the compute dtype and,
+    outside FSDP (which casts per layer itself), the dtype frozen MLLM weights are held in.
+    """
+    m = cfg.model
+    compute_dtype = PRECISION_DTYPES[precision] if precision else None
+    return build_model(
+        m.preset,
+        llava_path=m.llava_path,
+        sam_checkpoint=m.sam_checkpoint,
+        tokenizer=tokenizer,
+        num_candidate_tokens=m.num_candidate_tokens,
+        loss_weights=LossWeights(box=m.box_loss_weight, similarity=m.similarity_loss_weight),
+        finetune=cfg.trainer.finetune,
+        gradient_checkpointing=training and cfg.trainer.gradient_checkpointing,
+        quantize=m.quantize,
+        compute_dtype=compute_dtype,
+        cast_frozen=cfg.trainer.strategy != "fsdp",
+        device=device,
+        settings=settings,
+        seed=cfg.run.seed,
+        parts=parts,
+    )

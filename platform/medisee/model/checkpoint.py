@@ -1,11 +1,13 @@
-"""Checkpoint formats that users already have, and our own trainable-only format.
+"""Checkpoint formats that users already have.
 
 - transformers LLaVA directory (config.json + weights + tokenizer files): `load_llava_dir`
 - SAM / MedSAM `.pth` state dict: `load_sam_checkpoint` (map_location cpu, weights_only)
 - the official MediSee release (`model.router_seg`, `model.bbox_decoder.layers.{0,1,2}`,
   `model.text_hidden_fcs`, `model.visual_model`, the LM under its original LLaVA-Mistral names, LoRA
   merged or `.base_layer` wrapped): `convert_official_state_dict` (also `medisee convert-checkpoint`)
-- ours: `{"format": "medisee-trainable/1", "preset", "state_dict"}` with only what is trained
+
+A trained MediSee is a model artifact (medisee.artifact); a training run's own checkpoints are
+written and read by medisee.train.
 
 Paths may be local or s3:// (through medisee.storage). A missing or mismatched checkpoint is an
 error naming the file and the first offending keys, never a silent random init.
@@ -24,7 +26,6 @@ import torch
 from medisee import storage
 from medisee.storage import StorageSettings
 
-TRAINABLE_FORMAT = "medisee-trainable/1"
 CONVERTED_FORMAT = "medisee-full/1"
 
 
@@ -236,26 +237,3 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: float | None = None, alp
             b_key = key.replace(".lora_A.", ".lora_B.")
             out[f"{base}.weight"] = out[f"{base}.weight"] + scale * (state[b_key] @ state[key])
     return out
-
-
-def save_trainable(
-    model, uri: str, preset: str, settings: StorageSettings | None = None, extra: dict | None = None
-):
-    write_torch(
-        {
-            "format": TRAINABLE_FORMAT,
-            "preset": preset,
-            "state_dict": model.trainable_state_dict(),
-            **(extra or {}),
-        },
-        uri,
-        settings,
-    )
-
-
-def load_trainable(model, uri: str, settings: StorageSettings | None = None) -> dict:
-    payload = read_torch(uri, settings)
-    if payload.get("format") != TRAINABLE_FORMAT:
-        raise CheckpointError(uri, detail=f"format {payload.get('format')!r} is not {TRAINABLE_FORMAT}")
-    model.load_trainable_state_dict(payload["state_dict"], source=uri)
-    return payload

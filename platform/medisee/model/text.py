@@ -31,12 +31,6 @@ def prompt_text(question: str) -> str:
     return f"[INST] {IMAGE_TOKEN}\n{question.strip()} [/INST]"
 
 
-def answer_with_candidates(answer: str, tokens: list[str]) -> str:
-    """Make sure every candidate token appears in a positive answer (n > 2 adds extras at the end)."""
-    missing = [t for t in tokens if t not in answer]
-    return (answer.rstrip() + " " + " ".join(missing)).strip() if missing else answer
-
-
 @dataclass
 class TextSpec:
     tokenizer: object

@@ -24,7 +24,7 @@ import numpy as np
 
 from medisee import storage
 from medisee.data.codec import rle_to_mask, row_mask
-from medisee.metrics import MetricSums
+from medisee.metrics import MetricSums, mask_dice, mask_iou, rejection_metrics
 
 KINDS = ("referring", "reasoning_short", "reasoning_long")
 
@@ -55,7 +55,7 @@ class Accumulator:
         self.by_kind.add(truth["query_kind"], pred_mask, true_mask, list(box), list(truth["box"]))
         sums = self.by_class.setdefault(truth["class_name"], MetricSums(kinds=(truth["class_name"],)))
         sums.add(truth["class_name"], pred_mask, true_mask, list(box), list(truth["box"]))
-        dice = dice_of(pred_mask, true_mask)
+        dice = mask_dice(pred_mask, true_mask)
         case = (-dice, truth["record_id"], {"truth": truth, "result": result, "dice": dice})
         if len(self.worst) < keep_worst:
             heapq.heappush(self.worst, case)
@@ -71,7 +71,7 @@ class Accumulator:
         else:
             self.presence_counts["tp" if shown_any else "fn"] += 1
             shown = shown if shown is not None else np.zeros_like(true_mask)
-            dice, iou = dice_of(shown, true_mask), iou_of(shown, true_mask)
+            dice, iou = mask_dice(shown, true_mask), mask_iou(shown, true_mask)
         self.presence["dice_sum"] += dice
         self.presence["iou_sum"] += iou
         self.presence["count"] += 1
@@ -93,33 +93,6 @@ class Accumulator:
             },
             "answers_without_tokens": self.not_found,
         }
-
-
-def dice_of(pred: np.ndarray, true: np.ndarray) -> float:
-    total = float(pred.sum() + true.sum())
-    return 2.0 * float(np.logical_and(pred, true).sum()) / (total + 1e-6) if total else 1.0
-
-
-def iou_of(pred: np.ndarray, true: np.ndarray) -> float:
-    union = float(np.logical_or(pred, true).sum())
-    return float(np.logical_and(pred, true).sum()) / (union + 1e-5) if union else 1.0
-
-
-def rejection_metrics(c: dict[str, int]) -> dict[str, float]:
-    """The verifier as a detector of false queries: positive = false query, predicted = rejected."""
-    tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
-    specificity = tn / (tn + fp) if tn + fp else float("nan")
-    return {
-        "false_queries": tp + fn,
-        "true_queries": tn + fp,
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else float("nan"),
-        "accuracy": (tp + tn) / max(tp + fp + fn + tn, 1),
-        "balanced_accuracy": (recall + specificity) / 2,
-    }
 
 
 def split_digest(data_uri: str, split: str | None, settings) -> str:
@@ -164,12 +137,12 @@ def evaluate_model(
     cfg, settings, data_uri: str, split: str, output: str, keep_worst: int = 8, log=print
 ) -> dict:
     """cfg.infer.model is the model; returns the report dict (also written under `output`)."""
-    from medisee.infer import Predictor
-    from medisee.infer.golden import check_golden
+    from medisee.artifact.golden import check_golden
+    from medisee.artifact.model_dir import load_predictor
     from medisee.scoring.pipeline import score_archive
     from medisee.scoring.plan import plan_partitions
 
-    predictor = Predictor.from_artifact(cfg.infer.model, settings=settings, tracking_uri=cfg.tracking.uri)
+    predictor = load_predictor(cfg.infer.model, settings=settings, tracking_uri=cfg.tracking.uri)
     golden = check_golden(predictor, predictor.artifact.local_dir)
     log(
         f"{cfg.infer.model}: loaded completely (strict), golden pair reproduced (mask IoU {golden['mask_iou']:.4f})"
@@ -183,7 +156,7 @@ def evaluate_model(
     summary = score_archive(scoring, settings, log=log)
     partitions = plan_partitions(data_uri, settings, split=split)
     acc = accumulate(scoring.infer.output, partitions, settings, keep_worst)
-    from medisee.model.artifact import describe_model
+    from medisee.artifact.model_dir import describe_model
 
     model = describe_model(cfg.infer.model, settings=settings, tracking_uri=cfg.tracking.uri)
     report = {

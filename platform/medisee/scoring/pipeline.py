@@ -52,8 +52,19 @@ def job_identity(cfg: MediSeeConfig, model: dict, partitions: list[dict]) -> dic
     }
 
 
+def check_job_names_the_model(cfg: MediSeeConfig, model: dict) -> None:
+    """The model's facts (image sizes, tokens, template) come from its artifact. A job config that
+    names a model section (`-c medisee-7b`, `model.preset=...`) must name the artifact's."""
+    preset = model["manifest"]["preset"]
+    if "model" in cfg.model_fields_set and cfg.model.preset != preset:
+        raise QuerySpecError(
+            f"model.preset={cfg.model.preset!r} contradicts the model {model['ref']}, a {preset!r} "
+            f"artifact: leave out -c/--config (the artifact's own facts are used) or give -c {preset}"
+        )
+
+
 def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, log=print) -> dict:
-    from medisee.model.artifact import describe_model
+    from medisee.artifact.model_dir import describe_model
 
     ic = cfg.infer
     for key in ("input", "output") + (() if ic.via_serve else ("model",)):
@@ -74,6 +85,7 @@ def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, l
         ensure_ray()
         ic.model = ic.model or served_version(ic.via_serve)
     model = describe_model(ic.model, settings=settings, tracking_uri=cfg.tracking.uri)
+    check_job_names_the_model(cfg, model)
     resumed = check_or_start_job(ic.output, job_identity(cfg, model, partitions), settings)
     done = completed_partitions(ic.output, settings)
     todo = [p for p in partitions if p["key"] not in done]
@@ -152,7 +164,7 @@ def model_steps(ds, cfg, spec: ModelSpec, model: dict, info: dict):
     # of its own to start (importing torch there costs seconds) and no extra hop for the rows.
     ds = ds.map_batches(
         screen_rows, batch_format="pyarrow", num_cpus=ic.decoder_num_cpus, num_gpus=ic.decoder_num_gpus,
-        fn_kwargs={"calibration_json": model["calibration_json"]},
+        fn_kwargs={"calibration_json": model["calibration_json"], "clip_size": model["inputs"]["clip_size"]},
     )  # fmt: skip
     ds = ds.map_batches(
         DecoderStep, fn_constructor_kwargs={"spec": spec, "mask_threshold": ic.mask_threshold, "early_reject": ic.early_reject},
@@ -162,9 +174,9 @@ def model_steps(ds, cfg, spec: ModelSpec, model: dict, info: dict):
     ds = ds.map_batches(
         finish_rows, batch_format="pyarrow", num_cpus=ic.task_num_cpus,
         fn_kwargs={
-            "calibration_json": model["calibration_json"], "judge_config": cfg.verifier,
-            "early_reject": ic.early_reject, "model_info": info, "overlay_fraction": ic.overlay_fraction,
-            "clip_size": cfg.data.clip_image_size,
+            "calibration_json": model["calibration_json"], "clip_size": model["inputs"]["clip_size"],
+            "judge_config": cfg.verifier, "early_reject": ic.early_reject, "model_info": info,
+            "overlay_fraction": ic.overlay_fraction,
         },
     )  # fmt: skip
     return ds

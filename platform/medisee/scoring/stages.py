@@ -41,7 +41,7 @@ class ModelSpec:
     def load(self, part: str):
         import torch
 
-        from medisee.model.artifact import load_model_dir
+        from medisee.artifact.model_dir import load_model_dir
 
         torch.set_num_threads(self.threads)
         dtype = None if self.dtype == "float32" else getattr(torch, self.dtype)
@@ -134,21 +134,12 @@ def unpack_encodings(row: dict) -> list[QueryEncoding]:
 
 
 # ----- verifier ----------------------------------------------------------------------------------
-def verifier_stage(calibration_json: str | None, judge_config=None, clip_size: int = 336):
+def screen_rows(batch: pa.Table, calibration_json: str | None, clip_size: int) -> pa.Table:
     from medisee.infer.verifier_stage import VerifierStage
-    from medisee.verify.calibrate import CalibratedVerifier
 
-    calibration = CalibratedVerifier.from_json(calibration_json) if calibration_json else None
-    from medisee.verify.judge import judge_from_config
-
-    judge = judge_from_config(judge_config) if judge_config is not None else None
-    return VerifierStage(calibration, judge, clip_size)
-
-
-def screen_rows(batch: pa.Table, calibration_json: str | None = None) -> pa.Table:
     rows = batch.to_pylist()
     started = time.perf_counter()
-    stage = verifier_stage(calibration_json)
+    stage = VerifierStage.from_json(calibration_json, clip_size)
     for row in rows:
         if not scoreable(row):
             continue
@@ -227,14 +218,17 @@ def decoded_of(row: dict, j: int) -> Decoded | None:
 # ----- decision and output rows ------------------------------------------------------------------
 def finish_rows(
     batch: pa.Table,
-    calibration_json: str | None = None,
+    calibration_json: str | None,
+    clip_size: int,
     judge_config=None,
     early_reject: bool = True,
     model_info: dict | None = None,
     overlay_fraction: float = 0.0,
-    clip_size: int = 336,
 ) -> pa.Table:
-    stage = verifier_stage(calibration_json, judge_config, clip_size)
+    """`clip_size`: the model's (its artifact's), where the judge's overlays are drawn."""
+    from medisee.infer.verifier_stage import VerifierStage
+
+    stage = VerifierStage.from_json(calibration_json, clip_size, judge_config)
 
     def results_of(row: dict) -> list[dict]:
         results = result_rows(row, stage, early_reject, model_info or {})

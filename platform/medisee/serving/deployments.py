@@ -131,13 +131,13 @@ class VerifierDeployment:
 
     def _stage(self, ref: str):
         if ref not in self.stages:
-            from medisee.model.artifact import describe_model
-            from medisee.scoring.stages import verifier_stage
+            from medisee.artifact.model_dir import describe_model
+            from medisee.infer.verifier_stage import VerifierStage
 
-            calibration = describe_model(
-                ref, settings=_settings(self.args), tracking_uri=self.args.tracking_uri
+            model = describe_model(ref, settings=_settings(self.args), tracking_uri=self.args.tracking_uri)
+            self.stages[ref] = VerifierStage.from_json(
+                model["calibration_json"], model["inputs"]["clip_size"], self.args.verifier_config()
             )
-            self.stages[ref] = verifier_stage(calibration["calibration_json"], self.args.verifier_config())
         return self.stages[ref]
 
     def screen(self, ref: str, encodings: list):

@@ -252,7 +252,7 @@ class Ingress:
         exception's text (that goes to the log)."""
         now = time.monotonic()
         if self.ready is None or now - self.ready[0] > self.args.ready_ttl_s:
-            from medisee.infer.golden import GoldenMismatch
+            from medisee.artifact.golden import GoldenMismatch
 
             try:
                 golden = await asyncio.wait_for(self.golden(), self.args.request_timeout_s)
@@ -273,9 +273,9 @@ class Ingress:
     async def golden(self) -> dict:
         import json
 
+        from medisee.artifact.fetch import read_artifact_file
+        from medisee.artifact.golden import GOLDEN_ANSWER, GOLDEN_IMAGE, answer_dict, compare_golden
         from medisee.data.codec import decode_image
-        from medisee.infer.golden import GOLDEN_ANSWER, GOLDEN_IMAGE, answer_dict, compare_golden
-        from medisee.model.artifact import read_artifact_file
         from medisee.serving.deployments import _settings
 
         settings, uri = _settings(self.args), self.args.tracking_uri

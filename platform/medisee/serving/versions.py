@@ -17,7 +17,7 @@ class IncompatibleVersion(ValueError):
 
 class VersionedPart:
     def __init__(self, ref: str, part: str, settings: StorageSettings | None, tracking_uri: str | None):
-        from medisee.model.artifact import load_model_dir
+        from medisee.artifact.model_dir import load_model_dir
 
         self.part, self.settings, self.tracking_uri = part, settings, tracking_uri
         self.loaded = load_model_dir(ref, settings=settings, tracking_uri=tracking_uri, parts=(part,))
@@ -27,7 +27,8 @@ class VersionedPart:
 
     def weights_of(self, ref: str) -> dict[str, torch.Tensor]:
         """The trained weights of `ref` for this part (checked against the resident model)."""
-        from medisee.model.artifact import WEIGHTS, fetched, read_manifest, weights_for
+        from medisee.artifact.fetch import fetched
+        from medisee.artifact.model_dir import WEIGHTS, read_manifest, weights_for
 
         with fetched(ref, self.settings, self.tracking_uri) as (local, _):  # a download is removed after
             manifest = read_manifest(local, ref)

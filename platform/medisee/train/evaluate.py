@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from medisee import storage
-from medisee.data.codec import row_mask
+from medisee.data.codec import mask_box, row_mask
 from medisee.data.reader import shard_files
 from medisee.infer.rows import predict_rows
 from medisee.metrics import MetricSums, all_reduce
@@ -103,7 +103,6 @@ def mean_mask_baseline(
                 / 255
                 >= threshold
             )
-        ys, xs = np.nonzero(pred)
-        box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 0, 0]
-        sums.add(row["query_kind"], pred, true, [float(v) for v in box], list(row["box"]))
+        box = mask_box(pred) if pred.any() else [0.0, 0.0, 0.0, 0.0]
+        sums.add(row["query_kind"], pred, true, box, list(row["box"]))
     return sums.finalize()

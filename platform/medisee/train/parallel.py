@@ -137,27 +137,38 @@ def clip_gradients(module: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
+FULL_ON_CPU = {"full_state_dict": True, "cpu_offload": True, "ignore_frozen_params": True}
+
+
 def trainable_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:
     """Full (unsharded) trainable weights and AdamW state keyed by parameter name, on CPU; the same
     layout under either strategy, so a checkpoint resumes under the other one too.
 
     Every rank must call it (under FSDP it gathers); rank 0 gets the dicts, other ranks None.
     """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(module, options=options)
-    optim = get_optimizer_state_dict(module, optimizer, options=options)
+    weights = trainable_weights(module)
+    optim = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(**FULL_ON_CPU))
+    if _rank() != 0:
+        return None
+    if not is_sharded(module):
+        optim = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), optim)
+    return weights, optim
+
+
+def trainable_weights(module: nn.Module) -> dict | None:
+    """Full trainable weights only, on CPU (what a model artifact holds: the AdamW state, twice the
+    size of the weights, is not gathered). Every rank calls it; rank 0 gets the dict, others None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(module, options=StateDictOptions(**FULL_ON_CPU))
     if _rank() != 0:
         return None
     if not is_sharded(module):  # whole CPU tensors come back as the live ones: take a snapshot
-        weights, optim = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (weights, optim))
+        weights = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), weights)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    return {k: v for k, v in weights.items() if k in trainable}, optim
+    return {k: v for k, v in weights.items() if k in trainable}
 
 
 def reads_checkpoint(model: nn.Module) -> bool:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from medisee import storage, tracking
+from medisee.artifact.model_dir import MLFLOW_PATH as MODEL_ARTIFACT
+from medisee.artifact.model_dir import save_model_dir, start_from
 from medisee.config import (
     MediSeeConfig,
     TrainerConfig,
@@ -33,9 +35,7 @@ from medisee.config import (
     resume_differences,
 )
 from medisee.data.batch import collate
-from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
-from medisee.model.artifact import build_from_config
-from medisee.model.build import compile_language_model
+from medisee.model.build import build_from_config, compile_language_model
 from medisee.model.checkpoint import read_torch, write_torch
 from medisee.model.precision import resolve_precision
 from medisee.storage import StorageSettings
@@ -85,6 +85,7 @@ class RecipeState:
     last_validation: dict = field(default_factory=dict)
     scaler: torch.amp.GradScaler | None = None
     image_cache: ImageEmbeddingCache | None = None
+    parent: dict | None = None  # the model stage two started from (medisee.artifact.model_dir.start_from)
 
 
 def micro_batches_per_worker(t: TrainerConfig, world: int) -> int:
@@ -109,14 +110,12 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
     torch.manual_seed(cfg.run.seed)
     device = ray.train.torch.get_device()
     precision = resolve_precision(cfg.trainer.precision, device)
-    module = build_from_config(
-        cfg,
-        settings,
-        medisee_checkpoint=cfg.model.medisee_checkpoint,
-        training=True,
-        precision=precision,
-        device=device,
-    )
+    module = build_from_config(cfg, settings, training=True, precision=precision, device=device)
+    parent = None
+    if cfg.model.init_from:  # a resume then replaces these weights with the run's checkpoint
+        parent = start_from(
+            module, cfg, cfg.model.init_from, settings=settings, tracking_uri=cfg.tracking.uri
+        )
     if cfg.trainer.compile:
         compile_language_model(module)
     model = parallel.wrap(
@@ -142,6 +141,7 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
     val_uri = cfg.data.val_uri or next(iter(cfg.data.sources.values()))
     eval_rows = load_eval_rows(val_uri, "val", settings, cfg.trainer.eval_limit, rank, world)
     state = RecipeState(cfg, settings, rank, world, model, module, optimizer, scheduler, eval_rows)
+    state.parent = parent
     state.scaler = loss_scaler(precision, device)
     if cfg.trainer.image_embedding_cache_gib:
         state.image_cache = ImageEmbeddingCache(cfg.trainer.image_embedding_cache_gib)
@@ -154,6 +154,9 @@ def setup(cfg: MediSeeConfig, settings: StorageSettings, rank: int, world: int) 
         tracking.log_text(
             state.mlflow_client, state.mlflow_run_id, config_to_yaml(cfg), "config/resolved.yaml"
         )
+        for key, value in (parent or {}).items():
+            if value:
+                tracking.log_uri(state.mlflow_client, state.mlflow_run_id, f"parent.{key}", str(value))
     return state
 
 
@@ -432,9 +435,7 @@ def publish_model(state: RecipeState) -> None:
     """Rank 0 logs the model artifact (weights gathered from every rank) into the run."""
     import tempfile
 
-    from medisee.model.artifact import save_model_dir
-
-    gathered = parallel.trainable_state(state.module, state.optimizer)  # every rank joins the gather
+    weights = parallel.trainable_weights(state.module)  # every rank joins the gather
     if state.rank != 0:
         return
     latest = storage.join(checkpoint_dir(state.cfg), f"step-{state.step:08d}.pt")
@@ -444,8 +445,9 @@ def publish_model(state: RecipeState) -> None:
             state.cfg,
             tmp,
             settings=state.settings,
-            weights=gathered[0],
+            weights=weights,
             metrics=state.last_validation,
             source=latest,
+            parent=state.parent,
         )
         tracking.log_artifact_dir(state.mlflow_client, state.mlflow_run_id, tmp, MODEL_ARTIFACT)

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from medisee import storage, tracking
+from medisee.artifact.model_dir import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.config import MediSeeConfig, TrainerConfig
-from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.storage import StorageSettings
 from medisee.train.recipe import list_checkpoints, run_dir, train_loop_per_worker
 
@@ -76,7 +76,7 @@ def worker_start_timeout(seconds: float | None):
 def run_training(cfg: MediSeeConfig, register: str | None = None, alias: str | None = None) -> dict:
     """Train (or resume) `cfg.run.name`; returns the final metrics, checkpoint, MLflow run and model URI.
 
-    Rank 0 publishes the model artifact (medisee.model.artifact) into the run at the end; the driver
+    Rank 0 publishes the model artifact (medisee.artifact.model_dir) into the run at the end; the driver
     registers it. The artifact location is fixed here, before any worker starts.
     """
     from medisee.raylib import ensure_ray

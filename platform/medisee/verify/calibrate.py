@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 
+from medisee.metrics import balanced_accuracy
 from medisee.verify.decision import Thresholds, Verdict, decide
 from medisee.verify.scores import Scores
 
@@ -72,13 +73,6 @@ class CalibratedVerifier:
         return cls(**data)
 
 
-def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray) -> float:
-    truth, predicted = np.asarray(truth, bool), np.asarray(predicted, bool)
-    tpr = (predicted & truth).sum() / max(1, truth.sum())
-    tnr = (~predicted & ~truth).sum() / max(1, (~truth).sum())
-    return float((tpr + tnr) / 2)
-
-
 def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2) -> tuple[np.ndarray, float]:
     def loss(theta):
         w, b = theta[:-1], theta[-1]
@@ -100,7 +94,7 @@ def calibrate(evidence: list[Evidence], present: list[bool], grid: int = 21) -> 
     Among equally accurate thresholds, the ones that leave the fewest queries uncertain win
     (fewer fallback or judge decisions).
     """
-    if len(set(present)) < 2:
+    if len(set(present)) < 2:  # balanced accuracy (NaN with one class) is then always defined
         raise ValueError("calibration needs both true and false queries")
     y = np.asarray(present, bool)
     feats = np.stack([e.features() for e in evidence])

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -21,6 +22,9 @@ from PIL import Image
 from medisee.verify.decision import Verdict
 from medisee.verify.heatmap import overlay_png
 from medisee.verify.scores import Scores
+
+if TYPE_CHECKING:
+    from medisee.verify.calibrate import CalibratedVerifier, Evidence
 
 SYSTEM_PROMPT = (
     "You verify medical image segmentation queries. Given a medical image, a heatmap of where a "
@@ -141,3 +145,22 @@ def judge_from_config(verifier_cfg) -> Judge | None:
             v.judge_base_url, v.judge_model, v.judge_api_key_env, v.judge_timeout_s, v.judge_max_attempts
         )
     )
+
+
+def judged_verdicts(
+    judge: Judge,
+    verifier: CalibratedVerifier,
+    evidence: list[Evidence],
+    rows: list[dict],
+    similarities: list[np.ndarray],
+    clip_size: int,
+) -> list[Verdict]:
+    """One verdict per labelled row (`image_png`, `query`), the judge asked where the calibrated
+    rule is uncertain (`medisee.verify.verifier.verify`), e.g. to benchmark rejection with it."""
+    from medisee.data.codec import decode_image
+    from medisee.verify.verifier import verify  # imported here: verifier imports this module
+
+    return [
+        verify(e, verifier, judge, decode_image(r["image_png"]), s, r["query"], clip_size).verdict
+        for e, r, s in zip(evidence, rows, similarities, strict=True)
+    ]

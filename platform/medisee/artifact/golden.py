@@ -79,6 +79,7 @@ def check_golden(predictor, folder: Path) -> dict:
 def compare_golden(got: dict, want: dict) -> dict:
     """The comparison as a dict; GoldenMismatch listing every difference beyond tolerance."""
     from medisee.data.codec import rle_to_mask
+    from medisee.metrics import mask_iou
 
     tol = want["tolerance"]
     problems = []
@@ -90,9 +91,7 @@ def compare_golden(got: dict, want: dict) -> dict:
             problems.append(f"box differs by {worst:.2f} px > {tol['box_px']}")
     iou = 1.0
     if want["mask_rle"] and got["mask_rle"]:
-        a, b = rle_to_mask(got["mask_rle"]), rle_to_mask(want["mask_rle"])
-        union = np.logical_or(a, b).sum()
-        iou = float(np.logical_and(a, b).sum() / union) if union else 1.0
+        iou = mask_iou(rle_to_mask(got["mask_rle"]), rle_to_mask(want["mask_rle"]))
         if iou < tol["mask_iou"]:
             problems.append(f"mask IoU {iou:.4f} < {tol['mask_iou']}")
     for key in ("strength", "mask_score", "iou_score"):

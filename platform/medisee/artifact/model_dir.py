@@ -7,17 +7,14 @@
     <dir>/tokenizer/            the tokenizer with [SEG] / [BBOX] added
     <dir>/verifier.json         the verifier calibration (optional)
 
-`save_model_dir` writes one (locally or to s3://); `load_model_dir` reads one from a local path,
-s3://, `runs:/<id>/model`, `models:/<name>@<alias>` or `models:/<name>/<version>`;
-`build_from_config` is the one way a config becomes a model (the recipe uses it too).
+`save_model_dir` writes one (locally or to s3://); `load_model_dir` reads one from any reference
+medisee.artifact.fetch accepts; `describe_model` reads what jobs record without the weights;
+`load_predictor` is the Predictor of an artifact.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
-import shutil
 import tempfile
 import time
 import weakref
@@ -27,13 +24,23 @@ from pathlib import Path
 import torch
 import yaml
 
-from medisee import storage
-from medisee.config import MediSeeConfig, build_config, config_to_yaml
-from medisee.model.build import MODEL_PARTS, build_model
+from medisee import storage, tracking
+from medisee.artifact.fetch import (
+    download,
+    fetched,
+    is_local,
+    local_folder,
+    read_artifact_file,
+    remove_download,
+)
+from medisee.artifact.golden import write_golden
+from medisee.config import PRESET_IMAGE_SIZES, MediSeeConfig, build_config, config_to_yaml
+from medisee.infer.predictor import Predictor
+from medisee.model.build import MODEL_PARTS, build_from_config
 from medisee.model.checkpoint import CheckpointError, check_sha256
-from medisee.model.medisee import LossWeights, MediSee
-from medisee.model.precision import PRECISION_DTYPES
+from medisee.model.medisee import MediSee
 from medisee.storage import StorageSettings
+from medisee.verify.calibrate import CalibratedVerifier
 
 ARTIFACT_FORMAT = "medisee-model/1"
 MLFLOW_PATH = "model"  # where a training run keeps its model artifact among its MLflow artifacts
@@ -47,7 +54,7 @@ class LoadedModel:
     model: MediSee
     config: MediSeeConfig
     manifest: dict
-    calibration: object  # medisee.verify.calibrate.CalibratedVerifier
+    calibration: CalibratedVerifier
     local_dir: Path
     ref: str
     run_id: str | None = None
@@ -56,44 +63,6 @@ class LoadedModel:
     def sha256(self) -> str:
         """One digest for the artifact: of its weights file."""
         return self.manifest["files"][WEIGHTS]
-
-
-def build_from_config(
-    cfg: MediSeeConfig,
-    settings: StorageSettings | None = None,
-    *,
-    medisee_checkpoint: str | None = None,
-    training: bool = False,
-    tokenizer=None,
-    parts: tuple[str, ...] = MODEL_PARTS,
-    precision: str | None = None,
-    device: torch.device | str = "cpu",
-) -> MediSee:
-    """The model a config describes. Loss weights and gradient checkpointing only matter for training.
-
-    `precision` (resolved: bf16 | fp16 | fp32; see medisee.model.precision) sets the compute dtype and,
-    outside FSDP (which casts per layer itself), the dtype frozen MLLM weights are held in.
-    """
-    m = cfg.model
-    compute_dtype = PRECISION_DTYPES[precision] if precision else None
-    return build_model(
-        m.preset,
-        llava_path=m.llava_path,
-        sam_checkpoint=m.sam_checkpoint,
-        medisee_checkpoint=medisee_checkpoint,
-        tokenizer=tokenizer,
-        num_candidate_tokens=m.num_candidate_tokens,
-        loss_weights=LossWeights(box=m.box_loss_weight, similarity=m.similarity_loss_weight),
-        finetune=cfg.trainer.finetune,
-        gradient_checkpointing=training and cfg.trainer.gradient_checkpointing,
-        quantize=m.quantize,
-        compute_dtype=compute_dtype,
-        cast_frozen=cfg.trainer.strategy != "fsdp",
-        device=device,
-        settings=settings,
-        seed=cfg.run.seed,
-        parts=parts,
-    )
 
 
 # ----- saving ------------------------------------------------------------------------------------
@@ -107,18 +76,20 @@ def save_model_dir(
     calibration=None,
     metrics: dict | None = None,
     source: str | None = None,
+    parent: dict | None = None,
     golden: bool = True,
 ) -> dict:
     """Write the artifact to `output` (local or s3://); returns the manifest.
 
     `weights` defaults to the model's trainable parameters (pass gathered ones from a sharded run).
-    `golden` stores the answer to the golden query (medisee.infer.golden) for later load checks.
+    `parent`: the model this one was trained from (`start_from`'s lineage), recorded in the manifest.
+    `golden` stores the answer to the golden query (medisee.artifact.golden) for later load checks.
     """
     if storage.is_s3(str(output)):
         with tempfile.TemporaryDirectory() as tmp:
             manifest = save_model_dir(
                 model, cfg, tmp, weights=weights, calibration=calibration, metrics=metrics, source=source,
-                golden=golden,
+                parent=parent, golden=golden,
             )  # fmt: skip
             storage.upload_dir(tmp, str(output), settings)
             return manifest
@@ -145,9 +116,12 @@ def save_model_dir(
         "image_token_id": text.image_token_id,
         "num_image_tokens": text.num_image_tokens,
         "vocab_size": len(text.tokenizer),
+        "quantize": cfg.model.quantize,
+        "inputs": {"sam_size": model.sam_size, "clip_size": model.clip_size},
         "base": base_references(cfg, settings),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "source": source,
+        "parent": parent,
         "created_unix": int(time.time()),
     }
     manifest["files"] = file_digests(folder)
@@ -162,9 +136,6 @@ def save_model_dir(
 def add_golden_pair(folder: Path, settings: StorageSettings | None = None) -> None:
     """Answer the golden query with the model as saved (rebuilt from the folder, so a sharded or
     training-mode model in the caller does not matter) and store the answer."""
-    from medisee.infer.golden import write_golden
-    from medisee.infer.predictor import Predictor
-
     loaded = load_model_dir(folder, settings=settings)
     write_golden(folder, Predictor(loaded.model, loaded.calibration, early_reject=False))
 
@@ -212,8 +183,6 @@ def load_model_dir(
 
 
 def load_local(local: Path, ref: str, run_id, settings, device, dtype, parts) -> LoadedModel:
-    from medisee.verify.calibrate import CalibratedVerifier
-
     manifest = read_manifest(local, ref)
     cfg = build_config(yaml.safe_load((local / "config.yaml").read_text()))
     if "decoder" in parts:
@@ -242,97 +211,6 @@ def check_base_digests(cfg: MediSeeConfig, manifest: dict, settings: StorageSett
         check_sha256(cfg.model.sam_checkpoint, expected, settings)
 
 
-def download(
-    ref: str, settings: StorageSettings | None, tracking_uri: str | None
-) -> tuple[Path, str | None, Path | None]:
-    """(local folder of the artifact, MLflow run id when known, the temp folder to remove or None).
-
-    Downloads go to a new temp folder; every file stays inside it (a key or listing that would leave
-    it is refused) and the folder is removed again when the download fails.
-    """
-    if is_local(ref):
-        return local_folder(ref), None, None
-    temporary = Path(tempfile.mkdtemp(prefix="medisee-model-"))
-    try:
-        local, run_id = download_into(temporary, ref, settings, tracking_uri)
-    except BaseException:
-        remove_download(temporary)
-        raise
-    return local, run_id, temporary
-
-
-def is_local(ref: str) -> bool:
-    return not ref.startswith(("models:/", "runs:/")) and not storage.is_s3(ref)
-
-
-def local_folder(ref: str) -> Path:
-    path = Path(ref.removeprefix("file://"))
-    if not path.is_dir():
-        what = "not a directory" if path.exists() else "no such directory"
-        raise CheckpointError(ref, detail=f"{what}, and not an s3:// prefix, runs:/ or models:/ reference")
-    return path
-
-
-def download_into(folder: Path, ref: str, settings, tracking_uri) -> tuple[Path, str | None]:
-    try:
-        if storage.is_s3(ref):
-            if not storage.download_dir(ref, folder, settings):
-                raise CheckpointError(ref, detail="no files under this prefix")
-            return folder, None
-        from medisee import tracking
-
-        client = tracking.reader_for(tracking_uri, settings)
-        run_id = tracking.trained_run_id(client, ref)
-        return tracking.download_model(client, ref, folder), run_id
-    except storage.UnsafeKey as exc:
-        raise CheckpointError(ref, detail=f"refused: {exc}") from None
-
-
-def remove_download(folder: Path | None) -> None:
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def fetched(ref: str, settings: StorageSettings | None, tracking_uri: str | None):
-    """`(local folder, run id)` of an artifact for the block; a downloaded copy is removed after it."""
-    local, run_id, temporary = download(str(ref), settings, tracking_uri)
-    try:
-        yield local, run_id
-    finally:
-        remove_download(temporary)
-
-
-def fetch(ref: str, settings: StorageSettings | None, tracking_uri: str | None) -> tuple[Path, str | None]:
-    """A local directory holding the artifact, and the MLflow run that produced it (when known).
-
-    A downloaded copy is removed when this process exits; prefer `fetched`, which removes it sooner.
-    """
-    local, run_id, temporary = download(str(ref), settings, tracking_uri)
-    if temporary is not None:
-        atexit.register(remove_download, temporary)
-    return local, run_id
-
-
-def read_artifact_file(
-    ref: str, name: str, *, settings: StorageSettings | None = None, tracking_uri: str | None = None
-) -> bytes | None:
-    """One file of an artifact without fetching the rest (None when it has no such file)."""
-    ref = str(ref)
-    if ref.startswith(("models:/", "runs:/")):
-        from medisee import tracking
-
-        client = tracking.reader_for(tracking_uri, settings)
-        tracking.trained_run_id(client, ref)  # an unknown model or run is an error, not a missing file
-        with tempfile.TemporaryDirectory(prefix="medisee-file-") as folder:
-            try:
-                return tracking.download_model(client, ref, folder, file=name).read_bytes()
-            except Exception:  # mlflow raises different types for a missing artifact file
-                return None
-    uri = storage.join(ref.removeprefix("file://"), name)
-    return storage.read_bytes(uri, settings) if storage.exists(uri, settings) else None
-
-
 def describe_model(
     ref: str, *, settings: StorageSettings | None = None, tracking_uri: str | None = None
 ) -> dict:
@@ -341,8 +219,6 @@ def describe_model(
     ref = str(ref)
     name, version, run_id = ref, "", None
     if ref.startswith(("models:/", "runs:/")):
-        from medisee import tracking
-
         client = tracking.reader_for(tracking_uri, settings)
         run_id = tracking.trained_run_id(client, ref)
         if ref.startswith("models:/"):
@@ -362,8 +238,18 @@ def describe_model(
         "run_id": run_id,
         "sha256": manifest["files"][WEIGHTS],
         "manifest": manifest,
+        "inputs": input_sizes(manifest),
         "calibration_json": calibration.decode() if calibration is not None else None,
     }
+
+
+def input_sizes(manifest: dict) -> dict[str, int]:
+    """{"sam_size", "clip_size"}: the image sizes the model takes. Artifacts written before the
+    manifest recorded them hold a preset's architecture, whose sizes the preset fixes."""
+    if "inputs" in manifest:
+        return dict(manifest["inputs"])
+    sizes = PRESET_IMAGE_SIZES[manifest["preset"]]
+    return {"sam_size": sizes["sam_image_size"], "clip_size": sizes["clip_image_size"]}
 
 
 def read_manifest(local: Path, ref: str) -> dict:
@@ -409,3 +295,29 @@ def weights_for(model: MediSee, path: Path) -> dict[str, torch.Tensor]:
     weights = load_file(str(path))
     skip = tuple(prefix for prefix, part in (("llava.", model.llava), ("sam.", model.sam)) if part is None)
     return {k: v for k, v in weights.items() if not (skip and k.startswith(skip))}
+
+
+def load_predictor(
+    ref: str | Path, *, device="cpu", dtype=None, settings=None, tracking_uri=None, judge=None, **options
+) -> Predictor:
+    """The Predictor of an artifact; `options` go to Predictor (mode, early_reject, ...)."""
+    loaded = load_model_dir(ref, settings=settings, tracking_uri=tracking_uri, device=device, dtype=dtype)
+    return Predictor(loaded.model, loaded.calibration, judge, artifact=loaded, **options)
+
+
+def start_from(
+    model: MediSee, cfg: MediSeeConfig, ref: str, *, settings=None, tracking_uri=None
+) -> dict[str, str | None]:
+    """Stage two's start: the trained weights of the artifact `ref` loaded into `model`, freshly built
+    from `cfg`, which must name the artifact's preset and fine-tune mode. Returns the parent's
+    identity (ref, registered name and version, run id, weights sha256) for the lineage."""
+    parent = describe_model(ref, settings=settings, tracking_uri=tracking_uri)
+    manifest = parent["manifest"]
+    for key, ours in (("model.preset", cfg.model.preset), ("trainer.finetune", cfg.trainer.finetune)):
+        theirs = manifest[key.split(".")[1]]
+        if theirs != ours:
+            raise CheckpointError(ref, detail=f"trained with {key}={theirs!r}, this run has {ours!r}")
+    with fetched(ref, settings, tracking_uri) as (local, _):
+        check_tokens(model, read_manifest(local, ref), ref)
+        model.load_trainable_state_dict(weights_for(model, local / WEIGHTS), source=ref)
+    return {k: parent[k] for k in ("ref", "name", "version", "run_id", "sha256")}

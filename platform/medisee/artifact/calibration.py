@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 from medisee import storage, tracking
-from medisee.model.artifact import CALIBRATION, MANIFEST
-from medisee.model.artifact import MLFLOW_PATH as MODEL_ARTIFACT
+from medisee.artifact.model_dir import CALIBRATION, MANIFEST
+from medisee.artifact.model_dir import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.verify.calibrate import CalibratedVerifier
 
 
