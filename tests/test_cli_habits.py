@@ -6,12 +6,12 @@ from __future__ import annotations
 import io
 import json
 import re
+import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import typer
 from PIL import Image
 from typer.testing import CliRunner

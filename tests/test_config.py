@@ -85,7 +85,7 @@ def test_a_resume_may_change_run_length_but_not_the_model_or_data():
 
 def test_resuming_with_a_changed_model_is_an_error_naming_the_key():
     from medisee.config import config_to_yaml
-    from medisee.train.recipe import check_resumable
+    from medisee.train.checkpoints import check_resumable
 
     saved = config_to_yaml(load_config("tiny"))
     check_resumable(saved, load_config("tiny", ["trainer.max_steps=9"]), "step-00000003.pt")

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from medisee.model.checkpoint import read_torch
-from medisee.train.recipe import list_checkpoints
+from medisee.train.checkpoints import list_checkpoints
 from medisee.train.trainer import run_training
 from tests.ops.conftest import add_worker, report_drill
 from tests.train.runs import phantom_run_config

@@ -102,7 +102,8 @@ def test_acc50_is_strictly_above_one_half_and_box_is_scored_as_passed():
 def test_half_written_checkpoints_are_never_picked_up(tmp_path):
     from medisee.config import load_config
     from medisee.storage import StorageSettings
-    from medisee.train.recipe import checkpoint_dir, list_checkpoints, lr_lambda
+    from medisee.train.checkpoints import checkpoint_dir, list_checkpoints
+    from medisee.train.recipe import lr_lambda
 
     cfg = load_config("tiny", [f"run.storage_uri={tmp_path}", "run.name=r"])
     folder = tmp_path / "r" / "checkpoints"

@@ -222,7 +222,7 @@ class Ingress:
             parts = await self.run(response_parts, results, req.image, req, self.args.max_render_side)
         except ApiError as exc:
             return error(exc.status, exc.message, request_id, exc.headers)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return error(
                 503,
                 f"no answer within {self.args.request_timeout_s} s; try again",
@@ -256,7 +256,7 @@ class Ingress:
 
             try:
                 golden = await asyncio.wait_for(self.golden(), self.args.request_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return self.not_ready("the model deployments did not answer in time", None)
             except GoldenMismatch as exc:
                 return self.not_ready("the golden pair did not come back as stored", exc)

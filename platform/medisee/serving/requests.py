@@ -132,7 +132,7 @@ async def read_body(
             chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.001))
         except StopAsyncIteration:
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(408, too_slow(total, loop.time() - started, timeout_s, min_rate)) from None
         total += len(chunk)
         if total > limit:

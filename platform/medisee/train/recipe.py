@@ -1,10 +1,7 @@
 """The MediSee fine-tuning recipe, run by every Ray Train worker.
 
-Explicit steps, as in torchtune recipes:  setup -> load_checkpoint -> train (evaluate, save_checkpoint).
-
-Checkpoints are single files `<run>/checkpoints/step-00000100.pt` written atomically through
-medisee.storage by rank 0, holding only the trained parameters (whole, gathered from the shards
-under FSDP; see medisee.train.parallel) plus optimiser, scheduler, RNG and data position. The latest complete file is what a worker retry or a whole-job re-run resumes from.
+Explicit steps, as in torchtune recipes:  setup -> load_checkpoint -> train (evaluate, save_checkpoint)
+-> publish_model. What a checkpoint holds and which ones are kept: medisee.train.checkpoints.
 
 An elastic run (trainer.min_workers) may resume on fewer or more workers than wrote the checkpoint:
 each step keeps the global batch of `trainer.num_workers` workers (`micro_batches_per_worker`), so
@@ -15,54 +12,33 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import re
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from medisee import storage, tracking
 from medisee.artifact.model_dir import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.artifact.model_dir import save_model_dir, start_from
-from medisee.config import (
-    MediSeeConfig,
-    TrainerConfig,
-    build_config,
-    config_to_yaml,
-    flatten,
-    resume_differences,
-)
+from medisee.config import MediSeeConfig, TrainerConfig, build_config, config_to_yaml, flatten
 from medisee.data.batch import collate
 from medisee.model.build import build_from_config, compile_language_model
-from medisee.model.checkpoint import read_torch, write_torch
 from medisee.model.precision import resolve_precision
 from medisee.storage import StorageSettings
 from medisee.train import parallel
+from medisee.train.checkpoints import (
+    checkpoint_uri,
+    gather_rng_states,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
+    restore_rng_state,
+    run_dir,
+    write_checkpoint,
+)
 from medisee.train.embedding_cache import ImageEmbeddingCache
 from medisee.train.evaluate import evaluate_rows, load_eval_rows
 from medisee.train.step import as_numbers, loss_scaler, train_step
-
-CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.pt$")
-CHECKPOINT_FORMAT = "medisee-train-checkpoint/2"  # /2: optimiser state keyed by parameter name
-
-
-def run_dir(cfg: MediSeeConfig) -> str:
-    return storage.join(cfg.run.storage_uri, cfg.run.name)
-
-
-def checkpoint_dir(cfg: MediSeeConfig) -> str:
-    return storage.join(run_dir(cfg), "checkpoints")
-
-
-def list_checkpoints(cfg: MediSeeConfig, settings: StorageSettings) -> list[tuple[int, str]]:
-    found = []
-    for uri in storage.list_files(checkpoint_dir(cfg), (".pt",), settings):
-        match = CHECKPOINT_NAME.search(uri)
-        if match:
-            found.append((int(match[1]), uri))
-    return sorted(found)
 
 
 @dataclass
@@ -165,20 +141,15 @@ def load_checkpoint(state: RecipeState) -> bool:
     found = list_checkpoints(state.cfg, state.settings)
     if not found:
         return False
-    step, uri = found[-1]
-    payload = read_torch(uri, state.settings) if parallel.reads_checkpoint(state.model) else {}
-    weights, optimizer_state = payload.pop("model", None), payload.pop("optimizer", None)
-    payload = parallel.broadcast_object(payload, state.model)  # step, RNG, scheduler, ...: small
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{uri}: format {payload.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
-    check_resumable(payload["config"], state.cfg, uri)
+    _, uri = found[-1]
+    payload, weights, optimizer_state = read_checkpoint(uri, state.cfg, state.settings, state.model)
     parallel.load_trainable_state(state.module, state.optimizer, weights, optimizer_state, uri)
     state.scheduler.load_state_dict(payload["scheduler"])
     if state.scaler is not None and payload.get("loss_scaler"):
         state.scaler.load_state_dict(payload["loss_scaler"])
     state.step, state.epoch, state.step_in_epoch = payload["step"], payload["epoch"], payload["step_in_epoch"]
     state.best = {int(k): v for k, v in payload.get("best", {}).items()}
-    _set_rng_state(payload["rng"][min(state.rank, len(payload["rng"]) - 1)])
+    restore_rng_state(payload["rng"], state.rank)
     if state.rank == 0:
         accumulation = micro_batches_per_worker(state.cfg.trainer, state.world)
         print(
@@ -193,50 +164,16 @@ def load_checkpoint(state: RecipeState) -> bool:
     return True
 
 
-def check_resumable(saved_yaml: str, cfg: MediSeeConfig, uri: str) -> None:
-    """A resume may change how long and where the run goes, never the model or the data."""
-    import yaml
-
-    changed = resume_differences(build_config(yaml.safe_load(saved_yaml)), cfg)
-    if changed:
-        details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
-        raise ValueError(
-            f"cannot resume from {uri}: the configuration changed in keys that alter the model or the data "
-            f"({details}). Use a new run.name for a different model or data."
-        )
-
-
-def _rng_state() -> dict:
-    """RNG states in types that `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-    }
-
-
-def _set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    kind, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate((rng["python_version"], tuple(rng["python"]), None))
-
-
 def save_checkpoint(state: RecipeState, metric: float | None = None) -> str | None:
     """Rank 0 writes one atomic file; keeps the best `trainer.keep_best` by metric plus the latest."""
-    rngs = _gather_objects(_rng_state(), state.world)
+    rngs = gather_rng_states(state.world)
     gathered = parallel.trainable_state(state.module, state.optimizer)  # every rank joins the gather
     if state.rank != 0:
         return None
     weights, optimizer_state = gathered
     if metric is not None:
         state.best[state.step] = float(metric)
-    uri = storage.join(checkpoint_dir(state.cfg), f"step-{state.step:08d}.pt")
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "step": state.step,
+    fields = {
         "epoch": state.epoch,
         "step_in_epoch": state.step_in_epoch,
         "model": weights,
@@ -245,33 +182,13 @@ def save_checkpoint(state: RecipeState, metric: float | None = None) -> str | No
         "loss_scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "rng": rngs,
         "best": state.best,
-        "config": config_to_yaml(state.cfg),
-        "preset": state.cfg.model.preset,
     }
-    write_torch(payload, uri, state.settings)
-    keep = {s for s, _ in sorted(state.best.items(), key=lambda kv: -kv[1])[: state.cfg.trainer.keep_best]}
-    found = list_checkpoints(state.cfg, state.settings)
-    for step, old in found[:-1]:
-        if step not in keep:
-            storage.delete(old, state.settings)
+    uri = write_checkpoint(state.cfg, state.settings, state.step, fields)
+    best = prune_checkpoints(state.cfg, state.settings, state.best)
     tracking.log_uri(state.mlflow_client, state.mlflow_run_id, "checkpoint.latest", uri)
-    if keep:
-        best_step = max(state.best, key=state.best.get)
-        tracking.log_uri(
-            state.mlflow_client,
-            state.mlflow_run_id,
-            "checkpoint.best",
-            storage.join(checkpoint_dir(state.cfg), f"step-{best_step:08d}.pt"),
-        )
+    if best is not None:
+        tracking.log_uri(state.mlflow_client, state.mlflow_run_id, "checkpoint.best", best)
     return uri
-
-
-def _gather_objects(obj, world: int) -> list:
-    if world > 1 and torch.distributed.is_initialized():
-        out = [None] * world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 def evaluate(state: RecipeState) -> dict[str, float]:
@@ -438,7 +355,7 @@ def publish_model(state: RecipeState) -> None:
     weights = parallel.trainable_weights(state.module)  # every rank joins the gather
     if state.rank != 0:
         return
-    latest = storage.join(checkpoint_dir(state.cfg), f"step-{state.step:08d}.pt")
+    latest = checkpoint_uri(state.cfg, state.step)
     with tempfile.TemporaryDirectory() as tmp:
         save_model_dir(
             state.module,

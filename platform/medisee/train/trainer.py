@@ -10,7 +10,8 @@ from medisee import storage, tracking
 from medisee.artifact.model_dir import MLFLOW_PATH as MODEL_ARTIFACT
 from medisee.config import MediSeeConfig, TrainerConfig
 from medisee.storage import StorageSettings
-from medisee.train.recipe import list_checkpoints, run_dir, train_loop_per_worker
+from medisee.train.checkpoints import list_checkpoints, run_dir
+from medisee.train.recipe import train_loop_per_worker
 
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 

@@ -9,7 +9,7 @@ from enum import Enum
 from medisee.verify.scores import Scores
 
 
-class Verdict(str, Enum):
+class Verdict(str, Enum):  # noqa: UP042 (StrEnum would change what format() gives)
     PRESENT = "present"
     ABSENT = "absent"
     UNCERTAIN = "uncertain"
