@@ -77,7 +77,6 @@ class TrackingConfig(Section):
     uri: str = "sqlite:///.medisee/mlflow.db"
     artifact_location: str | None = None
     experiment: str = "medisee"
-    registered_model: str = "medisee"
 
 
 # Input limits: one default each for every front end (prepare, batch scoring, serving); what each

@@ -94,7 +94,7 @@ def mlmr_sd_layout(root: Path) -> Path:
         "class_text": "liver",
         "long": "Which organ is affected by hepatitis here?",
         "short": "Which organ makes bile?",
-        "bbox": [26, 16, 45, 35],
+        "bbox": [0.4, 0.3, 0.6, 0.7],  # normalised [x0, y0, x1, y1], as the MLMR-SD test file gives it
     }
     (base / "test.jsonl").write_text(json.dumps(line) + "\n")
     return base

@@ -91,8 +91,7 @@ def with_test_boxes(base, boxes):
 
 
 def test_mlmr_sd_train_and_test(tmp_path):
-    base = with_test_boxes(mlmr_sd_layout(tmp_path), [[0.4, 0.3, 0.6, 0.7]])
-    manifest, rows, quarantine = read_output_of("mlmr-sd", base, tmp_path)
+    manifest, rows, quarantine = read_output_of("mlmr-sd", mlmr_sd_layout(tmp_path), tmp_path)
     assert not quarantine
     kinds = {(r["class_name"], r["query_kind"], r["split"]) for r in rows}
     assert (

@@ -4,15 +4,20 @@ Read from Edisonhimself/MediSee at commit 5b2cd5d74b76b7c3cdac64ef0c1fad8000dc70
 `utils/utils.py` (MED_SEG_QUESTION_LIST_4_SEGPLUSBOX, the answer lists), `utils/reasoning_med_seg.py`
 (training rows lower-case the query and the explanation), `utils/seg_med_2d_dataset.py` (training
 rows lower-case the class name) and `utils/dataset.py`
-(`ValDataset_Reasoning_Med_Seg_with_explanation_long`: one fixed suffix, the text as written).
+(`ValDataset_Reasoning_Med_Seg_with_explanation_long`: one fixed suffix, the text as written;
+`ValDataset_SAMed2D_default`: one referring question, the class text as written, the answer
+"[SEG] and [BBOX].").
 """
 
+import hashlib
 import json
 
+import numpy as np
 import pytest
 
 from medisee.config import PrepareConfig
-from medisee.data import prompts
+from medisee.data import phantom, prompts
+from medisee.data.records import LoadedImage, LoadedTarget, record_id, rows_for_image
 from tests.data.layouts import mlmr_sd_layout
 
 # The six request suffixes of the reference, in its order (after "{med_prompt} ").
@@ -25,6 +30,15 @@ REFERENCE_SUFFIXES = [
     "Please output segmentation mask and location bounding box, and give some explanation.",
 ]
 REFERENCE_VALIDATION_SUFFIX = "Please output segmentation mask and location bounding box, and explain why."
+# The reference's four referring questions, in its order, and the one its validation dataset asks.
+REFERENCE_REFERRING = [
+    "Can you segment and locate the {} in this image?",
+    "Please segment and locate the {} in this image.",
+    "What is {} in this image? Please respond with segmentation mask and location bounding box.",
+    "What is {} in this image? Please output segmentation mask and location bounding box.",
+]
+REFERENCE_VALIDATION_REFERRING = "Please segment and locate the {} in this image."
+REFERENCE_FIXED_ANSWER = "[SEG] and [BBOX]."
 KEYS = [f"src/img{i}/liver/000/reasoning_long" for i in range(80)]
 
 
@@ -111,3 +125,109 @@ def test_mlmr_sd_val_and_test_rows_use_the_validation_suffix(tmp_path):
     assert sorted(questions["test"]) == sorted(
         f"{line[n]} {REFERENCE_VALIDATION_SUFFIX}" for line in lines for n in ("long", "short")
     )
+
+
+def _drawn(options: list[str], key: str) -> str:
+    """The option a training row draws: blake2b-64 of the key, little-endian, modulo the count."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return options[int.from_bytes(digest, "little") % len(options)]
+
+
+def test_eval_referring_rows_ask_the_validation_question_with_the_fixed_answer():
+    for key in KEYS:
+        assert prompts.referring("Liver", key, for_eval=True) == (
+            REFERENCE_VALIDATION_REFERRING.format("Liver"),  # the class text as written
+            REFERENCE_FIXED_ANSWER,
+        )
+        question, answer = prompts.false_query("Inferior_Vena_Cava", key, for_eval=True)
+        assert question == REFERENCE_VALIDATION_REFERRING.format("Inferior Vena Cava")
+        assert answer == "There is no Inferior Vena Cava in this image."
+    assert prompts.EVAL_REFERRING_QUERY.format(name="{}") == REFERENCE_VALIDATION_REFERRING
+
+
+def test_training_referring_rows_still_draw_a_question_and_an_answer():
+    questions = set()
+    for key in KEYS:
+        question, answer = prompts.referring("Liver", key)
+        assert question == _drawn(REFERENCE_REFERRING, key + "/q").format("liver")
+        assert answer == _drawn(list(prompts.ANSWERS), key + "/a")
+        questions.add(question)
+    assert len(questions) == len(REFERENCE_REFERRING)
+
+
+def _image(split: str) -> LoadedImage:
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 2:6] = True
+    return LoadedImage(
+        "k", "ref", "ct", split, np.zeros((8, 8, 3), np.uint8), [LoadedTarget("Liver", mask, "m")], ["Kidney"]
+    )
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_val_and_test_records_use_the_validation_referring_question(split):
+    by_kind = {r["query_kind"]: r for r in rows_for_image("src", _image(split))}
+    assert (by_kind["referring"]["query"], by_kind["referring"]["answer"]) == (
+        "Please segment and locate the Liver in this image.",
+        "[SEG] and [BBOX].",
+    )
+    assert by_kind["false_query"]["query"] == "Please segment and locate the Kidney in this image."
+    assert by_kind["false_query"]["answer"] == "There is no Kidney in this image."
+
+
+def test_train_records_keep_the_drawn_referring_question():
+    by_kind = {r["query_kind"]: r for r in rows_for_image("src", _image("train"))}
+    key = record_id("src", "k", "Liver", 0, "referring")
+    assert by_kind["referring"]["query"] == _drawn(REFERENCE_REFERRING, key + "/q").format("liver")
+    assert by_kind["referring"]["answer"] == _drawn(list(prompts.ANSWERS), key + "/a")
+    false_key = record_id("src", "k", "Kidney", "absent", "false_query")
+    assert by_kind["false_query"]["query"] == _drawn(REFERENCE_REFERRING, false_key + "/q").format("kidney")
+
+
+def _phantom_queries(val_fraction: float) -> dict[str, list]:
+    """(query, organ text it was built from) of the phantom converter's targets, by split."""
+    from medisee.data.sources import phantom_source
+    from medisee.data.sources.context import ConvertContext
+    from medisee.storage import StorageSettings
+
+    prepare = PrepareConfig(phantom_images=12, phantom_size=64, val_fraction=val_fraction)
+    ctx = ConvertContext(settings=StorageSettings(), prepare=prepare, source="phantom")
+    out: dict[str, list] = {}
+    for spec in phantom_source.specs("-", ctx):
+        for loaded in phantom_source.load(spec, ctx):
+            for target in loaded.targets:
+                out.setdefault(loaded.split, []).extend((target.class_name, q) for q in target.queries)
+    return out
+
+
+def test_phantom_val_rows_use_the_evaluation_forms():
+    val = _phantom_queries(0.99)["val"]
+    organ_texts = {text for o in phantom.ORGANS for text in (o.short, o.long)}
+    reasoning = 0
+    for name, query in val:
+        if query.kind == "referring":
+            assert (query.text, query.answer) == (
+                REFERENCE_VALIDATION_REFERRING.format(name),
+                REFERENCE_FIXED_ANSWER,
+            )
+            continue
+        reasoning += 1
+        asked = query.text.removesuffix(" " + REFERENCE_VALIDATION_SUFFIX)
+        assert asked != query.text  # the validation suffix, and the query as written
+        assert (
+            asked in organ_texts or asked.startswith("Which structure") or asked.startswith("Which labelled")
+        )
+        assert query.answer.endswith(query.explanation.rstrip("."))  # the explanation keeps its case
+    assert reasoning == len(val) / 2
+
+
+def test_phantom_train_rows_are_unchanged():
+    train = _phantom_queries(0.0)["train"]
+    for name, query in train:
+        if query.kind == "referring":
+            assert (
+                query.text in [q.format(name) for q in REFERENCE_REFERRING]
+                and query.answer in prompts.ANSWERS
+            )
+        else:
+            asked, suffix = query.text.split("? ", 1)
+            assert asked == asked.lower() and suffix in REFERENCE_SUFFIXES

@@ -154,7 +154,9 @@ def generate(seed: int, index: int, size: int = 128) -> tuple[np.ndarray, dict[s
     return np.clip(image, 0, 255).astype(np.uint8), masks
 
 
-def location_query(name: str, masks: dict[str, np.ndarray], key: str = "") -> Query | None:
+def location_query(
+    name: str, masks: dict[str, np.ndarray], key: str = "", for_eval: bool = False
+) -> Query | None:
     """A location-oriented query when the target is the unique extreme of its image."""
     if len(masks) < 2:
         return None
@@ -184,28 +186,34 @@ def location_query(name: str, masks: dict[str, np.ndarray], key: str = "") -> Qu
     )
     for target, text, explanation in phrases:
         if target == name:
-            return reasoning_query("reasoning_short", text, explanation, key)
+            return reasoning_query("reasoning_short", text, explanation, key, for_eval)
     return None
 
 
-def reasoning_query(kind: str, text: str, explanation: str, key: str) -> Query:
-    question, answer = prompts.reasoning(text, explanation, key)
+def reasoning_query(kind: str, text: str, explanation: str, key: str, for_eval: bool = False) -> Query:
+    question, answer = prompts.reasoning(text, explanation, key, for_eval)
     return Query(kind, question, answer, explanation)
 
 
-def queries_for(name: str, masks: dict[str, np.ndarray], key: str) -> list[Query]:
+def queries_for(name: str, masks: dict[str, np.ndarray], key: str, for_eval: bool = False) -> list[Query]:
+    """A referring query and one reasoning query for `name`; `for_eval` (val/test images) gives
+    them the evaluation forms of `prompts`."""
     organ = ORGANS[ORGAN_NAMES.index(name)]
-    text, answer = prompts.referring(name, key)
+    text, answer = prompts.referring(name, key, for_eval)
     out = [Query("referring", text, answer)]
     location = (
-        location_query(name, masks, key + "/reasoning")
+        location_query(name, masks, key + "/reasoning", for_eval)
         if prompts.pick(range(100), key + "/loc") < LOCATION_SHARE * 100
         else None
     )
     if location is not None:
         out.append(location)
     elif prompts.pick((0, 1), key + "/len"):
-        out.append(reasoning_query("reasoning_long", organ.long, organ.explanation, key + "/reasoning"))
+        out.append(
+            reasoning_query("reasoning_long", organ.long, organ.explanation, key + "/reasoning", for_eval)
+        )
     else:
-        out.append(reasoning_query("reasoning_short", organ.short, organ.explanation, key + "/reasoning"))
+        out.append(
+            reasoning_query("reasoning_short", organ.short, organ.explanation, key + "/reasoning", for_eval)
+        )
     return out

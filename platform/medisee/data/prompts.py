@@ -4,8 +4,9 @@ Referring rows (SA-Med2D-20M style) ask for a class by name; reasoning rows (MLM
 one of six request suffixes to the query, and their answers put the candidate tokens first and the
 explanation after. Choices are made by hashing the record id so a conversion is reproducible.
 As in the reference's training datasets, class names, reasoning queries and explanations are
-lower-cased; evaluation reasoning rows follow its validation dataset instead: one fixed suffix and
-the query as written.
+lower-cased; evaluation rows (val/test splits) follow its validation datasets instead: referring
+rows ask one fixed question with the class name as written and take the fixed answer, reasoning
+rows end with one fixed suffix and keep the query as written.
 `TEMPLATE_VERSION` names this set of sentences; model artifacts record it.
 """
 
@@ -36,6 +37,8 @@ REFERRING_QUERIES = (
     "What is {name} in this image? Please respond with segmentation mask and location bounding box.",
     "What is {name} in this image? Please output segmentation mask and location bounding box.",
 )
+# The reference's validation referring dataset asks every class with this one question.
+EVAL_REFERRING_QUERY = REFERRING_QUERIES[1]
 
 ANSWERS = (
     "It is [SEG] and [BBOX].",
@@ -70,6 +73,14 @@ FALSE_ANSWER = "There is no {name} in this image."
 FIXED_ANSWER = "[SEG] and [BBOX]."
 
 
+# Splits whose rows take the evaluation forms.
+EVAL_SPLITS = ("val", "test")
+
+
+def is_eval_split(split: str) -> bool:
+    return split in EVAL_SPLITS
+
+
 def class_text(name: str) -> str:
     """`inferior_vena_cava` → `inferior vena cava`."""
     return " ".join(name.replace("_", " ").replace("-", " ").split())
@@ -86,8 +97,20 @@ def pick(options, key: str):
     return options[int.from_bytes(digest, "little") % len(options)]
 
 
-def referring(name: str, key: str) -> tuple[str, str]:
-    return pick(REFERRING_QUERIES, key + "/q").format(name=_asked_name(name)), pick(ANSWERS, key + "/a")
+def _referring_question(name: str, key: str, for_eval: bool) -> str:
+    if for_eval:
+        return EVAL_REFERRING_QUERY.format(name=class_text(name))
+    return pick(REFERRING_QUERIES, key + "/q").format(name=_asked_name(name))
+
+
+def referring(name: str, key: str, for_eval: bool = False) -> tuple[str, str]:
+    """(question, answer) of a referring row.
+
+    `for_eval` (val/test rows) asks the reference's validation question with the class name's case
+    kept and answers with `FIXED_ANSWER`; training rows draw a question and an answer.
+    """
+    answer = FIXED_ANSWER if for_eval else pick(ANSWERS, key + "/a")
+    return _referring_question(name, key, for_eval), answer
 
 
 def _reasoning_question(query: str, key: str, for_eval: bool) -> str:
@@ -111,6 +134,10 @@ def reasoning(query: str, explanation: str | None, key: str, for_eval: bool = Fa
     return question, answer[:-1] if answer.endswith("..") else answer
 
 
-def false_query(name: str, key: str) -> tuple[str, str]:
-    asked = _asked_name(name)
-    return pick(REFERRING_QUERIES, key + "/q").format(name=asked), FALSE_ANSWER.format(name=asked)
+def false_query(name: str, key: str, for_eval: bool = False) -> tuple[str, str]:
+    """(question, answer) of a false-premise row: a referring question about an absent class.
+
+    `for_eval` asks it as `referring` does for val/test rows (the reference has no false rows there).
+    """
+    asked = class_text(name) if for_eval else _asked_name(name)
+    return _referring_question(name, key, for_eval), FALSE_ANSWER.format(name=asked)

@@ -75,11 +75,13 @@ def _quarantine(rid: str, source: str, input_ref: str, err: BadRecord) -> dict:
     return row
 
 
-def _target_queries(source: str, image_key: str, target: LoadedTarget) -> list[tuple[str, Query]]:
+def _target_queries(
+    source: str, image_key: str, target: LoadedTarget, for_eval: bool
+) -> list[tuple[str, Query]]:
     queries = target.queries
     if queries is None:
         key = record_id(source, image_key, target.class_name, target.instance, "referring")
-        text, answer = prompts.referring(target.class_name, key)
+        text, answer = prompts.referring(target.class_name, key, for_eval)
         queries = [Query("referring", text, answer)]
     return [(record_id(source, image_key, target.class_name, target.instance, q.kind), q) for q in queries]
 
@@ -87,8 +89,11 @@ def _target_queries(source: str, image_key: str, target: LoadedTarget) -> list[t
 def rows_for_image(source: str, loaded: LoadedImage, mask_format: str = "png") -> list[dict]:
     """All output rows (shard or quarantine) for one image."""
     out: list[dict] = []
+    for_eval = prompts.is_eval_split(loaded.split)
     candidates = [
-        (t, rid, q) for t in loaded.targets for rid, q in _target_queries(source, loaded.image_key, t)
+        (t, rid, q)
+        for t in loaded.targets
+        for rid, q in _target_queries(source, loaded.image_key, t, for_eval)
     ]
     false_ids = [
         (name, record_id(source, loaded.image_key, name, "absent", "false_query"))
@@ -145,7 +150,7 @@ def rows_for_image(source: str, loaded: LoadedImage, mask_format: str = "png") -
         out.append(row)
 
     for name, rid in false_ids:
-        text, answer = prompts.false_query(name, rid)
+        text, answer = prompts.false_query(name, rid, for_eval)
         row = dict(base)
         row.update(
             record_id=rid,

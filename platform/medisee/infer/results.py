@@ -37,10 +37,11 @@ class Decoded:
 
     box: tuple[float, float, float, float]  # pixel xyxy in the original image, clipped to it
     box_unclipped: tuple[float, float, float, float]  # as the decoder predicts it (metrics use this)
-    mask: np.ndarray  # bool H×W of the original image
+    mask: np.ndarray | None  # bool H×W of the original image (None once sent on as `mask_rle`)
     mask_score: float  # mean foreground probability inside the mask
     iou_score: float  # SAM's predicted IoU
     area_fraction: float
+    mask_rle: str | None = None  # the mask as COCO RLE text, where it crosses a process boundary
 
 
 @dataclass
@@ -58,6 +59,7 @@ class QueryResult:
     box: tuple[float, float, float, float] | None = None
     box_unclipped: tuple[float, float, float, float] | None = None
     mask: np.ndarray | None = None
+    mask_rle: str | None = None  # instead of `mask` where results cross processes (serving)
     similarity: np.ndarray | None = None
     mask_score: float | None = None
     iou_score: float | None = None
@@ -89,9 +91,10 @@ def assemble(
             screening.purity,
         )
     if decoded is not None:
-        result.box, result.box_unclipped, result.mask = decoded.box, decoded.box_unclipped, decoded.mask
+        result.box, result.box_unclipped = decoded.box, decoded.box_unclipped
+        result.mask, result.mask_rle = decoded.mask, decoded.mask_rle
         result.mask_score, result.iou_score = decoded.mask_score, decoded.iou_score
         result.area_fraction = decoded.area_fraction
     if early_reject and verdict == "absent":
-        result.box = result.box_unclipped = result.mask = None
+        result.box = result.box_unclipped = result.mask = result.mask_rle = None
     return result

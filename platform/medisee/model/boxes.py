@@ -16,11 +16,6 @@ def cxcywh_to_xyxy(box: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
 
 
-def xyxy_to_cxcywh(box: torch.Tensor) -> torch.Tensor:
-    x1, y1, x2, y2 = box.unbind(-1)
-    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
-
-
 def normalized_to_frame(box_norm_xyxy: torch.Tensor, resized_hw: torch.Tensor) -> torch.Tensor:
     """Normalised xyxy (B,4) -> pixel xyxy in the padded SAM frame; resized_hw (B,2) = (h, w)."""
     h, w = resized_hw[:, 0:1].to(box_norm_xyxy), resized_hw[:, 1:2].to(box_norm_xyxy)

@@ -208,7 +208,8 @@ def decoded_of(row: dict, j: int) -> Decoded | None:
     return Decoded(
         box=tuple(row["box"][j]),
         box_unclipped=tuple(row["box_unclipped"][j]),
-        mask=row["mask_rle"][j],
+        mask=None,
+        mask_rle=row["mask_rle"][j],
         mask_score=row["mask_score"][j],
         iou_score=row["iou_score"][j],
         area_fraction=row["area_fraction"][j],
@@ -290,7 +291,7 @@ def result_rows(row: dict, stage, early_reject: bool, model_info: dict) -> list[
 
 
 def result_row(row: dict, j: int, result, decoded: bool, model_info: dict) -> dict:
-    """Output row of query j of an image row; `result.mask` is the RLE text (None when rejected)."""
+    """Output row of query j of an image row; its mask comes as RLE text (None when rejected)."""
     return {
         "status": "result",
         "record_id": row["record_ids"][j],
@@ -313,8 +314,8 @@ def result_row(row: dict, j: int, result, decoded: bool, model_info: dict) -> di
         "decoded": decoded,
         "box": list(result.box) if result.box else None,
         "box_unclipped": list(result.box_unclipped) if result.box_unclipped else None,
-        "mask_rle": result.mask,
-        "mask_area": rle_area(result.mask) if result.mask else None,
+        "mask_rle": result.mask_rle,
+        "mask_area": rle_area(result.mask_rle) if result.mask_rle else None,
         "t_decode_s": row.get("t_decode"),
         "t_mllm_s": row.get("t_mllm"),
         "t_verifier_s": row.get("t_verifier"),

@@ -115,7 +115,7 @@ class DecoderDeployment(_Versioned):
 
         out: list[list] = [[] for _ in images]
         for i, d in zip(index, decoded, strict=True):
-            d.mask = mask_to_rle(d.mask)  # small across the handle; the ingress decodes what it returns
+            d.mask_rle, d.mask = mask_to_rle(d.mask), None  # small across the handle
             out[i].append(d)
         return out
 

@@ -285,7 +285,7 @@ class Ingress:
             raise RuntimeError(f"{self.model} stores no golden pair")
         want = json.loads(want)
         (result,), _ = await self.answer(decode_image(png), [want["query"]], self.model, early_reject=False)
-        return compare_golden(answer_dict(result, result.mask), want)
+        return compare_golden(answer_dict(result, result.mask_rle), want)
 
     @api.get("/v1/models")
     async def models(self, request: Request):

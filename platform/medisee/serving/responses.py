@@ -59,7 +59,7 @@ def overlay_png(image: np.ndarray, results: list, masks: list, max_side: int) ->
 
 
 def result_json(result, mask: np.ndarray | None, hw: tuple[int, int], options, max_side: int) -> dict:
-    """`result.mask` is the RLE text the decoder deployment returned (None when rejected or not
+    """`result.mask_rle` is the RLE text the decoder deployment returned (None when rejected or not
     found); `mask` the same decoded."""
     out = {
         "query": result.query,
@@ -78,7 +78,7 @@ def result_json(result, mask: np.ndarray | None, hw: tuple[int, int], options, m
         "mask_area": int(mask.sum()) if mask is not None else None,
     }
     if mask is not None:
-        out["mask"] = {"format": "rle", "rle": json.loads(result.mask)} if options.mask_format == "rle" else {
+        out["mask"] = {"format": "rle", "rle": json.loads(result.mask_rle)} if options.mask_format == "rle" else {
             "format": "png", "png": png_b64(mask.astype(np.uint8) * 255)
         }  # fmt: skip
     if options.heatmap and result.similarity is not None:
@@ -88,7 +88,7 @@ def result_json(result, mask: np.ndarray | None, hw: tuple[int, int], options, m
 
 def response_parts(results: list, image: np.ndarray, options, max_side: int) -> dict:
     """{"results": [...], "overlay_png"?: ...}; CPU work: the ingress runs it off the event loop."""
-    masks = [rle_to_mask(r.mask) if r.mask is not None else None for r in results]
+    masks = [rle_to_mask(r.mask_rle) if r.mask_rle is not None else None for r in results]
     hw = image.shape[:2]
     out = {"results": [result_json(r, m, hw, options, max_side) for r, m in zip(results, masks, strict=True)]}
     if options.overlay:

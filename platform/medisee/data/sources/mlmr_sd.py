@@ -109,7 +109,7 @@ def specs(input_uri: str, ctx):
                         mask_rel,
                         class_name=class_name,
                         instance=_instance(mask_rel),
-                        queries=_reasoning_queries(pools, class_name, rid, split != "train"),
+                        queries=_reasoning_queries(pools, class_name, rid, prompts.is_eval_split(split)),
                     )
                 )
             out.append(

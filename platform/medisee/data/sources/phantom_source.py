@@ -6,7 +6,7 @@ and `prepare.seed` decide what is generated.
 
 from __future__ import annotations
 
-from medisee.data import phantom
+from medisee.data import phantom, prompts
 from medisee.data.records import LoadedImage, LoadedTarget, choose_absent, split_for
 
 
@@ -29,8 +29,9 @@ def load(spec: dict, ctx) -> list[LoadedImage]:
     image, masks = phantom.generate(spec["seed"], spec["index"], spec["size"])
     key = spec["image_key"]
     ref = f"phantom://seed={spec['seed']}/index={spec['index']}"
+    for_eval = prompts.is_eval_split(spec["split"])
     targets = [
-        LoadedTarget(name, mask, ref, queries=phantom.queries_for(name, masks, f"{key}/{name}"))
+        LoadedTarget(name, mask, ref, queries=phantom.queries_for(name, masks, f"{key}/{name}", for_eval))
         for name, mask in masks.items()
     ]
     absent = choose_absent(set(masks), list(phantom.ORGAN_NAMES), ctx.prepare.false_queries_per_image, key)
