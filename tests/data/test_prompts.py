@@ -184,7 +184,7 @@ def test_train_records_keep_the_drawn_referring_question():
 
 
 def _phantom_queries(val_fraction: float) -> dict[str, list]:
-    """(query, organ text it was built from) of the phantom converter's targets, by split."""
+    """(image key, class name, query) of the phantom converter's targets, by split."""
     from medisee.data.sources import phantom_source
     from medisee.data.sources.context import ConvertContext
     from medisee.storage import StorageSettings
@@ -195,15 +195,18 @@ def _phantom_queries(val_fraction: float) -> dict[str, list]:
     for spec in phantom_source.specs("-", ctx):
         for loaded in phantom_source.load(spec, ctx):
             for target in loaded.targets:
-                out.setdefault(loaded.split, []).extend((target.class_name, q) for q in target.queries)
+                out.setdefault(loaded.split, []).extend(
+                    (loaded.image_key, target.class_name, q) for q in target.queries
+                )
     return out
 
 
 def test_phantom_val_rows_use_the_evaluation_forms():
     val = _phantom_queries(0.99)["val"]
+    assert val
     organ_texts = {text for o in phantom.ORGANS for text in (o.short, o.long)}
     reasoning = 0
-    for name, query in val:
+    for _, name, query in val:
         if query.kind == "referring":
             assert (query.text, query.answer) == (
                 REFERENCE_VALIDATION_REFERRING.format(name),
@@ -216,18 +219,18 @@ def test_phantom_val_rows_use_the_evaluation_forms():
         assert (
             asked in organ_texts or asked.startswith("Which structure") or asked.startswith("Which labelled")
         )
-        assert query.answer.endswith(query.explanation.rstrip("."))  # the explanation keeps its case
+        assert query.answer.split("[BBOX]. ", 1)[1] == query.explanation  # the explanation keeps its case
     assert reasoning == len(val) / 2
 
 
 def test_phantom_train_rows_are_unchanged():
     train = _phantom_queries(0.0)["train"]
-    for name, query in train:
+    assert train
+    for image_key, name, query in train:
         if query.kind == "referring":
-            assert (
-                query.text in [q.format(name) for q in REFERENCE_REFERRING]
-                and query.answer in prompts.ANSWERS
-            )
+            key = f"{image_key}/{name}"
+            assert query.text == _drawn(REFERENCE_REFERRING, key + "/q").format(name)
+            assert query.answer == _drawn(list(prompts.ANSWERS), key + "/a")
         else:
             asked, suffix = query.text.split("? ", 1)
             assert asked == asked.lower() and suffix in REFERENCE_SUFFIXES
