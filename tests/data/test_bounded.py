@@ -20,7 +20,9 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from medisee.config import PrepareConfig
+from medisee.data.bounded import Limits
 from medisee.data.codec import BadRecord, as_rgb, window_to_uint8
+from medisee.data.display import to_display
 from medisee.data.sources import dicom, nifti
 from medisee.data.sources.context import ConvertContext
 from medisee.serving.args import AppArgs
@@ -149,7 +151,9 @@ def test_serving_answers_400_for_damaged_files():
 def test_real_files_read_as_before(name):
     data = open(get_testdata_file(name), "rb").read()
     expected = old_frames(data)
-    _, frames = dicom.read_frames(data, CTX)  # prepare and batch: every frame, each windowed alone
+    _, frames = dicom.read_frames(
+        data, CTX.prepare.ct_window, Limits.of(CTX.prepare)
+    )  # prepare and batch: every frame, each windowed alone
     assert len(frames) == len(expected)
     for frame, before in zip(frames, expected, strict=True):
         np.testing.assert_array_equal(frame, before)
@@ -160,7 +164,7 @@ def test_real_files_read_as_before(name):
 def test_generated_multiframe_files_read_as_before(syntax):
     data = multiframe_dicom(200, 96, 6, syntax, seed=3)  # deflated: over one 64 KiB input piece
     expected = old_frames(data)
-    _, frames = dicom.read_frames(data, CTX)
+    _, frames = dicom.read_frames(data, CTX.prepare.ct_window, Limits.of(CTX.prepare))
     assert len(frames) == 6 and not np.array_equal(frames[0], frames[1])
     for frame, before in zip(frames, expected, strict=True):
         np.testing.assert_array_equal(frame, before)
@@ -256,7 +260,7 @@ def test_totalsegmentator_volumes_load_as_before(shared_data):
         assert len(images) == reference.shape[2]
         low, high = (-160.0, 240.0) if modality == "ct" else np.percentile(reference, [0.5, 99.5])
         for index in (0, reference.shape[2] // 2, reference.shape[2] - 1):
-            expected = as_rgb(window_to_uint8(nifti.to_display(reference[:, :, index]), low, high))
+            expected = as_rgb(window_to_uint8(to_display(reference[:, :, index]), low, high))
             np.testing.assert_array_equal(images[index].image, expected)
 
 

@@ -137,7 +137,7 @@ def test_real_nifti_volumes_decode_as_before(tmp_path, shared_data):
     import nibabel as nib
 
     from medisee.data.codec import as_rgb, window_to_uint8
-    from medisee.scoring.decode import display_slice
+    from medisee.data.display import volume_slice
 
     path = shared_data / "totalsegmentator_ref" / "example_mr_sm.nii.gz"
     volume = np.asarray(nib.load(path).dataobj, dtype=np.float32)
@@ -145,5 +145,5 @@ def test_real_nifti_volumes_decode_as_before(tmp_path, shared_data):
     rows = decode(nifti_partition(tmp_path, "mr.nii.gz", path.read_bytes()), tmp_path)
     assert rows and not any(r.get("error") for r in rows)
     for row in rows:
-        expected = as_rgb(window_to_uint8(display_slice(volume, 2, row["slice_index"]), low, high))
+        expected = as_rgb(window_to_uint8(volume_slice(volume, 2, row["slice_index"]), low, high))
         assert row["image"] == expected.tobytes()

@@ -84,7 +84,7 @@ def test_synthetic_round_trip_with_overlap(synthetic, axis):
 
 
 def test_from_display_inverts_to_display():
-    from medisee.data.sources.nifti import to_display
+    from medisee.data.display import to_display
 
     voxels = np.arange(12).reshape(3, 4)
     np.testing.assert_array_equal(from_display(to_display(voxels)), voxels)

@@ -66,10 +66,10 @@ def dicom_first_frame(data: bytes, max_pixels: int, max_bytes: int) -> np.ndarra
     """The first frame as uint8 H×W×3, windowed as batch scoring does. InputTooLarge when over a
     limit; any other exception for a file that is not readable DICOM."""
     from medisee.config import PrepareConfig
-    from medisee.data.sources.dicom import display_frames
+    from medisee.data.display import dicom_frames
 
     ds = read_dicom(data, max_pixels, max_bytes)
-    return display_frames(ds, PrepareConfig().ct_window, count=1)[0]
+    return dicom_frames(ds, PrepareConfig().ct_window, count=1)[0]
 
 
 def read_dicom(data: bytes, max_pixels: int, max_bytes: int):

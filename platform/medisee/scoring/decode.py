@@ -20,6 +20,7 @@ from medisee import storage
 from medisee.config import MAX_DICOM_BYTES, MAX_FILE_BYTES, MAX_IMAGE_PIXELS, MAX_VOLUME_BYTES
 from medisee.data.bounded import Limits, read_nifti_image, read_stored
 from medisee.data.codec import BadRecord, as_rgb, decode_image, window_to_uint8
+from medisee.data.display import volume_slice, volume_window
 from medisee.scoring import schema
 from medisee.scoring.queries import QueryPlan
 from medisee.storage import StorageSettings
@@ -170,7 +171,7 @@ def read_dicom_series(partition: dict, queries: QueryPlan, opts: DecodeOptions, 
     position = 0
     for item in partition["items"]:
         try:  # the header is checked against the limits before any pixel is decoded
-            _, frames = read_frames(read_checked(item["uri"], opts), WindowContext(opts), Limits.of(opts))
+            _, frames = read_frames(read_checked(item["uri"], opts), opts.ct_window, Limits.of(opts))
         except BadRecord as err:
             yield error_row(
                 "dicom", f"{uid}/{item['sop_uid']}", item["uri"], err, series_uid=uid, sop_uid=item["sop_uid"]
@@ -220,13 +221,13 @@ def read_nifti(partition: dict, queries: QueryPlan, opts: DecodeOptions, skipped
     except Exception as exc:  # nibabel raises many types for damaged files
         yield error_row("nifti", rel, uri, BadRecord("unreadable_volume", _describe(exc)))
         return
-    low, high = nifti_window(volume, opts)
+    window = volume_window(volume, None, opts.ct_window)  # NIfTI records no modality
     for index in range(volume.shape[axis]):
-        native = display_slice(volume, axis, index)
+        native = volume_slice(volume, axis, index)
         if not opts.keep_empty_slices and float(native.max()) == float(native.min()):
             skipped["empty_slices"] += 1
             continue
-        shown = window_to_uint8(native, low, high)
+        shown = window_to_uint8(native, *window)
         if opts.resample_spacing:
             shown = square_pixels(shown, in_plane)
         image_id = f"{rel}#{'xyz'[axis]}{index}"
@@ -240,20 +241,6 @@ def read_nifti(partition: dict, queries: QueryPlan, opts: DecodeOptions, skipped
 def load_nifti(data: bytes):
     """A volume decoded before (its reference for outputs): inflated no further than its header says."""
     return read_nifti_image(data, max_bytes=None)
-
-
-def display_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    from medisee.data.sources.nifti import to_display
-
-    return to_display(np.take(volume, index, axis=axis))
-
-
-def nifti_window(volume: np.ndarray, opts: DecodeOptions) -> tuple[float, float]:
-    """CT (values down to air, about -1000 HU): the CT window; anything else: 0.5-99.5 percentiles."""
-    if float(volume.min()) < -500:
-        return opts.ct_window
-    low, high = (float(v) for v in np.percentile(volume, [0.5, 99.5]))
-    return low, high
 
 
 def square_zoom(in_plane_spacing: list[float]) -> tuple[float, float]:
@@ -290,15 +277,6 @@ def square_pixels(image: np.ndarray, in_plane_spacing: list[float]) -> np.ndarra
     if zoom == (1.0, 1.0):
         return image
     return ndimage.zoom(image, zoom, order=1)
-
-
-class WindowContext:
-    """What `medisee.data.sources.dicom.read_frames` reads from its context."""
-
-    def __init__(self, opts: DecodeOptions):
-        from types import SimpleNamespace
-
-        self.prepare = SimpleNamespace(ct_window=opts.ct_window)
 
 
 def _describe(exc: Exception) -> str:

@@ -1,6 +1,6 @@
 """One NIfTI-1 label volume per scored volume, on the exact grid of the input.
 
-Masks arrive per slice in display orientation (`medisee.data.sources.nifti.to_display`) and
+Masks arrive per slice in display orientation (`medisee.data.display.to_display`) and
 are rotated back onto the voxel grid with `from_display`, its inverse. The output has the
 reference's shape[:3], affine, qform/sform (matrices and codes), voxel sizes and spatial unit,
 intent NIFTI_INTENT_LABEL, uint8 (uint16 from label 256 up), gzip-compressed. Where masks
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medisee.data.sources.nifti import to_display
+from medisee.data.display import to_display
 
 if TYPE_CHECKING:
     import nibabel

@@ -4,8 +4,8 @@
                            except hidden files and NOT_DICOM suffixes
     <input>/labels.json    optional: {"<relative dicom path>": {"<class>": "<mask png path>"}}
 
-Pixel values go through the modality LUT (rescale slope/intercept); the display window is the
-file's own WindowCenter/WindowWidth, else `prepare.ct_window` for CT, else the frame's min-max.
+Pixels become the model's image as every front end makes them (medisee.data.display): the modality
+LUT, the file's own WindowCenter/WindowWidth, else `prepare.ct_window` for CT, else the frame's min-max.
 Unlabelled files become image-only rows (inputs for batch scoring). A file whose header says it
 decodes to more than max_image_pixels a frame or max_dicom_bytes in all (`medisee.data.bounded`;
 the prepare section's fields of those names when it has them) is quarantined as too_large before
@@ -22,7 +22,8 @@ import numpy as np
 
 from medisee import storage
 from medisee.data.bounded import Limits, read_dicom, read_stored
-from medisee.data.codec import BadRecord, as_rgb, window_to_uint8
+from medisee.data.codec import BadRecord
+from medisee.data.display import dicom_frames
 from medisee.data.records import LoadedImage, LoadedTarget, split_for
 from medisee.data.sources.files import locate, outside_input
 
@@ -61,54 +62,21 @@ def _label_target(input_uri: str, class_name: str, mask: str) -> dict:
     return {"class_name": class_name, "mask_uri": uri} | ({"mask_refused": refused} if refused else {})
 
 
-def _window(ds, frame: np.ndarray, ct_window: tuple[float, float]) -> tuple[float, float]:
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        center = float(center[0] if hasattr(center, "__len__") and not isinstance(center, str) else center)
-        width = float(width[0] if hasattr(width, "__len__") and not isinstance(width, str) else width)
-        if width > 1:
-            return center - width / 2, center + width / 2
-    if str(ds.get("Modality", "")).upper() == "CT":
-        return ct_window
-    return float(frame.min()), float(frame.max())
-
-
 def read_frames(
-    data: bytes, ctx, limits: Limits | None = None, count: int | None = None
+    data: bytes, ct_window: tuple[float, float], limits: Limits, count: int | None = None
 ) -> tuple[str, list[np.ndarray]]:
-    """The modality and the first `count` frames (all by default) as uint8 H×W×3; InputTooLarge
-    when the header says the file is over `limits` (default: the prepare section's)."""
-    limits = limits or Limits.of(ctx.prepare)
+    """The modality and the first `count` frames (all by default) as uint8 H×W×3 (medisee.data.display);
+    InputTooLarge when the header says the file is over `limits`."""
     ds = read_dicom(data, limits.max_image_pixels, limits.max_dicom_bytes)
-    return str(ds.get("Modality", "ot")).lower(), display_frames(ds, ctx.prepare.ct_window, count)
-
-
-def display_frames(ds, ct_window: tuple[float, float], count: int | None = None) -> list[np.ndarray]:
-    """Frames decoded one at a time, through the modality LUT, then windowed (grey) or clipped (RGB)."""
-    from pydicom.pixels import apply_modality_lut, iter_pixels
-
-    frames_count = int(ds.get("NumberOfFrames", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    used = frames_count if count is None else min(count, frames_count)
-    out = []
-    for raw in iter_pixels(ds, indices=range(used)):
-        frame = apply_modality_lut(raw, ds).astype(np.float32)
-        single_colour_frame = frame.ndim == 3 and frame.shape[-1] == 3 and frames_count == 1
-        if photometric.startswith("RGB") or single_colour_frame:
-            out.append(np.clip(frame, 0, 255).astype(np.uint8))
-            continue
-        if photometric == "MONOCHROME1":
-            frame = frame.max() - frame
-        low, high = _window(ds, frame, ct_window)
-        out.append(as_rgb(window_to_uint8(frame, low, high)))
-    return out
+    return str(ds.get("Modality", "ot")).lower(), dicom_frames(ds, ct_window, count)
 
 
 def load(spec: dict, ctx) -> list[LoadedImage]:
     try:
         if spec.get("image_refused"):
             raise _refused(spec["image_refused"])
-        modality, frames = read_frames(read_stored(spec["image_uri"], ctx.settings), ctx)
+        data = read_stored(spec["image_uri"], ctx.settings)
+        modality, frames = read_frames(data, ctx.prepare.ct_window, Limits.of(ctx.prepare))
     except BadRecord as err:  # refused from its path, or from its header (too_large)
         return [LoadedImage(spec["image_key"], spec["image_uri"], ctx.modality, spec["split"], err)]
     except Exception as exc:  # pydicom raises many types for damaged / truncated files

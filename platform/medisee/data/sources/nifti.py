@@ -5,8 +5,9 @@
                     "classes": {"1": "spleen", ...}  |  "classes": "class_map.json#total"}]}
 
 Paths are relative to the index (or absolute / s3://). Each slice along `prepare.slice_axis`
-becomes an image: CT is windowed (`prepare.ct_window`, HU), other modalities are scaled
-between the 0.5th and 99.5th percentile of the volume. Each label present in a slice is one
+becomes an image as every front end makes it (medisee.data.display): CT is windowed
+(`prepare.ct_window`, HU), other modalities are scaled between the 0.5th and 99.5th percentile of the
+volume, and a volume of unknown modality reaching down to air is taken as CT. Each label present in a slice is one
 target; classes of the map absent from that slice feed the false queries. A volume whose header
 says it is over max_volume_bytes, or whose slices are over max_image_pixels (`medisee.data.bounded`;
 the prepare section's fields of those names when it has them), is quarantined as too_large before
@@ -22,7 +23,8 @@ import numpy as np
 
 from medisee import storage
 from medisee.data.bounded import Limits, read_nifti_image, read_stored
-from medisee.data.codec import BadRecord, as_rgb, window_to_uint8
+from medisee.data.codec import BadRecord
+from medisee.data.display import slice_image, volume_slice, volume_window
 from medisee.data.records import LoadedImage, LoadedTarget, choose_absent, split_for
 
 
@@ -74,11 +76,6 @@ def read_volume(uri: str, ctx) -> np.ndarray:
     return np.asanyarray(image.dataobj)
 
 
-def to_display(slice2d: np.ndarray) -> np.ndarray:
-    """Voxel (i, j) axes -> image rows/columns with the usual radiological orientation."""
-    return np.ascontiguousarray(np.rot90(slice2d))
-
-
 def load(spec: dict, ctx) -> list[LoadedImage]:
     axis = ctx.prepare.slice_axis
     try:
@@ -91,19 +88,16 @@ def load(spec: dict, ctx) -> list[LoadedImage]:
     except Exception as exc:  # nibabel raises many types for damaged files
         return [_bad(spec, BadRecord("unreadable_volume", f"{type(exc).__name__}: {str(exc)[:200]}"))]
 
-    if spec["modality"] == "ct":
-        low, high = ctx.prepare.ct_window
-    else:
-        low, high = (float(v) for v in np.percentile(volume, [0.5, 99.5]))
+    window = volume_window(volume, spec["modality"], ctx.prepare.ct_window)
     classes = {int(k): v for k, v in spec["classes"].items()}
     k = ctx.prepare.false_queries_per_image
     out = []
     for index in range(volume.shape[axis]):
-        image = as_rgb(window_to_uint8(to_display(np.take(volume, index, axis=axis)), low, high))
+        image = slice_image(volume, axis, index, window)
         key = f"{spec['image_key']}_{'xyz'[axis]}{index:03d}"
         targets, present = [], set()
         if labels is not None:
-            label_slice = to_display(np.take(labels, index, axis=axis))
+            label_slice = volume_slice(labels, axis, index)
             for label_id in np.unique(label_slice):
                 if label_id == 0:
                     continue
