@@ -87,6 +87,14 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """The tiny model as an artifact folder, shared by the session: tests only read it."""
+    from tests.artifacts import make_tiny_artifact
+
+    return Path(make_tiny_artifact(tmp_path_factory.mktemp("tiny-artifact") / "model"))
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session (2 CPUs, loopback only)."""
     import ray

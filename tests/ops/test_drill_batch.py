@@ -30,8 +30,6 @@ from medisee.data.codec import rle_to_mask
 from tests.ops.conftest import add_worker, report_drill
 from tests.scoring import test_batch_infer as batch_infer
 
-artifact = batch_infer.artifact  # the tiny model, saved once per module
-
 QUERIES = batch_infer.QUERIES  # two template queries per image
 
 # Ray Data runs as many decode tasks at once as the CPUs allow, each in a Ray worker process of its own:
@@ -245,7 +243,7 @@ def test_a_restarted_writer_completes_a_partition_from_the_pieces_its_predecesso
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_worker_node_lost_mid_run_loses_and_duplicates_no_record(ray_cluster, artifact, tmp_path):
+def test_a_worker_node_lost_mid_run_loses_and_duplicates_no_record(ray_cluster, tiny_artifact, tmp_path):
     import ray
 
     from medisee.scoring.pipeline import score_archive
@@ -260,7 +258,9 @@ def test_a_worker_node_lost_mid_run_loses_and_duplicates_no_record(ray_cluster, 
 
     with block_size(NODE_LOSS_BLOCK_BYTES):
         started = time.monotonic()
-        baseline = score_archive(scoring_config(archive, tmp_path / "baseline", artifact, NODE_LOSS_SETTINGS))
+        baseline = score_archive(
+            scoring_config(archive, tmp_path / "baseline", tiny_artifact, NODE_LOSS_SETTINGS)
+        )
         baseline_s = time.monotonic() - started
 
         output = tmp_path / "out"
@@ -268,7 +268,7 @@ def test_a_worker_node_lost_mid_run_loses_and_duplicates_no_record(ray_cluster, 
         killer.start()
         try:
             started = time.monotonic()
-            summary = score_archive(scoring_config(archive, output, artifact, NODE_LOSS_SETTINGS))
+            summary = score_archive(scoring_config(archive, output, tiny_artifact, NODE_LOSS_SETTINGS))
             finished_at = time.monotonic()
         finally:
             killer.finished.set()
@@ -316,7 +316,7 @@ def test_a_worker_node_lost_mid_run_loses_and_duplicates_no_record(ray_cluster, 
     assert not (output / "_staging").exists() and not list(output.rglob("*.tmp-*"))
 
     # `medisee infer` again with the same arguments: the documented recovery; here nothing is left to do
-    again = score_archive(scoring_config(archive, output, artifact, NODE_LOSS_SETTINGS))
+    again = score_archive(scoring_config(archive, output, tiny_artifact, NODE_LOSS_SETTINGS))
     assert again["partitions_scored_this_run"] == 0 and again["reconciled"]
     assert (again["results"], again["errors"]) == (summary["results"], summary["errors"])
 
@@ -368,7 +368,7 @@ def run_driver(archive: Path, output: Path, model: Path, address: str, logs: Pat
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_job_several_times_the_object_store_spills_and_keeps_the_driver_small(
-    ray_cluster, artifact, tmp_path
+    ray_cluster, tiny_artifact, tmp_path
 ):
     import ray
 
@@ -386,7 +386,7 @@ def test_a_job_several_times_the_object_store_spills_and_keeps_the_driver_small(
         before = store_stats(ray_cluster.address)
         started = time.monotonic()
         output = tmp_path / f"out-{name}"
-        runs[name] = run_driver(folder, output, artifact, ray_cluster.address, tmp_path / name)
+        runs[name] = run_driver(folder, output, tiny_artifact, ray_cluster.address, tmp_path / name)
         runs[name]["seconds"] = round(time.monotonic() - started, 1)
         after = store_stats(ray_cluster.address)
         runs[name]["spilled_mib"] = (after["spilled"] - before["spilled"]) / 2**20

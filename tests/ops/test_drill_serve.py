@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.artifacts import make_tiny_artifact
 from tests.conftest import free_port
 from tests.ops.conftest import add_worker, report_drill
-from tests.serving.conftest import API_KEY, Served, app_args, make_artifact
+from tests.serving.conftest import API_KEY, Served, app_args
 from tests.serving.test_operations import body, wait_until_answering
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,7 +148,7 @@ def test_serving_survives_losing_a_node_with_replicas(ray_cluster, tmp_path):
     nodes = [add_serve_node(ray_cluster), add_serve_node(ray_cluster)]
     ray.init(address=ray_cluster.address, logging_level="WARNING")
     (tmp_path / "keys.txt").write_text(API_KEY + "\n")
-    model = make_artifact(tmp_path / "v1")
+    model = make_tiny_artifact(tmp_path / "v1")
     port = free_port()
     state = Served(f"http://127.0.0.1:{port}", model, model, API_KEY, APP)
     # the proxy on the head node: the HTTP endpoint does not depend on any worker node

@@ -21,24 +21,15 @@ import pytest
 from PIL import Image
 
 from medisee import storage
-from medisee.artifact.model_dir import load_predictor, save_model_dir
+from medisee.artifact.model_dir import load_predictor
 from medisee.config import load_config
 from medisee.data import phantom
 from medisee.data.codec import rle_to_mask
-from medisee.model.build import build_from_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 CLASSES = "liver,spleen"
 QUERIES = f"template=Segment the {{class}}.;classes={CLASSES}"
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    cfg = load_config("tiny")
-    save_model_dir(build_from_config(cfg), cfg, folder)
-    return folder
 
 
 def make_archive(folder: Path, shared_data: Path | None, pngs: int = 4) -> None:
@@ -71,7 +62,7 @@ def read_table(uri: str, settings) -> list[dict]:
 
 
 def test_mixed_archive_in_s3_reconciles_and_equals_the_predictor(
-    ray_local, s3_bucket, artifact, shared_data, tmp_path
+    ray_local, s3_bucket, tiny_artifact, shared_data, tmp_path
 ):
     from medisee.scoring.pipeline import score_archive
 
@@ -81,7 +72,7 @@ def test_mixed_archive_in_s3_reconciles_and_equals_the_predictor(
     cfg = load_config(
         "tiny",
         [
-            f"infer.input={bucket}/archive", f"infer.output={bucket}/out", f"infer.model={artifact}",
+            f"infer.input={bucket}/archive", f"infer.output={bucket}/out", f"infer.model={tiny_artifact}",
             f"storage.endpoint={settings.endpoint}", "infer.overlay_fraction=0.5", "infer.nifti_labels=true",
             "infer.dicom_seg=true", "infer.mllm_batch_images=4", "infer.decoder_batch_images=4",
         ],
@@ -104,7 +95,7 @@ def test_mixed_archive_in_s3_reconciles_and_equals_the_predictor(
     z_slices = nib.load(shared_data / "totalsegmentator_ref" / "example_mr_sm.nii.gz").shape[2]
     assert len(nifti_images) + summary["skipped"].get("empty_slices", 0) == z_slices
 
-    predictor = load_predictor(str(artifact))
+    predictor = load_predictor(str(tiny_artifact))
     for i in range(4):
         image = phantom.generate(seed=7, index=i, size=128)[0]
         expected = predictor.predict(image, ["Segment the liver.", "Segment the spleen."])
@@ -155,13 +146,13 @@ def kill_tree(proc: subprocess.Popen, ray_tmp: str) -> None:
     assert not session_pids(ray_tmp), "processes of the killed Ray session are still running"
 
 
-def test_killed_driver_then_rerun_loses_nothing_and_duplicates_nothing(artifact, tmp_path):
+def test_killed_driver_then_rerun_loses_nothing_and_duplicates_nothing(tiny_artifact, tmp_path):
     make_archive(tmp_path / "archive", None, pngs=12)
     out = tmp_path / "out"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
     args = [
-        "--input", str(tmp_path / "archive"), "--queries", QUERIES, "--model", str(artifact),
+        "--input", str(tmp_path / "archive"), "--queries", QUERIES, "--model", str(tiny_artifact),
         "--output", str(out), "infer.images_per_partition=2", "infer.mllm_batch_images=2",
         "infer.decoder_batch_images=2",
     ]  # fmt: skip

@@ -16,9 +16,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.artifacts import make_tiny_artifact
 from tests.inputs.cases import BATCH_QUERIES, BATCH_QUERY_SPEC, FILES, RESULTS
 from tests.scoring.test_batch_infer import run_cli
-from tests.serving.conftest import make_artifact
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -76,7 +76,7 @@ def run(tmp_path_factory) -> BatchRun:
     inputs.mkdir()
     for case in BATCH_FILES:
         case.write_into(inputs)
-    model = make_artifact(root / "model")
+    model = make_tiny_artifact(root / "model")
     before = tree(root, output)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     args = ["--input", str(inputs), "--queries", BATCH_QUERY_SPEC, "--model", model, "--output", str(output),

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medisee.artifact.model_dir import describe_model, load_predictor, save_model_dir
-from medisee.config import load_config
+from medisee.artifact.model_dir import describe_model, load_predictor
 from medisee.data import phantom
 from medisee.data.codec import rle_to_mask
-from medisee.model.build import build_from_config
 from medisee.scoring import schema
 from medisee.scoring.decode import DecodeOptions, decode_partition
 from medisee.scoring.plan import classify, plan_partitions
@@ -20,14 +18,6 @@ from medisee.scoring.queries import QuerySpecError, parse_query_spec
 from medisee.scoring.stages import DecoderStep, MLLMStep, ModelSpec, finish_rows, screen_rows
 
 QUERIES = "template=Segment the {class}.;classes=liver,spleen,left_kidney"
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    cfg = load_config("tiny")
-    save_model_dir(build_from_config(cfg), cfg, folder)
-    return folder
 
 
 def write_images(folder, count: int) -> list[np.ndarray]:
@@ -55,13 +45,13 @@ def run_steps(rows: list[dict], spec: ModelSpec, early_reject: bool = True):
     )
 
 
-def test_batch_steps_equal_the_predictor(tmp_path, artifact):
+def test_batch_steps_equal_the_predictor(tmp_path, tiny_artifact):
     images = write_images(tmp_path / "in", 3)
     partitions = plan_partitions(str(tmp_path / "in"), images_per_partition=8)
     queries = parse_query_spec(QUERIES, str(tmp_path / "in"))
     rows = decode_partition(partitions[0], queries, DecodeOptions())
-    out = run_steps(rows, ModelSpec(str(artifact))).to_pylist()
-    predictor = load_predictor(str(artifact))
+    out = run_steps(rows, ModelSpec(str(tiny_artifact))).to_pylist()
+    predictor = load_predictor(str(tiny_artifact))
     expected = [r for image in images for r in predictor.predict(image, queries.template_queries)]
     assert [r["status"] for r in out] == ["result"] * 9
     assert [r["record_id"] for r in out] == [f"img{i}.png|q{j}" for i in range(3) for j in range(3)]
@@ -80,7 +70,7 @@ def test_batch_steps_equal_the_predictor(tmp_path, artifact):
         assert got["iou_score"] == pytest.approx(want.iou_score, abs=1e-4)
 
 
-def test_rejected_queries_skip_the_decoder_and_show_no_mask(tmp_path, artifact, monkeypatch):
+def test_rejected_queries_skip_the_decoder_and_show_no_mask(tmp_path, tiny_artifact, monkeypatch):
     write_images(tmp_path / "in", 1)
     partitions = plan_partitions(str(tmp_path / "in"))
     rows = decode_partition(partitions[0], parse_query_spec(QUERIES, str(tmp_path / "in")), DecodeOptions())
@@ -92,19 +82,19 @@ def test_rejected_queries_skip_the_decoder_and_show_no_mask(tmp_path, artifact, 
         return [Screening(0.0, 0.0, 0.0, "absent") for _ in encodings]
 
     monkeypatch.setattr(verifier_stage.VerifierStage, "screen", all_absent)
-    out = run_steps(rows, ModelSpec(str(artifact))).to_pylist()
+    out = run_steps(rows, ModelSpec(str(tiny_artifact))).to_pylist()
     assert [(r["verdict"], r["decoded"], r["mask_rle"], r["box"]) for r in out] == [
         ("absent", False, None, None)
     ] * 3
-    kept = run_steps(rows, ModelSpec(str(artifact)), early_reject=False).to_pylist()
+    kept = run_steps(rows, ModelSpec(str(tiny_artifact)), early_reject=False).to_pylist()
     assert all(r["decoded"] and r["mask_rle"] for r in kept)
 
 
-def test_a_failing_image_becomes_error_rows_and_the_others_go_on(tmp_path, artifact, monkeypatch):
+def test_a_failing_image_becomes_error_rows_and_the_others_go_on(tmp_path, tiny_artifact, monkeypatch):
     write_images(tmp_path / "in", 2)
     partitions = plan_partitions(str(tmp_path / "in"))
     rows = decode_partition(partitions[0], parse_query_spec(QUERIES, str(tmp_path / "in")), DecodeOptions())
-    step = MLLMStep(ModelSpec(str(artifact)))
+    step = MLLMStep(ModelSpec(str(tiny_artifact)))
     real = step.stage.__class__.__call__
 
     def flaky(self, images, queries, mode=None):
@@ -114,9 +104,9 @@ def test_a_failing_image_becomes_error_rows_and_the_others_go_on(tmp_path, artif
 
     rows[1]["image"] = np.full((128, 128, 3), 255, np.uint8).tobytes()
     monkeypatch.setattr(step.stage.__class__, "__call__", flaky)
-    clip_size = describe_model(str(artifact))["inputs"]["clip_size"]
+    clip_size = describe_model(str(tiny_artifact))["inputs"]["clip_size"]
     table = screen_rows(step(schema.table(rows, schema.IMAGE_ROW)), None, clip_size)
-    table = DecoderStep(ModelSpec(str(artifact)))(table)
+    table = DecoderStep(ModelSpec(str(tiny_artifact)))(table)
     out = finish_rows(table, None, clip_size).to_pylist()
     assert [r["status"] for r in out] == ["result"] * 3 + ["error"] * 3
     assert {(r["reason"], r["stage"]) for r in out[3:]} == {("model_error", "mllm")}
@@ -233,7 +223,7 @@ def test_nifti_slices_skip_empty_ones_and_resample(tmp_path):
     assert resampled[0]["native_hw"] == [10, 20]
 
 
-def test_infer_command_refuses_bad_input_queries_and_a_foreign_output(tmp_path, artifact):
+def test_infer_command_refuses_bad_input_queries_and_a_foreign_output(tmp_path, tiny_artifact):
     from typer.testing import CliRunner
 
     from medisee.cli import app
@@ -241,7 +231,7 @@ def test_infer_command_refuses_bad_input_queries_and_a_foreign_output(tmp_path, 
     write_images(tmp_path / "in", 1)
 
     def infer(*args):
-        base = ["infer", "--model", str(artifact), "--output", str(tmp_path / "out")]
+        base = ["infer", "--model", str(tiny_artifact), "--output", str(tmp_path / "out")]
         return CliRunner().invoke(app, [*base, *args])
 
     missing = infer("--input", str(tmp_path / "nope"), "--queries", QUERIES)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.artifacts import make_tiny_artifact
 from tests.conftest import free_port, wait_for_http
 
 API_KEY = "test-key-0123456789"
@@ -26,26 +27,6 @@ class Served:
 
     def headers(self, **extra) -> dict:
         return {"Authorization": f"Bearer {self.key}", **extra}
-
-
-def make_artifact(folder: Path, retrained: bool = False) -> str:
-    """The tiny model; `retrained`: another version on the same base (its trained weights moved)."""
-    import torch
-
-    from medisee.artifact.model_dir import save_model_dir
-    from medisee.config import load_config
-    from medisee.model.build import build_from_config
-
-    cfg = load_config("tiny")
-    model = build_from_config(cfg)
-    if retrained:
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    save_model_dir(model, cfg, folder)
-    return str(folder)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -69,7 +50,9 @@ def served(ray_local, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serving")
     (root / "keys.txt").write_text(f"another-key\n{API_KEY}\n")
-    state = Served("", make_artifact(root / "v1"), make_artifact(root / "v2", retrained=True), API_KEY)
+    state = Served(
+        "", make_tiny_artifact(root / "v1"), make_tiny_artifact(root / "v2", retrained=True), API_KEY
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     serve.run(build_app(app_args(state)), name=state.app_name, route_prefix="/")
