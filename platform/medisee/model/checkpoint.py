@@ -203,6 +203,7 @@ def load_official_release(
         state = payload["state_dict"]
     else:
         state = convert_official_state_dict(payload.get("state_dict", payload), extra_renames)
+    state = with_our_token_rows(state, model)
     own = model.state_dict()
     own = {k.replace(".base_layer", ""): k for k in own}
     unexpected = [k for k in state if k not in own]
@@ -215,6 +216,50 @@ def load_official_release(
         raise CheckpointError(uri, unexpected=unexpected, mismatched=mismatched)
     model.load_state_dict({own[k]: v for k, v in state.items()}, strict=False)
     return [k for k in own if k not in state]
+
+
+# The reference appends these to the base vocabulary with `add_tokens`, in this order; it has no
+# `<image>` entry (it marks image positions with the index -200), where our tokenizer may add one.
+RELEASE_ADDED_TOKENS = ("[SEG]", "[BBOX]")
+TOKEN_ROW_KEYS = ("llava.model.language_model.embed_tokens.weight", "llava.lm_head.weight")
+
+
+def with_our_token_rows(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The release's embedding and LM-head matrices in our vocabulary order (see `release_token_rows`)."""
+    if getattr(model, "text", None) is None:
+        return state
+    token_ids = dict(
+        zip(RELEASE_ADDED_TOKENS, model.text.tokenizer.convert_tokens_to_ids(list(RELEASE_ADDED_TOKENS)))
+    )
+    own = model.state_dict()
+    return {
+        key: release_token_rows(value, own[key], token_ids, key)
+        if key in TOKEN_ROW_KEYS and key in own
+        else value
+        for key, value in state.items()
+    }
+
+
+def release_token_rows(
+    release: torch.Tensor, own: torch.Tensor, token_ids: dict[str, int], key: str
+) -> torch.Tensor:
+    """Our matrix from the release's: its base-vocabulary rows as they are, the row of each token the
+    release added moved to our id for that token; rows the release has no token for (our `<image>`,
+    extra candidate tokens) keep `own`'s."""
+    base = release.shape[0] - len(RELEASE_ADDED_TOKENS)
+    ids = [token_ids[token] for token in RELEASE_ADDED_TOKENS]
+    if release.shape[1:] != own.shape[1:] or min(ids) < base or own.shape[0] <= max(ids):
+        raise CheckpointError(
+            key,
+            detail=f"the release holds {base} base-vocabulary rows + {list(RELEASE_ADDED_TOKENS)} "
+            f"({tuple(release.shape)}), our tokenizer puts those tokens at {ids} ({tuple(own.shape)}): "
+            "not the release's base tokenizer",
+        )
+    rows = own.detach().clone()
+    rows[:base] = release[:base]
+    for offset, token_id in enumerate(ids):
+        rows[token_id] = release[base + offset]
+    return rows
 
 
 def convert_official_file(
