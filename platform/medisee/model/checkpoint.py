@@ -228,9 +228,8 @@ def with_our_token_rows(state: dict[str, torch.Tensor], model) -> dict[str, torc
     """The release's embedding and LM-head matrices in our vocabulary order (see `release_token_rows`)."""
     if getattr(model, "text", None) is None:
         return state
-    token_ids = dict(
-        zip(RELEASE_ADDED_TOKENS, model.text.tokenizer.convert_tokens_to_ids(list(RELEASE_ADDED_TOKENS)))
-    )
+    ids = model.text.tokenizer.convert_tokens_to_ids(list(RELEASE_ADDED_TOKENS))
+    token_ids = dict(zip(RELEASE_ADDED_TOKENS, ids, strict=True))
     own = model.state_dict()
     return {
         key: release_token_rows(value, own[key], token_ids, key)
