@@ -195,15 +195,17 @@ def load_official_release(
 ) -> list[str]:
     """Load an official MediSee release into `model`; returns the keys the release did not cover.
 
-    LoRA adapter weights (`lora_A` / `lora_B`) in the release are merged into the base weights.
-    Every key of the release must land on a parameter of the model with the same shape.
+    LoRA adapter weights (`lora_A` / `lora_B`) in the release are merged into the base weights, and
+    the embed_tokens / lm_head rows of the tokens it added move to our tokenizer's ids for them
+    (`release_token_rows`). Every key of the release must land on a parameter of the model with the
+    same shape.
     """
     payload = read_torch(uri, settings)
     if payload.get("format") == CONVERTED_FORMAT:
         state = payload["state_dict"]
     else:
         state = convert_official_state_dict(payload.get("state_dict", payload), extra_renames)
-    state = with_our_token_rows(state, model)
+    state = with_our_token_rows(state, model, uri)
     own = model.state_dict()
     own = {k.replace(".base_layer", ""): k for k in own}
     unexpected = [k for k in state if k not in own]
@@ -218,21 +220,34 @@ def load_official_release(
     return [k for k in own if k not in state]
 
 
-# The reference appends these to the base vocabulary with `add_tokens`, in this order; it has no
-# `<image>` entry (it marks image positions with the index -200), where our tokenizer may add one.
+# The reference appends these to its base vocabulary with `add_tokens`, in this order, and resizes
+# embed_tokens / lm_head to exactly that (V + 2 rows). It has no `<image>` entry (it marks image
+# positions with the index -200), where our tokenizer may add one.
 RELEASE_ADDED_TOKENS = ("[SEG]", "[BBOX]")
-TOKEN_ROW_KEYS = ("llava.model.language_model.embed_tokens.weight", "llava.lm_head.weight")
+TOKEN_ROW_KEYS = {
+    "llava.model.language_model.embed_tokens.weight": "model.embed_tokens.weight",
+    "llava.lm_head.weight": "lm_head.weight",
+}
 
 
-def with_our_token_rows(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+def base_vocabulary_size(tokenizer) -> int:
+    """How many tokens the tokenizer had before any were added (`add_tokens` / `add_special_tokens`)."""
+    return int(tokenizer.vocab_size)
+
+
+def with_our_token_rows(
+    state: dict[str, torch.Tensor], model, source: str = "official release"
+) -> dict[str, torch.Tensor]:
     """The release's embedding and LM-head matrices in our vocabulary order (see `release_token_rows`)."""
     if getattr(model, "text", None) is None:
         return state
-    ids = model.text.tokenizer.convert_tokens_to_ids(list(RELEASE_ADDED_TOKENS))
+    tokenizer = model.text.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(list(RELEASE_ADDED_TOKENS))
     token_ids = dict(zip(RELEASE_ADDED_TOKENS, ids, strict=True))
+    base = base_vocabulary_size(tokenizer)
     own = model.state_dict()
     return {
-        key: release_token_rows(value, own[key], token_ids, key)
+        key: release_token_rows(value, own[key], token_ids, base, key, source)
         if key in TOKEN_ROW_KEYS and key in own
         else value
         for key, value in state.items()
@@ -240,19 +255,28 @@ def with_our_token_rows(state: dict[str, torch.Tensor], model) -> dict[str, torc
 
 
 def release_token_rows(
-    release: torch.Tensor, own: torch.Tensor, token_ids: dict[str, int], key: str
+    release: torch.Tensor,
+    own: torch.Tensor,
+    token_ids: dict[str, int],
+    base: int,
+    key: str,
+    source: str = "official release",
 ) -> torch.Tensor:
-    """Our matrix from the release's: its base-vocabulary rows as they are, the row of each token the
-    release added moved to our id for that token; rows the release has no token for (our `<image>`,
-    extra candidate tokens) keep `own`'s."""
-    base = release.shape[0] - len(RELEASE_ADDED_TOKENS)
+    """Our matrix from the release's, whose rows are `base` base-vocabulary tokens then
+    RELEASE_ADDED_TOKENS: rows 0..base-1 as they are, the row of each added token at our id for it.
+
+    Rows the release has no token for (our `<image>`, extra candidate tokens, padding) keep `own`'s,
+    i.e. what our builder gave them (the LLaVA directory's row, or the resize's initialisation).
+    """
     ids = [token_ids[token] for token in RELEASE_ADDED_TOKENS]
-    if release.shape[1:] != own.shape[1:] or min(ids) < base or own.shape[0] <= max(ids):
+    problem = token_rows_problem(release, own, ids, base)
+    if problem:
+        name = TOKEN_ROW_KEYS.get(key, key)
         raise CheckpointError(
-            key,
-            detail=f"the release holds {base} base-vocabulary rows + {list(RELEASE_ADDED_TOKENS)} "
-            f"({tuple(release.shape)}), our tokenizer puts those tokens at {ids} ({tuple(own.shape)}): "
-            "not the release's base tokenizer",
+            source,
+            mismatched=[f"{name} (ours {key}): {tuple(release.shape)} vs {tuple(own.shape)}"],
+            detail=f"{problem}; the release's rows are {list(RELEASE_ADDED_TOKENS)} after its base "
+            f"vocabulary, our tokenizer puts those tokens at {ids}",
         )
     rows = own.detach().clone()
     rows[:base] = release[:base]
@@ -261,10 +285,31 @@ def release_token_rows(
     return rows
 
 
+def token_rows_problem(release: torch.Tensor, own: torch.Tensor, ids: list[int], base: int) -> str:
+    """Why the release's token rows cannot be mapped onto ours ("" when they can)."""
+    release_base = release.shape[0] - len(RELEASE_ADDED_TOKENS)
+    if release_base != base:
+        return (
+            f"the release's base vocabulary has {release_base} tokens, our base tokenizer {base}: "
+            "not the release's base tokenizer"
+        )
+    if release.shape[1:] != own.shape[1:]:
+        return f"rows of width {tuple(release.shape[1:])} vs ours {tuple(own.shape[1:])}"
+    if min(ids) < base or max(ids) >= own.shape[0]:
+        return f"our ids for the added tokens must lie in {base}..{own.shape[0] - 1}"
+    if len(set(ids)) != len(ids):
+        return "our tokenizer gives two added tokens the same id"
+    return ""
+
+
 def convert_official_file(
     src: str, dst: str, settings: StorageSettings | None = None, extra_renames=()
 ) -> int:
-    """`medisee convert-checkpoint`: convert an official release once; returns the tensor count."""
+    """`medisee convert-checkpoint`: convert an official release once; returns the tensor count.
+
+    embed_tokens / lm_head keep the release's vocabulary order: `load_official_release` maps their
+    rows to the ids of the tokenizer it loads into (which a converted file does not know).
+    """
     payload = read_torch(src, settings)
     state = convert_official_state_dict(payload.get("state_dict", payload), extra_renames)
     write_torch({"format": CONVERTED_FORMAT, "source": src, "state_dict": state}, dst, settings)
