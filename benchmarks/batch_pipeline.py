@@ -38,9 +38,9 @@ CLASSES = "liver,spleen,left_kidney,right_kidney"
 QUERIES = f"template=Segment the {{class}}.;classes={CLASSES}"
 # Settings of (a) on top of the tiny preset (see docs/benchmarks.md for the ones tried).
 PIPELINE_SETTINGS = [
-    "infer.images_per_partition=64",
-    "infer.mllm_batch_images=16",
-    "infer.decoder_batch_images=16",
+    "scoring.images_per_partition=64",
+    "scoring.mllm_batch_images=16",
+    "scoring.decoder_batch_images=16",
 ]
 
 
@@ -77,9 +77,10 @@ def pipeline_config(archive: Path, output: Path, artifact: Path, settings: list[
     from medisee.config import load_config
 
     cfg = load_config(
-        "tiny", [f"infer.input={archive}", f"infer.output={output}", f"infer.model={artifact}", *settings]
+        "tiny",
+        [f"scoring.input={archive}", f"scoring.output={output}", f"scoring.model={artifact}", *settings],
     )
-    cfg.infer.queries = QUERIES  # as the CLI does (the value holds '=' and ';')
+    cfg.scoring.queries = QUERIES  # as the CLI does (the value holds '=' and ';')
     return cfg
 
 
@@ -238,7 +239,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="repetitions of (a), (b), (c), order alternated")
     parser.add_argument("--variants", default="abc", help="which of (a), (b), (c) to run, e.g. 'a'")
     parser.add_argument(
-        "--settings", nargs="*", default=PIPELINE_SETTINGS, help="infer.* overrides of (a) (tiny preset)"
+        "--settings", nargs="*", default=PIPELINE_SETTINGS, help="scoring.* overrides of (a) (tiny preset)"
     )
     parser.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--memory-images", type=int, nargs=2, default=(250, 1000), metavar=("SMALL", "LARGE"))

@@ -62,7 +62,7 @@ def model_commands(model: str, tmp_path, image: str) -> dict[str, list[str]]:
     scores = str(tmp_path / "o")
     return {
         "predict": ["predict", "--model", model, "--image", image, "-q", "the liver?"],
-        "infer": ["infer", "-i", str(tmp_path), "--queries", QUERIES, "--model", model, "-o", scores],
+        "score": ["score", "-i", str(tmp_path), "--queries", QUERIES, "--model", model, "-o", scores],
         "evaluate": ["evaluate", "--model", model, "--data", str(data), "-o", str(tmp_path / "e")],
         "export": ["export", "--model", model, "-o", str(tmp_path / "x")],
         "serve": ["serve", "--model", model],
@@ -71,7 +71,7 @@ def model_commands(model: str, tmp_path, image: str) -> dict[str, list[str]]:
     }
 
 
-COMMANDS = ["predict", "infer", "evaluate", "export", "serve", "calibrate", "evaluate-verifier"]
+COMMANDS = ["predict", "score", "evaluate", "export", "serve", "calibrate", "evaluate-verifier"]
 
 
 def tracking_setting(command: str, uri: str) -> str:
@@ -91,7 +91,7 @@ def test_an_unknown_run(command, store, tmp_path, image):
     refused([*args, f"tracking.uri={store}"], "0123456789abcdef not found")
 
 
-@pytest.mark.parametrize("command", ["predict", "infer", "evaluate", "export", "serve"])
+@pytest.mark.parametrize("command", ["predict", "score", "evaluate", "export", "serve"])
 def test_a_missing_model_folder(command, tmp_path, image):
     missing = str(tmp_path / "no-model")
     refused(model_commands(missing, tmp_path, image)[command], missing, "no such directory")
@@ -102,7 +102,7 @@ def test_a_model_reference_without_alias_or_version(store, tmp_path, image):
     refused([*args, f"tracking.uri={store}"], "give models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-@pytest.mark.parametrize("command", ["predict", "infer", "serve"])
+@pytest.mark.parametrize("command", ["predict", "score", "serve"])
 def test_a_tracking_server_that_does_not_answer(command, tmp_path, image, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{free_port()}"
@@ -110,7 +110,7 @@ def test_a_tracking_server_that_does_not_answer(command, tmp_path, image, monkey
     refused([*args, tracking_setting(command, uri)], "Connection refused", uri)
 
 
-@pytest.mark.parametrize("command", ["infer", "export"])
+@pytest.mark.parametrize("command", ["score", "export"])
 def test_a_local_store_that_does_not_exist_is_not_created(command, tmp_path, image):
     db = tmp_path / "nowhere" / "mlflow.db"
     args = model_commands("models:/medisee@candidate", tmp_path, image)[command]
@@ -122,7 +122,7 @@ def test_a_local_store_that_does_not_exist_is_not_created(command, tmp_path, ima
     assert not db.exists()
 
 
-@pytest.mark.parametrize("command", ["predict", "infer", "export", "serve"])
+@pytest.mark.parametrize("command", ["predict", "score", "export", "serve"])
 def test_an_object_store_that_does_not_answer(command, tmp_path, image, monkeypatch):
     monkeypatch.setenv("MEDISEE_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     args = model_commands("s3://medisee-models/m1", tmp_path, image)[command]
@@ -135,7 +135,7 @@ def test_missing_inputs(tmp_path, store):
     cases = [
         ["prepare", "image-folder", "-i", missing, "-o", str(tmp_path / "p")],
         ["predict", "--model", model, "--image", missing, "-q", "q"],
-        ["infer", "-i", missing, "--queries", QUERIES, "--model", str(tmp_path), "-o", str(tmp_path / "o")],
+        ["score", "-i", missing, "--queries", QUERIES, "--model", str(tmp_path), "-o", str(tmp_path / "o")],
         ["evaluate", "--model", str(tmp_path), "--data", missing],
         ["calibrate", "--model", model, "--data", missing, f"tracking.uri={store}"],
         ["evaluate-verifier", "--model", model, "--data", missing, f"tracking.uri={store}"],
@@ -169,8 +169,8 @@ def in_a_ray_job(tmp_path, monkeypatch):
 
 
 def test_a_relative_store_in_a_ray_job_is_refused(in_a_ray_job, tmp_path, image):
-    args = model_commands("models:/medisee-demo@candidate", tmp_path, image)["infer"]
-    line = refused(args, "infer: tracking.uri sqlite:///.medisee/mlflow.db is relative to this Ray job's")
+    args = model_commands("models:/medisee-demo@candidate", tmp_path, image)["score"]
+    line = refused(args, "score: tracking.uri sqlite:///.medisee/mlflow.db is relative to this Ray job's")
     assert "tracking.uri=http://HOST:5000" in line and str(in_a_ray_job) in line
     (tmp_path / "shards").mkdir(exist_ok=True)
     refused(["train", f"data.sources={{p: {tmp_path / 'shards'}}}"], "train: tracking.uri sqlite:///.medisee")

@@ -57,9 +57,9 @@ def test_each_short_flag_means_one_thing_in_every_command():
     assert set(meanings["-q"]) == {"--query"} and meanings["-q"]["--query"] == {"predict"}
 
 
-def test_infer_takes_its_query_spec_as_queries_only(tmp_path):
+def test_score_takes_its_query_spec_as_queries_only(tmp_path):
     result = CliRunner().invoke(
-        app, ["infer", "-i", str(tmp_path), "-q", "records", "-o", str(tmp_path / "o")]
+        app, ["score", "-i", str(tmp_path), "-q", "records", "-o", str(tmp_path / "o")]
     )
     assert result.exit_code == 2 and "No such option: -q" in result.output
     assert not (tmp_path / "o").exists()

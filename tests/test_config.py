@@ -91,3 +91,21 @@ def test_resuming_with_a_changed_model_is_an_error_naming_the_key():
     check_resumable(saved, load_config("tiny", ["trainer.max_steps=9"]), "step-00000003.pt")
     with pytest.raises(ValueError, match=r"step-00000003\.pt.*trainer\.finetune: 'full' -> 'lora'"):
         check_resumable(saved, load_config("tiny", ["trainer.finetune=lora"]), "step-00000003.pt")
+
+
+def test_a_config_stored_by_an_earlier_version_still_loads():
+    """Artifacts and checkpoints keep their config: the section `infer` (now `scoring`) and keys
+    removed since (`tracking.registered_model`, an unset `model.medisee_checkpoint`) are read back."""
+    import yaml
+
+    from medisee.config import ConfigError, config_to_yaml, load_config, stored_config
+
+    data = yaml.safe_load(config_to_yaml(load_config("tiny", ["scoring.mllm_actors=3"])))
+    data["infer"] = data.pop("scoring")
+    data["tracking"]["registered_model"] = "medisee"
+    data["model"]["medisee_checkpoint"] = None
+    cfg = stored_config(yaml.safe_dump(data))
+    assert cfg.scoring.mllm_actors == 3 and cfg == load_config("tiny", ["scoring.mllm_actors=3"])
+    data["model"]["medisee_checkpoint"] = "s3://stage-one/trainable.pt"  # that format is gone
+    with pytest.raises(ConfigError, match="model.medisee_checkpoint: unknown config key"):
+        stored_config(yaml.safe_dump(data))

@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir ... -- python jobs/batch_infer.py` against a real `ray start --head`:
+"""`ray job submit --working-dir ... -- python jobs/batch_score.py` against a real `ray start --head`:
 the default tracking store is relative, so in the job's unpacked working dir (without the git-ignored
 .medisee/) it would be a new, empty database. The job must refuse in one line, exit 2, no traceback;
 given the absolute store the refusal advises, it reads the submitting side's registry."""
@@ -98,13 +98,13 @@ def registered_store(root: Path) -> str:
 
 
 def submit(dashboard: str, work: Path, submission: str, images: Path, out: Path, *settings: str):
-    """`ray job submit --working-dir WORK -- python jobs/batch_infer.py ...`: (exit code, status, logs)."""
+    """`ray job submit --working-dir WORK -- python jobs/batch_score.py ...`: (exit code, status, logs)."""
     from ray.job_submission import JobSubmissionClient
 
     cmd = [
         str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", dashboard,
         "--working-dir", str(work), "--submission-id", submission, "--",
-        "python", "jobs/batch_infer.py", "--input", str(images), "--output", str(out),
+        "python", "jobs/batch_score.py", "--input", str(images), "--output", str(out),
         "--queries", "template=Segment the {class}.;classes=liver", "--model", "models:/medisee-demo@candidate",
         *settings,
     ]  # fmt: skip
@@ -115,8 +115,8 @@ def submit(dashboard: str, work: Path, submission: str, images: Path, out: Path,
 
 
 def one_refusal(logs: str, info) -> str:
-    """The job's driver exited 2 and its log holds one line from the command (`infer: ...`), no traceback."""
-    lines = [line for line in logs.splitlines() if line.startswith("infer: ")]
+    """The job's driver exited 2 and its log holds one line from the command (`score: ...`), no traceback."""
+    lines = [line for line in logs.splitlines() if line.startswith("score: ")]
     assert info.driver_exit_code == 2 and len(lines) == 1 and "Traceback" not in logs, (info, logs[-3000:])
     return lines[0]
 
@@ -140,7 +140,7 @@ def test_a_job_refuses_the_relative_default_store_and_reads_an_absolute_one(tmp_
         code, info, logs = submit(dashboard, work, f"relative-{run}", images, tmp_path / "out")
         assert code != 0 and info.status == JobStatus.FAILED, (info, logs[-3000:])
         line = one_refusal(logs, info)
-        assert line.startswith("infer: tracking.uri sqlite:///.medisee/mlflow.db is relative to this Ray job")
+        assert line.startswith("score: tracking.uri sqlite:///.medisee/mlflow.db is relative to this Ray job")
         assert "tracking.uri=http://HOST:5000" in line and "not found" not in logs
 
         # the advice taken: the job finds the registered version in the submitting side's store

@@ -76,7 +76,7 @@ def test_importing_any_module_leaves_the_environment_alone():
         ["calibrate"],
         ["evaluate-verifier"],
         ["convert-checkpoint"],
-        ["infer"],
+        ["score"],
         ["evaluate"],
         ["serve"],
         ["predict"],

@@ -447,7 +447,7 @@ def export(
 
 
 @app.command()
-def infer(
+def score(
     input_uri: str = typer.Option(
         ..., "--input", "-i", help="Folder or s3:// prefix: shards, images, DICOM, NIfTI (may be mixed)."
     ),
@@ -468,7 +468,7 @@ def infer(
     config: str | None = typer.Option(
         None, "--config", "-c", help=CONFIG_HELP + " The model's own facts come from its artifact."
     ),
-    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. infer.mllm_actors=2."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. scoring.mllm_actors=2."),
 ) -> None:
     """Batch-score an archive on Ray Data: results and errors as Parquet per input partition, exactly once.
 
@@ -479,10 +479,10 @@ def infer(
     from medisee.storage import StorageSettings
 
     quiet_logs()
-    cfg = _config(config, [*(overrides or []), f"infer.input={input_uri}", f"infer.output={output_uri}"])
-    cfg.infer.queries, cfg.infer.model, cfg.infer.via_serve = queries, model_uri, via_serve
+    cfg = _config(config, [*(overrides or []), f"scoring.input={input_uri}", f"scoring.output={output_uri}"])
+    cfg.scoring.queries, cfg.scoring.model, cfg.scoring.via_serve = queries, model_uri, via_serve
     if not (model_uri or via_serve):
-        fail("infer: give --model, or --via-serve APP to use a running application's")
+        fail("score: give --model, or --via-serve APP to use a running application's")
     _pin_store(cfg, model_uri)  # before the pipeline's imports (torch, Ray Data): a refusal is quick
     from medisee.scoring.pipeline import score_archive
 
@@ -492,7 +492,7 @@ def infer(
     typer.echo(summary_table(summary), err=True)
     typer.echo(json.dumps(summary))
     if not summary["reconciled"]:
-        fail("infer: inputs != results + errors (see summary.json)", code=1)
+        fail("score: inputs != results + errors (see summary.json)", code=1)
 
 
 def summary_table(summary: dict) -> str:
@@ -537,7 +537,7 @@ def evaluate(
     from medisee.storage import StorageSettings
 
     quiet_logs()
-    cfg = _config(config, [*(overrides or []), f"infer.model={model_uri}"])
+    cfg = _config(config, [*(overrides or []), f"scoring.model={model_uri}"])
     output_uri = output_uri or f".medisee/eval/{slug(model_uri)}-{split}"
     _require_input(data_uri, StorageSettings.from_config(cfg.storage))
     try:

@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = (
     "storage.",
     "tracking.",
     "verifier.",
-    "infer.",
+    "scoring.",
     "prepare.",
     "data.preprocess_concurrency",
     "data.preprocess_num_cpus",
@@ -228,7 +228,7 @@ class VerifierConfig(Section):
 
 
 class ScoringConfig(Section):
-    """Batch scoring (`medisee infer`): inputs, queries, the stages' resources and the outputs."""
+    """Batch scoring (`medisee score`): inputs, queries, the stages' resources and the outputs."""
 
     input: str | None = None  # a folder or s3:// prefix: shards, images, DICOM, NIfTI (mixed is fine)
     queries: str = "records"  # records | <manifest.jsonl> | template=<text with {class}>;classes=a,b
@@ -281,7 +281,7 @@ class MediSeeConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
-    infer: ScoringConfig = Field(default_factory=ScoringConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
 
     @model_validator(mode="after")
     def _quantized_weights_stay_frozen(self) -> MediSeeConfig:
@@ -377,6 +377,20 @@ def build_config(data: dict[str, Any]) -> MediSeeConfig:
             msg = "unknown config key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"{key}: {msg}")
         raise ConfigError("; ".join(problems)) from None
+
+
+def stored_config(text: str) -> MediSeeConfig:
+    """A config an artifact or checkpoint stored (YAML), written by this or an earlier version: keys
+    renamed since are read under their new name (`infer` -> `scoring`) and keys nothing reads any more
+    are dropped, so that models and runs saved before keep loading and resuming."""
+    data = yaml.safe_load(text) or {}
+    if "infer" in data and "scoring" not in data:
+        data["scoring"] = data.pop("infer")
+    data.get("tracking", {}).pop("registered_model", None)
+    model = data.get("model", {})
+    if model.get("medisee_checkpoint") is None:
+        model.pop("medisee_checkpoint", None)  # a stage-one file, when set: refused as unknown
+    return build_config(data)
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> MediSeeConfig:

@@ -606,5 +606,5 @@ def test_jobs_run_a_repository_script_with_a_valid_config(manifests):
                 )
                 assert cfg.trainer.use_gpu and gpus >= cfg.trainer.num_workers, name
             else:
-                assert script.endswith("batch_infer.py")
+                assert script.endswith("batch_score.py")
                 assert options["--output"].startswith("s3://") and options["--input"].startswith("s3://")

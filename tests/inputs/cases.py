@@ -2,7 +2,7 @@
 committed), next to the outcome the documentation promises for it.
 
 FILES     inputs that are files: the `image` of POST /v1/segment, and a file in the folder that
-          `medisee infer` scores. Each case has its expected HTTP status and batch outcome; both
+          `medisee score` scores. Each case has its expected HTTP status and batch outcome; both
           front ends iterate this one list.
 REQUESTS  request-level cases (bodies, fields, repeated fields, queries): HTTP only.
 

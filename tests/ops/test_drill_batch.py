@@ -38,7 +38,7 @@ QUERIES = batch_infer.QUERIES  # two template queries per image
 # 0.25, 18-20 s at 0.8). At 0.8 CPU: 2 per node, and one still fits beside the three actors (1.1 CPU)
 # on the node left after a loss, to redo the decoded blocks lost with the other. Not 0.5: with the
 # MLLM actors' resources Ray Data fuses decoding into them, a graph production does not run.
-DECODE_SETTINGS = ["infer.decode_num_cpus=0.8"]
+DECODE_SETTINGS = ["scoring.decode_num_cpus=0.8"]
 
 # (a): 128x128 phantoms, 16 per partition (12 partitions with the DICOM inputs). Blocks of ~5 image
 # rows, so that partitions reach the writer in pieces (as a long DICOM series does at Ray Data's
@@ -46,9 +46,9 @@ DECODE_SETTINGS = ["infer.decode_num_cpus=0.8"]
 NODE_LOSS_IMAGES = 128
 NODE_LOSS_BLOCK_BYTES = 256 * 1024
 NODE_LOSS_SETTINGS = [
-    "infer.images_per_partition=16",
-    "infer.mllm_batch_images=8",
-    "infer.decoder_batch_images=8",
+    "scoring.images_per_partition=16",
+    "scoring.mllm_batch_images=8",
+    "scoring.decoder_batch_images=8",
     *DECODE_SETTINGS,
 ]
 
@@ -59,9 +59,9 @@ PRESSURE_IMAGES = 400
 PRESSURE_SIDE = 512
 PRESSURE_STORE_BYTES = 100 * 1024 * 1024
 PRESSURE_SETTINGS = [
-    "infer.images_per_partition=16",
-    "infer.mllm_batch_images=8",
-    "infer.decoder_batch_images=8",
+    "scoring.images_per_partition=16",
+    "scoring.mllm_batch_images=8",
+    "scoring.decoder_batch_images=8",
     *DECODE_SETTINGS,
 ]
 
@@ -122,9 +122,9 @@ def block_size(max_bytes: int):
 
 def scoring_config(archive: Path, output: Path, model: Path, settings: list[str]):
     cfg = load_config(
-        "tiny", [f"infer.input={archive}", f"infer.output={output}", f"infer.model={model}", *settings]
+        "tiny", [f"scoring.input={archive}", f"scoring.output={output}", f"scoring.model={model}", *settings]
     )
-    cfg.infer.queries = QUERIES
+    cfg.scoring.queries = QUERIES
     return cfg
 
 
@@ -315,7 +315,7 @@ def test_a_worker_node_lost_mid_run_loses_and_duplicates_no_record(ray_cluster, 
     assert max(a["restarts"] for a in writers) >= 1
     assert not (output / "_staging").exists() and not list(output.rglob("*.tmp-*"))
 
-    # `medisee infer` again with the same arguments: the documented recovery; here nothing is left to do
+    # `medisee score` again with the same arguments: the documented recovery; here nothing is left to do
     again = score_archive(scoring_config(archive, output, tiny_artifact, NODE_LOSS_SETTINGS))
     assert again["partitions_scored_this_run"] == 0 and again["reconciled"]
     assert (again["results"], again["errors"]) == (summary["results"], summary["errors"])
@@ -347,12 +347,12 @@ def store_stats(address: str) -> dict[str, int]:
 
 
 def run_driver(archive: Path, output: Path, model: Path, address: str, logs: Path) -> dict:
-    """`medisee infer` in its own process joined to the cluster; its summary and peak RSS."""
+    """`medisee score` in its own process joined to the cluster; its summary and peak RSS."""
     args = ["--input", str(archive), "--queries", QUERIES, "--model", str(model), "--output", str(output)]
     env = {**os.environ, "RAY_ADDRESS": address}
     with open(logs.with_suffix(".out"), "w") as out, open(logs.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "medisee.cli", "infer", *args, *PRESSURE_SETTINGS],
+            [sys.executable, "-m", "medisee.cli", "score", *args, *PRESSURE_SETTINGS],
             env=env,
             stdout=out,
             stderr=err,

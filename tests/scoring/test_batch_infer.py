@@ -1,4 +1,4 @@
-"""`medisee infer` end to end: a mixed archive in moto S3 through real Ray, and kill-and-rerun."""
+"""`medisee score` end to end: a mixed archive in moto S3 through real Ray, and kill-and-rerun."""
 
 from __future__ import annotations
 
@@ -72,12 +72,12 @@ def test_mixed_archive_in_s3_reconciles_and_equals_the_predictor(
     cfg = load_config(
         "tiny",
         [
-            f"infer.input={bucket}/archive", f"infer.output={bucket}/out", f"infer.model={tiny_artifact}",
-            f"storage.endpoint={settings.endpoint}", "infer.overlay_fraction=0.5", "infer.nifti_labels=true",
-            "infer.dicom_seg=true", "infer.mllm_batch_images=4", "infer.decoder_batch_images=4",
+            f"scoring.input={bucket}/archive", f"scoring.output={bucket}/out", f"scoring.model={tiny_artifact}",
+            f"storage.endpoint={settings.endpoint}", "scoring.overlay_fraction=0.5", "scoring.nifti_labels=true",
+            "scoring.dicom_seg=true", "scoring.mllm_batch_images=4", "scoring.decoder_batch_images=4",
         ],
     )  # fmt: skip
-    cfg.infer.queries = QUERIES
+    cfg.scoring.queries = QUERIES
     summary = score_archive(cfg, settings)
 
     assert summary["reconciled"] and summary["partitions_missing"] == []
@@ -113,7 +113,7 @@ def test_mixed_archive_in_s3_reconciles_and_equals_the_predictor(
 
 
 def run_cli(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "medisee.cli", "infer", *args]
+    cmd = [sys.executable, "-m", "medisee.cli", "score", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kwargs)  # fmt: skip
 
@@ -153,8 +153,8 @@ def test_killed_driver_then_rerun_loses_nothing_and_duplicates_nothing(tiny_arti
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
     args = [
         "--input", str(tmp_path / "archive"), "--queries", QUERIES, "--model", str(tiny_artifact),
-        "--output", str(out), "infer.images_per_partition=2", "infer.mllm_batch_images=2",
-        "infer.decoder_batch_images=2",
+        "--output", str(out), "scoring.images_per_partition=2", "scoring.mllm_batch_images=2",
+        "scoring.decoder_batch_images=2",
     ]  # fmt: skip
     proc = run_cli(args, env)
     deadline = time.time() + 400

@@ -1,4 +1,4 @@
-"""The bad-input suite in batch: ONE `medisee infer` run (the CLI, the tiny model) over one folder holding
+"""The bad-input suite in batch: ONE `medisee score` run (the CLI, the tiny model) over one folder holding
 every file case of tests/inputs/cases.py. Every file comes out exactly once: result rows for each of
 its images and queries, or one error row with the documented reason; `inputs = results + errors`;
 nothing is written outside the output folder.
@@ -80,7 +80,7 @@ def run(tmp_path_factory) -> BatchRun:
     before = tree(root, output)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     args = ["--input", str(inputs), "--queries", BATCH_QUERY_SPEC, "--model", model, "--output", str(output),
-            "infer.images_per_partition=8"]  # fmt: skip
+            "scoring.images_per_partition=8"]  # fmt: skip
     proc = run_cli(args, env, cwd=root)  # the cwd inside the watched tree: a stray relative write shows
     try:
         _, stderr = proc.communicate(timeout=RUN_BOUND_S)

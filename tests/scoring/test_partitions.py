@@ -15,7 +15,7 @@ from PIL import Image
 
 from medisee.scoring.plan import PlanError, plan_partitions
 from medisee.scoring.writer import PartitionWriter, WriterOptions
-from tests.scoring.test_batch_infer import QUERIES, artifact  # noqa: F401 (a fixture)
+from tests.scoring.test_batch_infer import QUERIES
 
 SLUG_ALIKE_UIDS = ("1.2.3.4 5", "1.2.3.4+5")  # both slug to 1.2.3.4_5
 INVALID_UIDS = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # as they are in the wild
@@ -231,7 +231,7 @@ def test_inputs_skipped_for_want_of_queries_still_reconcile(tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 @INVALID_UIDS
-def test_inputs_named_alike_each_come_out_once(ray_local, artifact, tmp_path):  # noqa: F811
+def test_inputs_named_alike_each_come_out_once(ray_local, tiny_artifact, tmp_path):
     from medisee.config import load_config
     from medisee.scoring.pipeline import score_archive
 
@@ -244,12 +244,12 @@ def test_inputs_named_alike_each_come_out_once(ray_local, artifact, tmp_path):  
     cfg = load_config(
         "tiny",
         [
-            f"infer.input={tmp_path / 'in'}", f"infer.output={out}", f"infer.model={artifact}",
-            "infer.overlay_fraction=1.0", "infer.dicom_seg=true", "infer.nifti_labels=true",
-            "infer.mllm_batch_images=8", "infer.decoder_batch_images=8",
+            f"scoring.input={tmp_path / 'in'}", f"scoring.output={out}", f"scoring.model={tiny_artifact}",
+            "scoring.overlay_fraction=1.0", "scoring.dicom_seg=true", "scoring.nifti_labels=true",
+            "scoring.mllm_batch_images=8", "scoring.decoder_batch_images=8",
         ],
     )  # fmt: skip
-    cfg.infer.queries = QUERIES
+    cfg.scoring.queries = QUERIES
     summary = score_archive(cfg, log=lambda _: None)
 
     assert summary["reconciled"] and summary["partitions_missing"] == []

@@ -223,28 +223,28 @@ def test_nifti_slices_skip_empty_ones_and_resample(tmp_path):
     assert resampled[0]["native_hw"] == [10, 20]
 
 
-def test_infer_command_refuses_bad_input_queries_and_a_foreign_output(tmp_path, tiny_artifact):
+def test_score_command_refuses_bad_input_queries_and_a_foreign_output(tmp_path, tiny_artifact):
     from typer.testing import CliRunner
 
     from medisee.cli import app
 
     write_images(tmp_path / "in", 1)
 
-    def infer(*args):
-        base = ["infer", "--model", str(tiny_artifact), "--output", str(tmp_path / "out")]
+    def score(*args):
+        base = ["score", "--model", str(tiny_artifact), "--output", str(tmp_path / "out")]
         return CliRunner().invoke(app, [*base, *args])
 
-    missing = infer("--input", str(tmp_path / "nope"), "--queries", QUERIES)
+    missing = score("--input", str(tmp_path / "nope"), "--queries", QUERIES)
     assert missing.exit_code == 2 and "does not exist" in missing.output
-    records = infer("--input", str(tmp_path / "in"))
+    records = score("--input", str(tmp_path / "in"))
     assert (
         records.exit_code == 2 and "queries=records takes the queries from parquet shards" in records.output
     )
-    bad_spec = infer("--input", str(tmp_path / "in"), "--queries", "segment everything")
+    bad_spec = score("--input", str(tmp_path / "in"), "--queries", "segment everything")
     assert bad_spec.exit_code == 2 and "expected 'records'" in bad_spec.output
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "_job.json").write_text('{"input": "somewhere else"}')
-    foreign = infer("--input", str(tmp_path / "in"), "--queries", QUERIES)
+    foreign = score("--input", str(tmp_path / "in"), "--queries", QUERIES)
     assert foreign.exit_code == 2 and "holds the output of another job" in foreign.output
     assert not (tmp_path / "out" / "results").exists()
 

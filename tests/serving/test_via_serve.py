@@ -1,4 +1,4 @@
-"""`medisee infer --via-serve`: the running application scores a batch; rows equal the actor-pool path."""
+"""`medisee score --via-serve`: the running application scores a batch; rows equal the actor-pool path."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ from medisee.data.codec import rle_to_mask
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 QUERIES = "template=Segment the {class}.;classes=liver,spleen"
 SMALL = [  # beside the session's Serve replicas on 2 CPUs
-    "infer.decode_num_cpus=0.05", "infer.task_num_cpus=0.05", "infer.mllm_num_cpus=0.1", "infer.decoder_num_cpus=0.1",
-    "infer.images_per_partition=3",
+    "scoring.decode_num_cpus=0.05", "scoring.task_num_cpus=0.05", "scoring.mllm_num_cpus=0.1", "scoring.decoder_num_cpus=0.1",
+    "scoring.images_per_partition=3",
 ]  # fmt: skip
 
 
-def score(inputs, output, **infer) -> tuple[dict, list[dict]]:
+def score(inputs, output, **options) -> tuple[dict, list[dict]]:
     from medisee.scoring.pipeline import score_archive
 
-    cfg = load_config("tiny", [f"infer.input={inputs}", f"infer.output={output}", *SMALL])
-    cfg.infer.queries = QUERIES
-    for key, value in infer.items():
-        setattr(cfg.infer, key, value)
+    cfg = load_config("tiny", [f"scoring.input={inputs}", f"scoring.output={output}", *SMALL])
+    cfg.scoring.queries = QUERIES
+    for key, value in options.items():
+        setattr(cfg.scoring, key, value)
     summary = score_archive(cfg)
     rows = sorted(pq.read_table(output / "results").to_pylist(), key=lambda r: r["record_id"])
     return summary, rows

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from medisee import storage, tracking
 from medisee.artifact.fetch import (
@@ -34,7 +33,7 @@ from medisee.artifact.fetch import (
     remove_download,
 )
 from medisee.artifact.golden import write_golden
-from medisee.config import PRESET_IMAGE_SIZES, MediSeeConfig, build_config, config_to_yaml
+from medisee.config import PRESET_IMAGE_SIZES, MediSeeConfig, config_to_yaml, stored_config
 from medisee.infer.predictor import Predictor
 from medisee.model.build import MODEL_PARTS, build_from_config
 from medisee.model.checkpoint import CheckpointError, check_sha256
@@ -184,7 +183,7 @@ def load_model_dir(
 
 def load_local(local: Path, ref: str, run_id, settings, device, dtype, parts) -> LoadedModel:
     manifest = read_manifest(local, ref)
-    cfg = build_config(yaml.safe_load((local / "config.yaml").read_text()))
+    cfg = stored_config((local / "config.yaml").read_text())
     if "decoder" in parts:
         check_base_digests(cfg, manifest, settings)
     tokenizer = load_tokenizer(local / "tokenizer") if "mllm" in parts else None

@@ -49,7 +49,7 @@ def setup_from_config(cfg, inference: bool = False) -> Setup:
     """The Setup a configuration trains (or, with `inference`, scores) with, on GPUs.
 
     trainer.precision=auto plans for bf16 on a GPU run (fp16 takes the same memory) and fp32 on CPU;
-    inference plans for infer.dtype.
+    inference plans for scoring.dtype.
     """
     import torch
 
@@ -57,7 +57,7 @@ def setup_from_config(cfg, inference: bool = False) -> Setup:
 
     t = cfg.trainer
     if inference:
-        infer_dtype = getattr(torch, cfg.infer.dtype)
+        infer_dtype = getattr(torch, cfg.scoring.dtype)
         precision = next(name for name, dtype in PRECISION_DTYPES.items() if dtype == infer_dtype)
     elif t.precision == "auto":
         precision = "bf16" if t.use_gpu else "fp32"
@@ -68,7 +68,7 @@ def setup_from_config(cfg, inference: bool = False) -> Setup:
         finetune=None if inference else t.finetune,
         strategy="ddp" if inference else t.strategy,
         workers=1 if inference else t.num_workers,
-        batch_size=cfg.infer.mllm_batch_images if inference else cfg.data.batch_size,
+        batch_size=cfg.scoring.mllm_batch_images if inference else cfg.data.batch_size,
         precision=precision,
         quantize=cfg.model.quantize,
         gradient_checkpointing=t.gradient_checkpointing,

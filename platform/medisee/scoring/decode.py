@@ -107,7 +107,7 @@ def read_checked(uri: str, opts: DecodeOptions) -> bytes:
     fs, path = storage.filesystem(uri, opts.settings)
     size = fs.get_file_info(path).size
     if size is not None and size > opts.max_file_bytes:
-        raise BadRecord("too_large", f"{size} bytes > infer.max_file_bytes={opts.max_file_bytes}")
+        raise BadRecord("too_large", f"{size} bytes > scoring.max_file_bytes={opts.max_file_bytes}")
     try:  # as stored: a .gz name is inflated by the reader that knows its bound, not by pyarrow
         return read_stored(uri, opts.settings)
     except OSError as exc:
@@ -266,7 +266,7 @@ def check_resampled(shape: tuple[int, ...], axis: int, in_plane_spacing: list[fl
         raise BadRecord(
             "too_large",
             f"slices of {columns}×{rows} pixels resample to {width}×{height} by their spacing "
-            f"{in_plane_spacing}: over infer.max_image_pixels={opts.max_image_pixels}",
+            f"{in_plane_spacing}: over scoring.max_image_pixels={opts.max_image_pixels}",
         )
 
 

@@ -136,35 +136,35 @@ def accumulate(scored_output: str, partitions: list[dict], settings, keep_worst:
 def evaluate_model(
     cfg, settings, data_uri: str, split: str, output: str, keep_worst: int = 8, log=print
 ) -> dict:
-    """cfg.infer.model is the model; returns the report dict (also written under `output`)."""
+    """cfg.scoring.model is the model; returns the report dict (also written under `output`)."""
     from medisee.artifact.golden import check_golden
     from medisee.artifact.model_dir import load_predictor
     from medisee.scoring.pipeline import score_archive
     from medisee.scoring.plan import plan_partitions
 
-    predictor = load_predictor(cfg.infer.model, settings=settings, tracking_uri=cfg.tracking.uri)
+    predictor = load_predictor(cfg.scoring.model, settings=settings, tracking_uri=cfg.tracking.uri)
     golden = check_golden(predictor, predictor.artifact.local_dir)
     log(
-        f"{cfg.infer.model}: loaded completely (strict), golden pair reproduced (mask IoU {golden['mask_iou']:.4f})"
+        f"{cfg.scoring.model}: loaded completely (strict), golden pair reproduced (mask IoU {golden['mask_iou']:.4f})"
     )
-    scoring = cfg.model_copy(deep=True)
+    scoring_cfg = cfg.model_copy(deep=True)
     for key, value in {
         "input": data_uri, "output": storage.join(output, "predictions"), "split": split,
         "queries": "records", "early_reject": False,
     }.items():  # fmt: skip
-        setattr(scoring.infer, key, value)
-    summary = score_archive(scoring, settings, log=log)
+        setattr(scoring_cfg.scoring, key, value)
+    summary = score_archive(scoring_cfg, settings, log=log)
     partitions = plan_partitions(data_uri, settings, split=split)
-    acc = accumulate(scoring.infer.output, partitions, settings, keep_worst)
+    acc = accumulate(scoring_cfg.scoring.output, partitions, settings, keep_worst)
     from medisee.artifact.model_dir import describe_model
 
-    model = describe_model(cfg.infer.model, settings=settings, tracking_uri=cfg.tracking.uri)
+    model = describe_model(cfg.scoring.model, settings=settings, tracking_uri=cfg.tracking.uri)
     report = {
         "model": {k: model[k] for k in ("ref", "name", "version", "sha256", "run_id")},
         "data": data_uri,
         "split": split,
         "split_sha256": split_digest(data_uri, split, settings),
-        "mode": cfg.infer.mode,
+        "mode": cfg.scoring.mode,
         "golden": golden,
         "scoring": {k: summary[k] for k in ("inputs", "results", "errors", "reconciled", "error_reasons")},
         **acc.tables(),

@@ -1,4 +1,4 @@
-"""`medisee infer`: score an archive on Ray Data, exactly once.
+"""`medisee score`: score an archive on Ray Data, exactly once.
 
     plan (driver: list and group the inputs) -> decode (CPU tasks) -> MLLMStep (actor pool)
     -> screen_rows -> DecoderStep (actor pool) -> finish_rows -> PartitionWriter (1 actor)
@@ -40,13 +40,13 @@ OUTPUT_OPTIONS = (
 
 
 def job_identity(cfg: MediSeeConfig, model: dict, partitions: list[dict]) -> dict:
-    ic = cfg.infer
+    sc = cfg.scoring
     return {
-        "input": ic.input,
-        "queries": ic.queries,
+        "input": sc.input,
+        "queries": sc.queries,
         "model_ref": model["ref"],
         "model_sha256": model["sha256"],
-        "options": {k: getattr(ic, k) for k in OUTPUT_OPTIONS},
+        "options": {k: getattr(sc, k) for k in OUTPUT_OPTIONS},
         "plan_sha256": plan_digest(partitions),
         "partitions": len(partitions),
     }
@@ -66,31 +66,31 @@ def check_job_names_the_model(cfg: MediSeeConfig, model: dict) -> None:
 def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, log=print) -> dict:
     from medisee.artifact.model_dir import describe_model
 
-    ic = cfg.infer
-    for key in ("input", "output") + (() if ic.via_serve else ("model",)):
-        if not getattr(ic, key):
-            raise QuerySpecError(f"infer.{key} is required")
+    sc = cfg.scoring
+    for key in ("input", "output") + (() if sc.via_serve else ("model",)):
+        if not getattr(sc, key):
+            raise QuerySpecError(f"scoring.{key} is required")
     started = time.time()
-    queries = parse_query_spec(ic.queries, ic.input, settings)
-    partitions = plan_partitions(ic.input, settings, ic.images_per_partition, ic.split)
+    queries = parse_query_spec(sc.queries, sc.input, settings)
+    partitions = plan_partitions(sc.input, settings, sc.images_per_partition, sc.split)
     if queries.kind == "records" and any(p["kind"] not in ("shard", "unreadable") for p in partitions):
         raise QuerySpecError(
-            "infer.queries=records takes the queries from parquet shards; this input has images, "
+            "scoring.queries=records takes the queries from parquet shards; this input has images, "
             "DICOM or NIfTI files: give a .jsonl manifest or a template"
         )
-    if ic.via_serve:
+    if sc.via_serve:
         from medisee.raylib import ensure_ray
         from medisee.scoring.via_serve import served_version
 
         ensure_ray()
-        ic.model = ic.model or served_version(ic.via_serve)
-    model = describe_model(ic.model, settings=settings, tracking_uri=cfg.tracking.uri)
+        sc.model = sc.model or served_version(sc.via_serve)
+    model = describe_model(sc.model, settings=settings, tracking_uri=cfg.tracking.uri)
     check_job_names_the_model(cfg, model)
-    resumed = check_or_start_job(ic.output, job_identity(cfg, model, partitions), settings)
-    done = completed_partitions(ic.output, settings)
+    resumed = check_or_start_job(sc.output, job_identity(cfg, model, partitions), settings)
+    done = completed_partitions(sc.output, settings)
     todo = [p for p in partitions if p["key"] not in done]
     log(
-        f"{len(partitions)} partitions planned from {ic.input}; "
+        f"{len(partitions)} partitions planned from {sc.input}; "
         + (f"resuming: {len(done)} already done, " if resumed else "")
         + f"{len(todo)} to score with {model['ref']} ({model['sha256'][:12]})"
     )
@@ -99,12 +99,12 @@ def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, l
 
         ensure_ray()
         run_graph(cfg, todo, queries, model, settings, log)
-    summary = summarize(ic.output, partitions, settings, time.time() - started, len(todo))
+    summary = summarize(sc.output, partitions, settings, time.time() - started, len(todo))
     if not summary["partitions_missing"]:
         # pieces a lost writer or a killed job staged for partitions that have since been committed
-        storage.delete(storage.join(ic.output, "_staging"), settings)
+        storage.delete(storage.join(sc.output, "_staging"), settings)
     storage.write_bytes(
-        storage.join(ic.output, "summary.json"), json.dumps(summary, indent=2).encode(), settings
+        storage.join(sc.output, "summary.json"), json.dumps(summary, indent=2).encode(), settings
     )
     return summary
 
@@ -113,35 +113,35 @@ def run_graph(cfg, todo: list[dict], queries: QueryPlan, model: dict, settings, 
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    ic = cfg.infer
+    sc = cfg.scoring
     spec = ModelSpec(
-        ic.model, cfg.tracking.uri, settings, model["name"], model["version"], model["sha256"],
-        ic.dtype, ic.torch_threads, "cuda" if ic.mllm_num_gpus or ic.decoder_num_gpus else "cpu",
+        sc.model, cfg.tracking.uri, settings, model["name"], model["version"], model["sha256"],
+        sc.dtype, sc.torch_threads, "cuda" if sc.mllm_num_gpus or sc.decoder_num_gpus else "cpu",
     )  # fmt: skip
     info = {"name": model["name"], "version": model["version"], "sha256": model["sha256"]}
     opts = DecodeOptions(
-        settings, ic.max_file_bytes, ic.max_image_pixels, ic.slice_axis, ic.resample_spacing,
-        ic.keep_empty_slices, tuple(cfg.prepare.ct_window), ic.max_dicom_bytes, ic.max_volume_bytes,
+        settings, sc.max_file_bytes, sc.max_image_pixels, sc.slice_axis, sc.resample_spacing,
+        sc.keep_empty_slices, tuple(cfg.prepare.ct_window), sc.max_dicom_bytes, sc.max_volume_bytes,
     )  # fmt: skip
     items = [{"partition": json.dumps(p)} for p in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=ic.decode_num_cpus,
+        decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=sc.decode_num_cpus,
         fn_kwargs={"queries": queries, "opts": opts},
     )  # fmt: skip
-    if ic.via_serve:
+    if sc.via_serve:
         ds = ds.map_batches(
-            ServeStep, batch_size=ic.mllm_batch_images, batch_format="pyarrow", num_cpus=ic.task_num_cpus,
-            compute=ActorPoolStrategy(size=ic.mllm_actors),
-            fn_constructor_kwargs={"app_name": ic.via_serve, "model_info": {**info, "ref": ic.model},
-                                   "max_in_flight": ic.serve_in_flight, "overlay_fraction": ic.overlay_fraction},
+            ServeStep, batch_size=sc.mllm_batch_images, batch_format="pyarrow", num_cpus=sc.task_num_cpus,
+            compute=ActorPoolStrategy(size=sc.mllm_actors),
+            fn_constructor_kwargs={"app_name": sc.via_serve, "model_info": {**info, "ref": sc.model},
+                                   "max_in_flight": sc.serve_in_flight, "overlay_fraction": sc.overlay_fraction},
         )  # fmt: skip
     else:
         ds = model_steps(ds, cfg, spec, model, info)
-    writer = WriterOptions(ic.output, settings, ic.dicom_seg, ic.nifti_labels, ic.slice_axis, info)
+    writer = WriterOptions(sc.output, settings, sc.dicom_seg, sc.nifti_labels, sc.slice_axis, info)
     ds = ds.map_batches(
         PartitionWriter, fn_constructor_kwargs={"options": writer}, batch_size=None, batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=1), num_cpus=ic.task_num_cpus,
+        compute=ActorPoolStrategy(size=1), num_cpus=sc.task_num_cpus,
     )  # fmt: skip
     finished = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -154,29 +154,29 @@ def model_steps(ds, cfg, spec: ModelSpec, model: dict, info: dict):
     the actor-pool path."""
     from ray.data import ActorPoolStrategy
 
-    ic = cfg.infer
+    sc = cfg.scoring
     ds = ds.map_batches(
-        MLLMStep, fn_constructor_kwargs={"spec": spec, "mode": ic.mode, "max_new_tokens": ic.max_new_tokens},
-        batch_size=ic.mllm_batch_images, batch_format="pyarrow", compute=ActorPoolStrategy(size=ic.mllm_actors),
-        num_cpus=ic.mllm_num_cpus, num_gpus=ic.mllm_num_gpus,
+        MLLMStep, fn_constructor_kwargs={"spec": spec, "mode": sc.mode, "max_new_tokens": sc.max_new_tokens},
+        batch_size=sc.mllm_batch_images, batch_format="pyarrow", compute=ActorPoolStrategy(size=sc.mllm_actors),
+        num_cpus=sc.mllm_num_cpus, num_gpus=sc.mllm_num_gpus,
     )  # fmt: skip
     # With the decoder's resources Ray Data fuses the screening into the decoder actors: no process
     # of its own to start (importing torch there costs seconds) and no extra hop for the rows.
     ds = ds.map_batches(
-        screen_rows, batch_format="pyarrow", num_cpus=ic.decoder_num_cpus, num_gpus=ic.decoder_num_gpus,
+        screen_rows, batch_format="pyarrow", num_cpus=sc.decoder_num_cpus, num_gpus=sc.decoder_num_gpus,
         fn_kwargs={"calibration_json": model["calibration_json"], "clip_size": model["inputs"]["clip_size"]},
     )  # fmt: skip
     ds = ds.map_batches(
-        DecoderStep, fn_constructor_kwargs={"spec": spec, "mask_threshold": ic.mask_threshold, "early_reject": ic.early_reject},
-        batch_size=ic.decoder_batch_images, batch_format="pyarrow", compute=ActorPoolStrategy(size=ic.decoder_actors),
-        num_cpus=ic.decoder_num_cpus, num_gpus=ic.decoder_num_gpus,
+        DecoderStep, fn_constructor_kwargs={"spec": spec, "mask_threshold": sc.mask_threshold, "early_reject": sc.early_reject},
+        batch_size=sc.decoder_batch_images, batch_format="pyarrow", compute=ActorPoolStrategy(size=sc.decoder_actors),
+        num_cpus=sc.decoder_num_cpus, num_gpus=sc.decoder_num_gpus,
     )  # fmt: skip
     ds = ds.map_batches(
-        finish_rows, batch_format="pyarrow", num_cpus=ic.task_num_cpus,
+        finish_rows, batch_format="pyarrow", num_cpus=sc.task_num_cpus,
         fn_kwargs={
             "calibration_json": model["calibration_json"], "clip_size": model["inputs"]["clip_size"],
-            "judge_config": cfg.verifier, "early_reject": ic.early_reject, "model_info": info,
-            "overlay_fraction": ic.overlay_fraction,
+            "judge_config": cfg.verifier, "early_reject": sc.early_reject, "model_info": info,
+            "overlay_fraction": sc.overlay_fraction,
         },
     )  # fmt: skip
     return ds

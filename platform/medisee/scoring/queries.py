@@ -1,4 +1,4 @@
-"""Which queries each image gets: `infer.queries` is one of
+"""Which queries each image gets: `scoring.queries` is one of
 
 records                                   the query of each shard row (parquet shards only)
 <uri>.jsonl                               a manifest: {"image": KEY, "queries": [...]} per line, KEY
@@ -18,7 +18,7 @@ from medisee.storage import StorageSettings
 
 
 class QuerySpecError(ValueError):
-    """An unusable `infer.queries` value or manifest; the message says what to fix."""
+    """An unusable `scoring.queries` value or manifest; the message says what to fix."""
 
 
 @dataclass
@@ -48,7 +48,7 @@ def parse_query_spec(spec: str, input_uri: str, settings: StorageSettings | None
     if spec.endswith(".jsonl"):
         return QueryPlan("manifest", manifest=_read_manifest(spec, input_uri, settings))
     raise QuerySpecError(
-        f"infer.queries={spec!r}: expected 'records', a .jsonl manifest, "
+        f"scoring.queries={spec!r}: expected 'records', a .jsonl manifest, "
         "or 'template=<text with {class}>;classes=a,b'"
     )
 
@@ -58,11 +58,11 @@ def _template_queries(spec: str) -> list[str]:
     names = [c.strip() for c in classes.split(",") if c.strip()]
     if "{class}" not in body or not names:
         raise QuerySpecError(
-            f"infer.queries={spec!r}: a template needs '{{class}}' in its text and ';classes=a,b'"
+            f"scoring.queries={spec!r}: a template needs '{{class}}' in its text and ';classes=a,b'"
         )
     queries = [body.replace("{class}", name.replace("_", " ")) for name in names]
     if reserved := [t for q in queries for t in reserved_tokens(q)]:
-        raise QuerySpecError(f"infer.queries={spec!r}: {reserved[0]!r} is reserved by the model's template")
+        raise QuerySpecError(f"scoring.queries={spec!r}: {reserved[0]!r} is reserved by the model's template")
     return queries
 
 

@@ -1,6 +1,6 @@
 """Batch scoring through a running Serve application instead of actor pools of its own.
 
-`medisee infer ... --via-serve APP` replaces the MLLM / verifier / decoder steps by one step that
+`medisee score ... --via-serve APP` replaces the MLLM / verifier / decoder steps by one step that
 sends each image (with all its queries) to the application's ingress through its deployment handle,
 with at most `max_in_flight` requests outstanding per actor. The same graph answers (so the cluster
 holds one copy of the models; only each image's model-sized inputs are sent); decode, output rows, errors and the exactly-once writer are shared

@@ -107,7 +107,7 @@ class Ingress:
         self.ready: tuple[float, dict] | None = None
 
     def served_version(self) -> str:
-        """For batch scoring through this application (medisee infer --via-serve)."""
+        """For batch scoring through this application (medisee score --via-serve)."""
         return self.model
 
     # ----- helpers -------------------------------------------------------------------------------

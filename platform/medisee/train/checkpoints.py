@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medisee import storage
-from medisee.config import MediSeeConfig, build_config, config_to_yaml, resume_differences
+from medisee.config import MediSeeConfig, config_to_yaml, resume_differences, stored_config
 from medisee.model.checkpoint import read_torch, write_torch
 from medisee.storage import StorageSettings
 from medisee.train import parallel
@@ -76,9 +76,8 @@ def read_checkpoint(
 
 def check_resumable(saved_yaml: str, cfg: MediSeeConfig, uri: str) -> None:
     """A resume may change how long and where the run goes, never the model or the data."""
-    import yaml
 
-    changed = resume_differences(build_config(yaml.safe_load(saved_yaml)), cfg)
+    changed = resume_differences(stored_config(saved_yaml), cfg)
     if changed:
         details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/batch_infer.py --input s3://... \
+"""Ray job entrypoint: `ray job submit --working-dir . -- python jobs/batch_score.py --input s3://... \
 --queries 'template=Segment the {class}.;classes=liver,spleen' --model models:/medisee@candidate --output s3://...`"""
 
 import sys
@@ -9,7 +9,7 @@ from medisee.raylib import apply_env_defaults
 
 def main() -> None:
     apply_env_defaults()
-    app(["infer", *sys.argv[1:]])
+    app(["score", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
