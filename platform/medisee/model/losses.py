@@ -1,4 +1,10 @@
-"""Losses: the reference's mask BCE + Dice, box L1 + GIoU, and the similarity loss."""
+"""Losses: the reference's mask BCE + Dice, box L1 + GIoU, and the similarity loss.
+
+The mask losses score whatever grid they are given. MediSee calls them in the padded SAM frame
+(`valid` = the image inside it); the reference calls them at the label's original resolution,
+after postprocess_masks. The difference is measured in tests/model/test_mask_loss_resolution.py
+and stated in MediSee.target_losses.
+"""
 
 from __future__ import annotations
 

@@ -275,12 +275,14 @@ class MediSee(nn.Module):
         Every row is decoded and the losses averaged over the rows that count: selecting those rows
         first would make the host wait for the GPU to learn how many there are.
 
-        The mask losses are computed in the SAM frame (the decoder's masks upsampled to it) against
-        the label resized into the frame (nearest), padding excluded. The reference computes them
-        after SAM's postprocess_masks, at the label's original resolution; on the real masks of
-        sam_med2d_demo the two differ by 0.1-1.5 % in BCE and at most 0.0044 in Dice
-        (tests/model/test_mask_loss_resolution.py). Kept so, as a batch then holds every label at
-        one size.
+        The mask losses are computed in the SAM frame: the decoder's 256² logits bilinear up to the
+        frame, against the label the reader resized into it (nearest, `sam_mask`), padding excluded.
+        The reference computes them after SAM's postprocess_masks, at the label's original
+        resolution (logits cropped to the image and resized to the label). Kept so, as a batch then
+        holds every label at one size. Measured in tests/model/test_mask_loss_resolution.py on the
+        real sam_med2d_demo masks: BCE 0.1-1.6 % apart and Dice at most 0.0043 for a soft
+        prediction, BCE up to 15 % (0.0012 absolute) and Dice 0.017 for a confident one, ours the
+        larger; the gap grows as the image gets smaller than the frame and vanishes at scale 1.
         """
         counted = batch.has_target.bool() & found  # (B,)
         weight = counted.float()
