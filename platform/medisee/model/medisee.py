@@ -61,6 +61,7 @@ class MediSee(nn.Module):
         num_candidates: int,
         prompt_dim: int,
         loss_weights: LossWeights | None = None,
+        sam_normalize: str = "sam",
     ):
         super().__init__()
         self.llava = llava
@@ -71,6 +72,7 @@ class MediSee(nn.Module):
         self.text_projection = TextProjection(hidden_size, prompt_dim)
         self.box_decoder = BoxDecoder(hidden_size)
         self.loss_weights = loss_weights or LossWeights()
+        self.sam_normalize = sam_normalize  # see medisee.model.sam.SamConfig.normalize
         self.compute_dtype: torch.dtype | None = None  # None: default_compute_dtype(device)
         ids = text.candidate_ids if text is not None else [-1] * num_candidates
         self.register_buffer("candidate_ids", torch.tensor(ids), persistent=False)
@@ -197,8 +199,12 @@ class MediSee(nn.Module):
         1024 px in bf16), so the encoder takes SAM_IMAGES_PER_PASS images at a time.
         """
         x = sam_images.permute(0, 3, 1, 2).float()
-        x = (x - self.sam.pixel_mean) / self.sam.pixel_std
-        x = x * _inside_images(x.shape[-2:], resized_hw).unsqueeze(1)
+        inside = _inside_images(x.shape[-2:], resized_hw).unsqueeze(1)
+        if self.sam_normalize == "minmax":
+            x = _min_max(x, inside)
+        else:
+            x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+        x = x * inside
         chunks = [self.sam.image_encoder(part) for part in x.split(SAM_IMAGES_PER_PASS)]
         # contiguous: the encoder's output is channels-last, and a cached (stacked) embedding is not;
         # in bf16 the mask decoder's convolutions round differently on the two layouts
@@ -216,17 +222,19 @@ class MediSee(nn.Module):
         image_embeddings: torch.Tensor,
         image_index: torch.Tensor,
         box_frame: torch.Tensor,
-        prompt_tokens: torch.Tensor,
+        prompt_tokens: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res mask logits (B, 1, 4g, 4g) and predicted IoU (B, 1) for B prompts in one batch.
 
         SAM's MaskDecoder.forward takes one image at a time (it repeats that image's embedding for
         each prompt); here every prompt is paired with its own image's embedding instead, so a batch
         over many images is one transformer pass. Single-mask output, as SAM's multimask_output=False.
+        `prompt_tokens` None: the box alone prompts the decoder (MedSAM's interactive mode).
         """
         decoder = self.sam.mask_decoder
         sparse, dense = self.sam.prompt_encoder(points=None, boxes=box_frame, masks=None)
-        sparse = torch.cat([sparse, prompt_tokens.unsqueeze(1).to(sparse)], 1)
+        if prompt_tokens is not None:
+            sparse = torch.cat([sparse, prompt_tokens.unsqueeze(1).to(sparse)], 1)
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], 1)
         src = image_embeddings[image_index] + dense
@@ -342,6 +350,14 @@ class MediSee(nn.Module):
                 unexpected=unexpected,
                 mismatched=[f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched],
             )
+
+
+def _min_max(x: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Each image's pixels inside its region scaled to [0, 1] by that region's own min and max."""
+    big = torch.finfo(x.dtype).max
+    low = torch.where(inside, x, big).amin((1, 2, 3), keepdim=True)
+    high = torch.where(inside, x, -big).amax((1, 2, 3), keepdim=True)
+    return (x - low) / (high - low).clamp_min(1e-8)
 
 
 def _inside_images(frame_hw, resized_hw: torch.Tensor) -> torch.Tensor:
