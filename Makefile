@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m medisee.demo
+	$(BIN)/python -m medisee.demo --preset $(or $(PRESET),tiny)
 
 test: $(STAMP)
 	@sh tools/ensure_chromium.sh || true

@@ -61,10 +61,13 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def lite_lm_folder(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted from its GGUF to a transformers folder once per test run."""
+    """SmolLM2-135M-Instruct converted from its GGUF to a transformers folder once per test run; the
+    run's MEDISEE_CACHE points at it, so medisee-lite's default LM (and Ray workers) reuse it."""
     from medisee.model.weights import converted_lm
 
-    return converted_lm(cache_dir=tmp_path_factory.mktemp("medisee-cache"))
+    cache = tmp_path_factory.mktemp("medisee-cache")
+    os.environ["MEDISEE_CACHE"] = str(cache)
+    return converted_lm(cache_dir=cache)
 
 
 @pytest.fixture(scope="session")

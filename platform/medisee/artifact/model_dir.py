@@ -35,9 +35,10 @@ from medisee.artifact.fetch import (
 from medisee.artifact.golden import write_golden
 from medisee.config import PRESET_IMAGE_SIZES, MediSeeConfig, config_to_yaml, stored_config
 from medisee.infer.predictor import Predictor
-from medisee.model.build import MODEL_PARTS, build_from_config
+from medisee.model.build import MODEL_PARTS, build_from_config, packaged_defaults
 from medisee.model.checkpoint import CheckpointError, check_sha256
 from medisee.model.medisee import MediSee
+from medisee.model.weights import folder_weights_sha256
 from medisee.storage import StorageSettings
 from medisee.verify.calibrate import CalibratedVerifier
 
@@ -110,6 +111,7 @@ def save_model_dir(
         "preset": cfg.model.preset,
         "finetune": cfg.trainer.finetune,
         "template_version": TEMPLATE_VERSION,
+        "chat_template": text.template,
         "candidate_tokens": text.tokenizer.convert_ids_to_tokens(list(text.candidate_ids)),
         "candidate_ids": list(text.candidate_ids),
         "image_token_id": text.image_token_id,
@@ -140,12 +142,22 @@ def add_golden_pair(folder: Path, settings: StorageSettings | None = None) -> No
 
 
 def base_references(cfg: MediSeeConfig, settings: StorageSettings | None) -> dict:
-    """Where the base models come from, with the sha256 of those that are single files."""
+    """Where the base models come from, with the sha256 of the SAM checkpoint; for medisee-lite,
+    whose base weights default to the packaged ones, also of the LM folder's weights."""
     refs = {"llava_path": cfg.model.llava_path, "sam_checkpoint": cfg.model.sam_checkpoint}
-    for key in ("sam_checkpoint",):
-        if refs[key]:
-            refs[f"{key}_sha256"] = storage.sha256_of(refs[key], settings)
+    lm_path, sam_path = base_paths(cfg)
+    if sam_path:
+        refs["sam_checkpoint_sha256"] = storage.sha256_of(sam_path, settings)
+    if cfg.model.preset == "medisee-lite":
+        refs["lm_weights_sha256"] = folder_weights_sha256(lm_path, settings)
     return refs
+
+
+def base_paths(cfg: MediSeeConfig) -> tuple[str | None, str | None]:
+    """(LM / LLaVA folder, SAM checkpoint) the model is built from, packaged defaults resolved."""
+    if cfg.model.preset == "medisee-lite":
+        return packaged_defaults(cfg.model.llava_path, cfg.model.sam_checkpoint)
+    return cfg.model.llava_path, cfg.model.sam_checkpoint
 
 
 def file_digests(folder: Path) -> dict[str, str]:
@@ -184,8 +196,7 @@ def load_model_dir(
 def load_local(local: Path, ref: str, run_id, settings, device, dtype, parts) -> LoadedModel:
     manifest = read_manifest(local, ref)
     cfg = stored_config((local / "config.yaml").read_text())
-    if "decoder" in parts:
-        check_base_digests(cfg, manifest, settings)
+    check_base_digests(cfg, manifest, settings, parts)
     tokenizer = load_tokenizer(local / "tokenizer") if "mllm" in parts else None
     model = build_from_config(cfg, settings, tokenizer=tokenizer, parts=parts, device=device)
     check_tokens(model, manifest, ref)
@@ -203,11 +214,22 @@ def load_local(local: Path, ref: str, run_id, settings, device, dtype, parts) ->
     return LoadedModel(model, cfg, manifest, calibration, local, ref, run_id)
 
 
-def check_base_digests(cfg: MediSeeConfig, manifest: dict, settings: StorageSettings | None) -> None:
-    """The SAM base checkpoint must be the file the model was trained on (its recorded sha256)."""
-    expected = manifest.get("base", {}).get("sam_checkpoint_sha256")
-    if cfg.model.sam_checkpoint and expected:
-        check_sha256(cfg.model.sam_checkpoint, expected, settings)
+def check_base_digests(
+    cfg: MediSeeConfig, manifest: dict, settings: StorageSettings | None, parts=MODEL_PARTS
+) -> None:
+    """The base weights must be those the model was trained on (their recorded sha256)."""
+    base = manifest.get("base", {})
+    lm_path, sam_path = base_paths(cfg)
+    if "decoder" in parts and sam_path and base.get("sam_checkpoint_sha256"):
+        check_sha256(sam_path, base["sam_checkpoint_sha256"], settings)
+    if "mllm" in parts and base.get("lm_weights_sha256"):
+        actual = folder_weights_sha256(lm_path, settings)
+        if actual != base["lm_weights_sha256"]:
+            raise CheckpointError(
+                lm_path,
+                detail=f"LM weights sha256 {actual} differ from {base['lm_weights_sha256']} "
+                "recorded in the model artifact",
+            )
 
 
 def describe_model(
@@ -278,6 +300,11 @@ def check_tokens(model: MediSee, manifest: dict, ref: str) -> None:
     """The rebuilt tokenizer must give the candidate and image tokens the ids the weights were trained with."""
     if model.text is None:
         return
+    recorded = manifest.get("chat_template", "mistral")  # artifacts before lite: all Mistral-instruct
+    if model.text.template != recorded:
+        raise CheckpointError(
+            ref, detail=f"chat template {model.text.template!r} differs from the artifact's {recorded!r}"
+        )
     ids = list(model.text.candidate_ids)
     if ids != manifest["candidate_ids"] or model.text.image_token_id != manifest["image_token_id"]:
         raise CheckpointError(

@@ -23,7 +23,7 @@ CANDIDATE_TOKENS = (SEG_TOKEN, BBOX_TOKEN)
 IMAGE_TOKEN = "<image>"
 # Text the conversation template gives a meaning: in a user's query it would add an image placeholder
 # or a candidate token to the prompt (the model then fails, or reads the wrong hidden states).
-RESERVED_TEXT = re.compile(r"<image>|\[/?INST\]|\[SEG\]|\[BBOX\]|\[CAND\d+\]")
+RESERVED_TEXT = re.compile(r"<image>|\[/?INST\]|<\|im_(?:start|end)\|>|\[SEG\]|\[BBOX\]|\[CAND\d+\]")
 
 
 def reserved_tokens(text: str) -> list[str]:

@@ -1,12 +1,15 @@
 """Presets and builders.
 
 build_model("tiny")                                     random init, offline, seconds, CPU
+build_model("medisee-lite")                             real weights shipped in packages: SmolLM2 +
+                                                        LiteMedSAM (medisee.model.weights), CPU
 build_model("medisee-7b", llava_path=..., sam_checkpoint=...)   user checkpoints, local or s3://
 build_model("tiny", llava_path=dir, sam_checkpoint=pth)         any preset can load saved weights
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +19,7 @@ from medisee.model import checkpoint as ckpt
 from medisee.model.medisee import LossWeights, MediSee, default_compute_dtype
 from medisee.model.mllm import (
     LLAVA_MED_MISTRAL_7B,
+    MLLM_LITE,
     MLLM_TINY,
     MllmConfig,
     build_llava,
@@ -34,11 +38,13 @@ class Preset:
     mllm: MllmConfig
     sam: SamConfig
     needs_checkpoints: bool
+    train_projector: bool = False  # no pretrained projector exists (the reference freezes LLaVA's)
 
 
 PRESETS = {
     "tiny": Preset(MLLM_TINY, SAM_TINY, needs_checkpoints=False),
     "medisee-7b": Preset(LLAVA_MED_MISTRAL_7B, SAM_VIT_B, needs_checkpoints=True),
+    "medisee-lite": Preset(MLLM_LITE, SAM_LITE, needs_checkpoints=False, train_projector=True),
 }
 
 
@@ -71,6 +77,7 @@ def build_model(
     seed: int = 0,
     random_weights: bool = False,
     parts: tuple[str, ...] = MODEL_PARTS,
+    image_token_grid: int = 8,
 ) -> MediSee:
     """Build MediSee. `finetune` = "lora" | "full" sets what is trainable (None: everything frozen).
 
@@ -81,6 +88,7 @@ def build_model(
     `cast_frozen`: hold the frozen MLLM weights in `compute_dtype` (half the memory of fp32 in bf16);
     the trainable ones stay fp32 master weights (`hold_weights`).
     `quantize="nf4"`: the LM's decoder linear layers in 4-bit NF4 (QLoRA), placed on `device`.
+    `image_token_grid`: medisee-lite's image tokens (the LiteMedSAM embedding pooled to g × g).
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {quantize!r}")
@@ -104,8 +112,23 @@ def build_model(
         )
     held = compute_dtype if cast_frozen and compute_dtype not in (None, torch.float32) else None
     torch.manual_seed(seed)
+    lite = spec.mllm.vision == "lite_medsam"
+    if lite:
+        llava_path, sam_checkpoint = packaged_defaults(llava_path, sam_checkpoint)
     llava, text, hidden = None, None, spec.mllm.hidden
-    if "mllm" in parts:
+    if "mllm" in parts and lite:
+        llava, text = _build_lite_mllm(
+            spec,
+            llava_path,
+            sam_checkpoint,
+            tokenizer,
+            num_candidate_tokens,
+            image_token_grid,
+            settings,
+            held,
+        )
+        hidden = llava.config.text_config.hidden_size
+    elif "mllm" in parts:
         llava, text = _build_mllm(spec, llava_path, tokenizer, num_candidate_tokens, settings, held)
         hidden = llava.config.text_config.hidden_size
     elif llava_path:
@@ -118,7 +141,15 @@ def build_model(
             ckpt.load_sam_checkpoint(sam, sam_checkpoint, settings)
     torch.manual_seed(seed + 2)
     model = MediSee(
-        llava, sam, text, hidden, num_candidate_tokens, spec.sam.prompt_dim, loss_weights, spec.sam.normalize
+        llava,
+        sam,
+        text,
+        hidden,
+        num_candidate_tokens,
+        spec.sam.prompt_dim,
+        loss_weights,
+        sam_normalize=spec.sam.normalize,
+        mllm_normalize="minmax" if lite else "clip",
     )
     model.preset = preset
     model.compute_dtype = compute_dtype
@@ -127,9 +158,10 @@ def build_model(
     if quantize == "nf4" and llava is not None:
         quantize_lm_nf4(llava, compute_dtype or default_compute_dtype(device), device)
     if finetune:
-        configure_trainable(model, finetune, lora_r, lora_alpha, lora_dropout)
+        configure_trainable(model, finetune, lora_r, lora_alpha, lora_dropout, spec.train_projector)
     else:
         model.requires_grad_(False)
+    model.train()  # a new module trains; MediSee.train keeps the frozen image encoders in eval mode
     if held is not None:
         hold_weights(model, held)
     if gradient_checkpointing and llava is not None:
@@ -195,29 +227,81 @@ def _build_mllm(spec: Preset, llava_path, tokenizer, num_candidate_tokens: int, 
     return llava, TextSpec(tokenizer, image_token_id, candidate_ids, num_image_tokens(llava))
 
 
+def packaged_defaults(llava_path: str | None, sam_checkpoint: str | None) -> tuple[str, str]:
+    """medisee-lite's base weights: the given ones, else those its packages ship."""
+    from medisee.model.weights import converted_lm, lite_medsam_checkpoint
+
+    return llava_path or str(converted_lm()), sam_checkpoint or str(lite_medsam_checkpoint())
+
+
+def _build_lite_mllm(
+    spec: Preset, lm_path, sam_checkpoint, tokenizer, num_candidate_tokens, grid, settings, dtype=None
+):
+    """LLaVA over the Llama LM at `lm_path` with LiteMedSAM's image encoder as its vision tower
+    (medisee.model.lite); the encoder's weights are the `image_encoder.*` of `sam_checkpoint`."""
+    from medisee.model.lite import build_lite_llava, load_language_model
+    from medisee.model.sam import build_tinyvit
+
+    path, temporary = ckpt.local_dir(lm_path, settings)
+    try:
+        lm, dir_tokenizer = load_language_model(str(path), dtype or torch.float32)
+    finally:
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
+    tokenizer = tokenizer or dir_tokenizer
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    candidate_ids = add_candidate_tokens(tokenizer, num_candidate_tokens)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    encoder = build_tinyvit(spec.sam)
+    state = ckpt.read_torch(sam_checkpoint, settings)
+    state = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    prefix = "image_encoder."
+    ckpt.load_state_strict(
+        encoder, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, sam_checkpoint
+    )
+    llava = build_lite_llava(lm, encoder, grid, image_token_id)
+    resize_for_tokenizer(llava, tokenizer)
+    if hasattr(llava.config, "image_token_id"):
+        llava.config.image_token_id = image_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    text = TextSpec(tokenizer, image_token_id, candidate_ids, num_image_tokens(llava), spec.mllm.template)
+    return llava, text
+
+
 def _llava_hidden_size(llava_path: str, settings) -> int:
-    """The LM width from a LLaVA directory's config.json alone (a decoder-only build needs no LM weights)."""
+    """The LM width from a LLaVA (or, for medisee-lite, Llama) directory's config.json alone (a
+    decoder-only build needs no LM weights)."""
     import json
 
     from medisee import storage
 
     config = json.loads(storage.read_text(storage.join(llava_path, "config.json"), settings))
-    return int(config["text_config"]["hidden_size"])
+    return int(config.get("text_config", config)["hidden_size"])
 
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|v_proj)$"
 
 
 def configure_trainable(
-    model: MediSee, finetune: str, r: int = 8, alpha: int = 16, dropout: float = 0.05
+    model: MediSee,
+    finetune: str,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.05,
+    train_projector: bool = False,
 ) -> None:
     """LoRA on the LM's q_proj/v_proj (or the full LM) + embed_tokens, lm_head, mask decoder, heads.
 
-    Frozen: CLIP, projector, SAM image and prompt encoders.
+    Frozen: the vision tower, SAM image and prompt encoders, and the projector unless
+    `train_projector` (medisee-lite, whose projector starts untrained).
     """
     model.requires_grad_(False)
     if model.llava is not None:
         _trainable_mllm(model, finetune, r, alpha, dropout)
+        if train_projector:
+            model.llava.model.multi_modal_projector.requires_grad_(True)
     if model.sam is not None:
         model.sam.mask_decoder.requires_grad_(True)
     for module in (model.text_projection, model.box_decoder, model.seg_router, model.box_router):
@@ -289,4 +373,5 @@ def build_from_config(
         settings=settings,
         seed=cfg.run.seed,
         parts=parts,
+        image_token_grid=m.image_token_grid,
     )

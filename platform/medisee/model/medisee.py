@@ -62,6 +62,7 @@ class MediSee(nn.Module):
         prompt_dim: int,
         loss_weights: LossWeights | None = None,
         sam_normalize: str = "sam",
+        mllm_normalize: str = "clip",
     ):
         super().__init__()
         self.llava = llava
@@ -73,9 +74,26 @@ class MediSee(nn.Module):
         self.box_decoder = BoxDecoder(hidden_size)
         self.loss_weights = loss_weights or LossWeights()
         self.sam_normalize = sam_normalize  # see medisee.model.sam.SamConfig.normalize
+        self.mllm_normalize = mllm_normalize  # clip | minmax (medisee-lite's TinyViT tower)
         self.compute_dtype: torch.dtype | None = None  # None: default_compute_dtype(device)
         ids = text.candidate_ids if text is not None else [-1] * num_candidates
         self.register_buffer("candidate_ids", torch.tensor(ids), persistent=False)
+
+    def train(self, mode: bool = True) -> MediSee:
+        """Frozen image encoders stay in eval mode: LiteMedSAM's TinyViT has BatchNorm layers, whose
+        batch statistics in train mode would change (and overwrite) what the checkpoint holds."""
+        super().train(mode)
+        for encoder in self.frozen_image_encoders():
+            encoder.eval()
+        return self
+
+    def frozen_image_encoders(self) -> list[nn.Module]:
+        encoders = []
+        if self.sam is not None:
+            encoders.append(self.sam.image_encoder)
+        if self.llava is not None:
+            encoders.append(self.llava.model.vision_tower)
+        return [e for e in encoders if not any(p.requires_grad for p in e.parameters())]
 
     # ----- sizes -----------------------------------------------------------------------------
     @property
@@ -105,8 +123,13 @@ class MediSee(nn.Module):
     def image_features(self, clip_images: torch.Tensor) -> torch.Tensor:
         """(M, C, C, 3) uint8 CLIP inputs -> (M, N, d) projected image-token features."""
         config = self.llava.config
+        if self.mllm_normalize == "minmax":
+            x = clip_images.permute(0, 3, 1, 2).float()
+            pixels = _min_max(x, torch.ones_like(x[:, :1], dtype=torch.bool))
+        else:
+            pixels = normalize_clip(clip_images)
         out = self.llava.model.get_image_features(
-            pixel_values=normalize_clip(clip_images).to(self.llava.dtype),
+            pixel_values=pixels.to(self.llava.dtype),
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )

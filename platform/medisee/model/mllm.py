@@ -27,6 +27,10 @@ class MllmConfig:
     heads: int = 32
     kv_heads: int = 8
     max_positions: int = 32768
+    # clip: transformers' CLIP tower on CLIP-normalised pixels; lite_medsam: LiteMedSAM's TinyViT on
+    # min-max [0, 1] pixels, pooled (medisee.model.lite), the LM read from a folder
+    vision: str = "clip"
+    template: str = "mistral"  # the conversation template (medisee.model.text.prompt_text)
 
     @property
     def num_image_tokens(self) -> int:
@@ -48,6 +52,16 @@ MLLM_TINY = MllmConfig(
     heads=4,
     kv_heads=4,
     max_positions=512,
+)
+
+MLLM_LITE = MllmConfig(
+    vision_hidden=256,
+    image_size=PRESET_IMAGE_SIZES["medisee-lite"]["clip_image_size"],
+    patch_size=32,  # 8 × 8 tokens by default; model.image_token_grid sets it
+    lm_type="llama",
+    hidden=576,  # SmolLM2-135M; the LM folder's config is what counts
+    vision="lite_medsam",
+    template="chatml",
 )
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -25,9 +25,18 @@ def candidate_tokens(n: int) -> list[str]:
     return base[:n] + [f"[CAND{i}]" for i in range(2, n)]
 
 
-def prompt_text(question: str) -> str:
+TEMPLATES = ("mistral", "chatml")
+
+
+def prompt_text(question: str, template: str = "mistral") -> str:
+    """The prompt before the answer: Mistral-instruct (the reference's), or ChatML (SmolLM2's own
+    chat template, medisee-lite), each with the one `<image>` placeholder before the question."""
     if reserved := reserved_tokens(question):
         raise ValueError(f"the query holds the template's reserved token {reserved[0]!r}")
+    if template == "chatml":
+        return f"<|im_start|>user\n{IMAGE_TOKEN}\n{question.strip()}<|im_end|>\n<|im_start|>assistant\n"
+    if template != "mistral":
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, not {template!r}")
     return f"[INST] {IMAGE_TOKEN}\n{question.strip()} [/INST]"
 
 
@@ -37,6 +46,7 @@ class TextSpec:
     image_token_id: int
     candidate_ids: list[int]
     num_image_tokens: int
+    template: str = "mistral"
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -44,14 +54,15 @@ class TextSpec:
     def build(self, question: str, answer: str | None) -> tuple[list[int], list[int]]:
         """input_ids and labels (answer tokens only) for one conversation; answer None -> prompt only."""
         tok = self.tokenizer
-        prompt = self.encode(prompt_text(question))
+        prompt = self.encode(prompt_text(question, self.template))
         expanded: list[int] = []
         for token in prompt:
             expanded.extend([token] * self.num_image_tokens if token == self.image_token_id else [token])
-        ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + expanded
+        chatml = self.template == "chatml"  # starts with its own <|im_start|>; the answer follows a newline
+        ids = ([tok.bos_token_id] if tok.bos_token_id is not None and not chatml else []) + expanded
         labels = [IGNORE_INDEX] * len(ids)
         if answer is not None:
-            answer_ids = self.encode(" " + answer.strip()) + [tok.eos_token_id]
+            answer_ids = self.encode(answer.strip() if chatml else " " + answer.strip()) + [tok.eos_token_id]
             ids += answer_ids
             labels += answer_ids
         return ids, labels

@@ -111,3 +111,15 @@ def _write_transformers_folder(gguf_path: Path, folder: Path) -> None:
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def folder_weights_sha256(folder: str, settings=None) -> str:
+    """One digest for the weights of a transformers folder (local or s3://): the sha256 of each
+    *.safetensors / *.bin file, in name order, hashed together."""
+    names = sorted(
+        n for n in storage.relative_names(folder, settings) if n.endswith((".safetensors", ".bin"))
+    )
+    if not names:
+        raise WeightsMissing(f"{folder} holds no *.safetensors or *.bin weights")
+    digests = [f"{n}:{storage.sha256_of(storage.join(folder, n), settings)}" for n in names]
+    return storage.sha256("\n".join(digests).encode())
