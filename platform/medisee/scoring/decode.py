@@ -1,7 +1,9 @@
 """Partition -> image rows (CPU tasks): read, decode and window every image, attach its queries.
 
 Every failure becomes an error row that names its input; a partition that scores nothing still
-emits one placeholder row, so that the writer can mark it finished.
+emits one placeholder row, so that the writer can mark it finished. An image's box prompts are
+checked here against its size (`check_box`): a refused one is carried as a prompt error of the
+image (one error row), the others as `boxes`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from medisee.config import MAX_DICOM_BYTES, MAX_FILE_BYTES, MAX_IMAGE_PIXELS, MA
 from medisee.data.bounded import Limits, read_nifti_image, read_stored
 from medisee.data.codec import BadRecord, as_rgb, decode_image, window_to_uint8
 from medisee.data.display import volume_slice, volume_window
+from medisee.infer.results import BadBox, check_box
 from medisee.scoring import schema
-from medisee.scoring.queries import QueryPlan
+from medisee.scoring.queries import BoxPrompt, QueryPlan
 from medisee.storage import StorageSettings
 
 
@@ -59,21 +62,31 @@ def decode_partition(partition: dict, queries: QueryPlan, opts: DecodeOptions) -
     if not rows:
         rows = [{"kind": "skip", "image_id": partition["key"], "source": partition.get("uri", "")}]
     per_image = (time.perf_counter() - started) / len(rows)
-    total = sum(len(r["queries"]) if r["kind"] != "skip" and not r.get("error") else 1 for r in rows)
+    total = sum(output_rows(r) for r in rows)
     for r in rows:
         r.update(partition=partition["key"], partition_rows=total, t_decode=per_image)
         r["partition_skipped"] = json.dumps(dict(skipped), sort_keys=True)
     return rows
 
 
+def output_rows(row: dict) -> int:
+    """The output rows an image row becomes: one per prompt (query, box, refused prompt), or one for
+    an input that failed or a partition's placeholder (`stages.error_rows`, `stages.output_table`)."""
+    if row["kind"] == "skip" or row.get("error"):
+        return 1
+    return len(row["queries"]) + len(row.get("boxes") or []) + len(row.get("prompt_errors") or [])
+
+
 def _keep(row: dict, skipped: Counter) -> bool:
-    if row.get("error") or row["kind"] == "skip" or row["queries"]:
+    if row.get("error") or row["kind"] == "skip" or output_rows(row):
         return True
     skipped["images_without_queries"] += 1
     return False
 
 
-def image_row(image: np.ndarray, queries: list[str], record_ids: list[str], **fields) -> dict:
+def image_row(
+    image: np.ndarray, queries: list[str], record_ids: list[str], box_prompts: list[BoxPrompt] = (), **fields
+) -> dict:
     image = as_rgb(image)
     return {
         **fields,
@@ -82,7 +95,34 @@ def image_row(image: np.ndarray, queries: list[str], record_ids: list[str], **fi
         "width": image.shape[1],
         "queries": queries,
         "record_ids": record_ids,
+        **checked_boxes(box_prompts, fields["image_id"], image.shape[:2]),
     }
+
+
+def checked_boxes(prompts: list[BoxPrompt], image_id: str, image_hw: tuple[int, int]) -> dict:
+    """Box prompts of one image (ids `<image>|b<k>` by manifest order): the usable ones as `boxes`,
+    the others as `prompt_errors` (a line with a query text too, a box `check_box` refuses)."""
+    boxes, ids, errors = [], [], []
+    for k, prompt in enumerate(prompts):
+        record_id = f"{image_id}|b{k}"
+        if prompt.query is not None:
+            errors.append(
+                {"record_id": record_id, "query": prompt.query, "reason": "query_and_box",
+                 "detail": f"manifest line {prompt.line} gives both a query text and a box: a line is "
+                           "either a text query or a box prompt; give them on separate lines"}
+            )  # fmt: skip
+            continue
+        try:
+            check_box(prompt.box, image_hw)
+        except BadBox as err:
+            errors.append(
+                {"record_id": record_id, "query": None, "reason": "bad_box",
+                 "detail": f"manifest line {prompt.line}: {err}"[:300]}
+            )  # fmt: skip
+            continue
+        boxes.append([float(v) for v in np.asarray(prompt.box, dtype=np.float64).reshape(-1)])
+        ids.append(record_id)
+    return {"boxes": boxes, "box_record_ids": ids, "prompt_errors": errors}
 
 
 def error_row(kind: str, image_id: str, source: str, err: BadRecord, stage: str = "decode", **fields) -> dict:
@@ -123,10 +163,12 @@ def read_images(partition: dict, queries: QueryPlan, opts: DecodeOptions, skippe
         except BadRecord as err:
             yield error_row("image", image_id, item["uri"], err)
             continue
-        qs = queries.for_image([item["rel"], item["uri"]])
+        keys = [item["rel"], item["uri"]]
+        qs = queries.for_image(keys)
         yield image_row(
-            image, qs, query_ids(image_id, qs), kind="image", image_id=image_id, source=item["uri"]
-        )
+            image, qs, query_ids(image_id, qs), queries.boxes_for_image(keys), kind="image",
+            image_id=image_id, source=item["uri"],
+        )  # fmt: skip
 
 
 def read_shard(partition: dict, queries: QueryPlan, opts: DecodeOptions, skipped: Counter):
@@ -155,13 +197,14 @@ def read_shard(partition: dict, queries: QueryPlan, opts: DecodeOptions, skipped
         except BadRecord as err:
             yield error_row("shard", image_id, source, err)
             continue
+        boxes = queries.boxes_for_image([image_id, source])
         if queries.kind == "records":
             pairs = [(r["query"], r["record_id"]) for r in rows if r["query"]]
             qs, ids = [q for q, _ in pairs], [i for _, i in pairs]
         else:
             qs = queries.for_image([image_id, source])
             ids = query_ids(image_id, qs)
-        yield image_row(image, qs, ids, kind="shard", image_id=image_id, source=source)
+        yield image_row(image, qs, ids, boxes, kind="shard", image_id=image_id, source=source)
 
 
 def read_dicom_series(partition: dict, queries: QueryPlan, opts: DecodeOptions, skipped: Counter):
@@ -183,11 +226,12 @@ def read_dicom_series(partition: dict, queries: QueryPlan, opts: DecodeOptions, 
                 "dicom", f"{uid}/{item['sop_uid']}", item["uri"], err, series_uid=uid, sop_uid=item["sop_uid"]
             )
             continue
-        qs = queries.for_image([item["rel"], item["uri"], uid])
+        keys = [item["rel"], item["uri"], uid]
+        qs, boxes = queries.for_image(keys), queries.boxes_for_image(keys)
         for k, frame in enumerate(frames):
             image_id = f"{uid}/{item['sop_uid']}" + (f"#f{k}" if len(frames) > 1 else "")
             yield image_row(
-                frame, qs, query_ids(image_id, qs), kind="dicom", image_id=image_id, source=item["uri"],
+                frame, qs, query_ids(image_id, qs), boxes, kind="dicom", image_id=image_id, source=item["uri"],
                 series_uid=uid, sop_uid=item["sop_uid"], slice_index=position if len(frames) == 1 else k,
             )  # fmt: skip
         position += 1
@@ -231,9 +275,11 @@ def read_nifti(partition: dict, queries: QueryPlan, opts: DecodeOptions, skipped
         if opts.resample_spacing:
             shown = square_pixels(shown, in_plane)
         image_id = f"{rel}#{'xyz'[axis]}{index}"
-        qs = queries.for_image([image_id, rel, uri])
+        keys = [image_id, rel, uri]
+        qs = queries.for_image(keys)
         yield image_row(
-            shown, qs, query_ids(image_id, qs), kind="nifti", image_id=image_id, source=uri,
+            shown, qs, query_ids(image_id, qs), queries.boxes_for_image(keys), kind="nifti",
+            image_id=image_id, source=uri,
             slice_index=index, native_hw=list(native.shape),
         )  # fmt: skip
 

@@ -72,6 +72,11 @@ def score_archive(cfg: MediSeeConfig, settings: StorageSettings | None = None, l
             raise QuerySpecError(f"scoring.{key} is required")
     started = time.time()
     queries = parse_query_spec(sc.queries, sc.input, settings)
+    if sc.via_serve and queries.has_boxes():
+        raise QuerySpecError(
+            f"query manifest {sc.queries} has box prompts; the Serve application answers text queries "
+            "only: score box prompts without --via-serve (the actor pools)"
+        )
     partitions = plan_partitions(sc.input, settings, sc.images_per_partition, sc.split)
     if queries.kind == "records" and any(p["kind"] not in ("shard", "unreadable") for p in partitions):
         raise QuerySpecError(
@@ -192,7 +197,7 @@ def summarize(output: str, partitions: list[dict], settings, seconds: float, sco
     planned = {p["key"] for p in partitions}
     totals = {"inputs": 0, "images": 0, "decoded": 0}
     counters: dict[str, dict] = {
-        k: {} for k in ("verdicts", "decided_by", "error_reasons", "skipped", "stage_seconds")
+        k: {} for k in ("verdicts", "decided_by", "prompts", "error_reasons", "skipped", "stage_seconds")
     }
     for key, m in markers.items():
         if key not in planned:
@@ -200,7 +205,7 @@ def summarize(output: str, partitions: list[dict], settings, seconds: float, sco
         for k in totals:
             totals[k] += m[k]
         for k, counter in counters.items():
-            for name, value in m[k].items():
+            for name, value in m.get(k, {}).items():  # markers of earlier versions lack "prompts"
                 counter[name] = counter.get(name, 0) + value
     checked = reconcile(output, partitions, markers, settings)
     results, errors = checked["results"], checked["errors"]

@@ -1,8 +1,12 @@
 """What flows between the batch-scoring steps and what lands in the output tables.
 
 Between steps, one row per image (all its queries together, so that each image is encoded once
-and a row cannot be split): IMAGE_ROW, grown by each stage. At the end, one row per query in
-RESULT_SCHEMA, or one row per failed input in ERROR_SCHEMA.
+and a row cannot be split): IMAGE_ROW, grown by each stage. At the end, one row per query or box
+prompt in RESULT_SCHEMA, or one row per failed input, query or box prompt in ERROR_SCHEMA.
+
+An image's prompts are its text queries (`queries`, ids `<image>|q<j>`) and then its box prompts
+(`boxes`, ids `<image>|b<k>`: no MLLM, no verifier, `DecoderStage.segment_boxes`). The DECODED lists
+hold one entry per prompt in that order: the text queries, then the boxes.
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ from __future__ import annotations
 import pyarrow as pa
 
 _floats = pa.list_(pa.float32())
+
+# A prompt refused once its image is known (bad_box, query_and_box): an error row of its own.
+PROMPT_ERROR = pa.struct(
+    [("record_id", pa.string()), ("query", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
 
 IMAGE_ROW = pa.schema(
     [
@@ -28,6 +37,9 @@ IMAGE_ROW = pa.schema(
         ("width", pa.int32()),
         ("queries", pa.list_(pa.string())),
         ("record_ids", pa.list_(pa.string())),
+        ("boxes", pa.list_(pa.list_(pa.float64()))),  # box prompts: pixel xyxy, last pixel inclusive
+        ("box_record_ids", pa.list_(pa.string())),
+        ("prompt_errors", pa.list_(PROMPT_ERROR)),  # prompts of a readable image that cannot be scored
         ("error", pa.string()),
         ("error_detail", pa.string()),
         ("error_stage", pa.string()),
@@ -76,6 +88,7 @@ RESULT_SCHEMA = pa.schema(
         ("series_uid", pa.string()),
         ("sop_uid", pa.string()),
         ("slice_index", pa.int32()),
+        ("prompt", pa.string()),  # text | box (box prompt: query, answer, found, verdict ... S/C/P null)
         ("query", pa.string()),
         ("answer", pa.string()),
         ("found", pa.bool_()),
@@ -89,7 +102,7 @@ RESULT_SCHEMA = pa.schema(
         ("iou_score", pa.float32()),
         ("area_fraction", pa.float32()),
         ("decoded", pa.bool_()),  # false: rejected early, the decoder did not run
-        ("box", _floats),  # pixel xyxy in the original image (clipped); null when rejected
+        ("box", _floats),  # pixel xyxy in the image (clipped; a box prompt as given); null if rejected
         ("box_unclipped", _floats),
         ("mask_rle", pa.string()),  # COCO RLE (pycocotools) as JSON; null when rejected
         ("mask_area", pa.int64()),
@@ -113,8 +126,9 @@ ERROR_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("slice_index", pa.int32()),
         ("query", pa.string()),
+        ("prompt", pa.string()),  # text | box; null when the input failed before its prompts were known
         ("stage", pa.string()),  # plan | decode | mllm | decoder
-        ("reason", pa.string()),  # unreadable_image, unsupported_format, too_large, model_error, ...
+        ("reason", pa.string()),  # unreadable_image, unsupported_format, too_large, model_error, bad_box, ...
         ("detail", pa.string()),
     ]
 )
@@ -123,7 +137,7 @@ ERROR_SCHEMA = pa.schema(
 OUTPUT_ROW = pa.schema(
     [("status", pa.string()), ("partition_rows", pa.int64()), ("partition_skipped", pa.string())]
     + [f for f in RESULT_SCHEMA if f.name not in ("partition",)]
-    + [f for f in ERROR_SCHEMA if f.name not in ERROR_SCHEMA.names[:5] + ["query"]]
+    + [f for f in ERROR_SCHEMA if f.name not in RESULT_SCHEMA.names]
     + [("partition", pa.string()), ("overlay_png", pa.binary())]
 )
 

@@ -2,11 +2,14 @@
 
     MLLMStep      actor: MLLMStage (CLIP once per image + one LM pass over all queries of the batch)
     screen_rows   task:  VerifierStage.screen (MedVeriSeg scores and the rule's verdict)
-    DecoderStep   actor: DecoderStage (SAM once per image) for the queries that are not rejected
-    finish_rows   task:  VerifierStage.decide, then one output row per query (or per failed input)
+    DecoderStep   actor: DecoderStage (SAM once per image) for the queries that are not rejected,
+                         and DecoderStage.segment_boxes for the image's box prompts
+    finish_rows   task:  VerifierStage.decide, then one output row per query and box prompt (or
+                         per failed input)
 
 The same functions the in-process Predictor uses decide what is decoded (`wants_decoder`) and how
-a result is assembled (`assemble`), so batch output equals the Predictor's.
+a result is assembled (`assemble`), so batch output equals the Predictor's. Box prompts skip the
+MLLM and the verifier (their rows have no query, answer or verdict), as `Predictor.segment_boxes` does.
 """
 
 from __future__ import annotations
@@ -52,7 +55,13 @@ class ModelSpec:
 
 
 def scoreable(row: dict) -> bool:
+    """The row has text queries for the MLLM and the verifier."""
     return not row.get("error") and row["kind"] != "skip" and bool(row["queries"])
+
+
+def has_boxes(row: dict) -> bool:
+    """The row has box prompts for the decoder alone."""
+    return not row.get("error") and row["kind"] != "skip" and bool(row.get("boxes"))
 
 
 def image_of(row: dict) -> np.ndarray:
@@ -170,35 +179,43 @@ class DecoderStep:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         started = time.perf_counter()
-        run_per_image([r for r in rows if scoreable(r)], "decoder", self._decode)
+        run_per_image([r for r in rows if scoreable(r) or has_boxes(r)], "decoder", self._decode)
         share_time(rows, "t_decoder", started)
         return schema.table(rows, schema.DECODED_ROW)
 
     def _decode(self, rows: list[dict]) -> None:
+        """Text queries from their candidate states, then box prompts (`segment_boxes`); each list
+        of DECODED holds the queries' entries, then the boxes'."""
         images, image_index, candidates, slots = [], [], [], []
+        box_index, boxes, box_slots = [], [], []
         for i, row in enumerate(rows):
             images.append(image_of(row))
-            encs = unpack_encodings(row)
-            for j, screening in enumerate(screenings_of(row)):
-                if wants_decoder(screening, self.early_reject):
-                    image_index.append(i)
-                    candidates.append(encs[j].candidates)
-                    slots.append((i, j))
-        decoded = self.stage(images, image_index, np.stack(candidates)) if candidates else []
-        for row in rows:
             q = len(row["queries"])
-            row.update(
-                {
-                    k: [None] * q
-                    for k in ("box", "box_unclipped", "mask_rle", "mask_score", "iou_score", "area_fraction")
-                }
-            )
-        for (i, j), d in zip(slots, decoded, strict=True):
+            if q:
+                encs = unpack_encodings(row)
+                for j, screening in enumerate(screenings_of(row)):
+                    if wants_decoder(screening, self.early_reject):
+                        image_index.append(i)
+                        candidates.append(encs[j].candidates)
+                        slots.append((i, j))
+            for k, box in enumerate(row.get("boxes") or []):
+                box_index.append(i)
+                boxes.append(box)
+                box_slots.append((i, q + k))
+            prompts = q + len(row.get("boxes") or [])
+            row.update({k: [None] * prompts for k in DECODED_LISTS})
+        decoded = self.stage(images, image_index, np.stack(candidates)) if candidates else []
+        if boxes:
+            decoded += self.stage.segment_boxes(images, box_index, np.asarray(boxes, dtype=np.float64))
+        for (i, j), d in zip(slots + box_slots, decoded, strict=True):
             row = rows[i]
             row["box"][j], row["box_unclipped"][j] = list(d.box), list(d.box_unclipped)
             row["mask_rle"][j] = mask_to_rle(d.mask)
             row["mask_score"][j], row["iou_score"][j] = d.mask_score, d.iou_score
             row["area_fraction"][j] = d.area_fraction
+
+
+DECODED_LISTS = ("box", "box_unclipped", "mask_rle", "mask_score", "iou_score", "area_fraction")
 
 
 def decoded_of(row: dict, j: int) -> Decoded | None:
@@ -232,8 +249,9 @@ def finish_rows(
     stage = VerifierStage.from_json(calibration_json, clip_size, judge_config)
 
     def results_of(row: dict) -> list[dict]:
-        results = result_rows(row, stage, early_reject, model_info or {})
-        if overlay_fraction and sampled(row["image_id"], overlay_fraction):
+        results = result_rows(row, stage, early_reject, model_info or {}) if row["queries"] else []
+        results += box_result_rows(row, model_info or {})
+        if overlay_fraction and row["queries"] and sampled(row["image_id"], overlay_fraction):
             from medisee.scoring.overlays import draw_overlay
 
             results[0]["overlay_png"] = draw_overlay(image_of(row), results, row)
@@ -243,8 +261,9 @@ def finish_rows(
 
 
 def output_table(rows: list[dict], results_of) -> pa.Table:
-    """Output rows of image rows: a skip marker, the error rows, or `results_of(row)`; each keeps
-    the partition fields the writer counts by. Shared by the actor-pool and the Serve path."""
+    """Output rows of image rows: a skip marker, the error rows, or `results_of(row)` and the rows of
+    its refused prompts; each keeps the partition fields the writer counts by (as many rows as
+    `decode.output_rows` announced). Shared by the actor-pool and the Serve path."""
     out: list[dict] = []
     for row in rows:
         common = {k: row.get(k) for k in ("partition", "partition_rows", "partition_skipped")}
@@ -253,26 +272,45 @@ def output_table(rows: list[dict], results_of) -> pa.Table:
         elif row.get("error"):
             out.extend({**common, **r} for r in error_rows(row))
         else:
-            out.extend({**common, **r} for r in results_of(row))
+            out.extend({**common, **r} for r in results_of(row) + prompt_error_rows(row))
     return schema.table(out, schema.OUTPUT_ROW)
 
 
-def error_rows(row: dict) -> list[dict]:
-    """One error row per query when the queries are known, else one for the input."""
-    base = {
+def _error_base(row: dict) -> dict:
+    return {
         "status": "error",
         "image_id": row["image_id"],
         "source": row["source"],
         "slice_index": row.get("slice_index"),
+    }
+
+
+def error_rows(row: dict) -> list[dict]:
+    """One error row per query and box prompt when the prompts are known (and the image's refused
+    prompts with their own reasons), else one for the input."""
+    base = {
+        **_error_base(row),
         "stage": row.get("error_stage") or "decode",
         "reason": row["error"],
         "detail": row.get("error_detail"),
     }
-    if not row["queries"]:
+    refused = prompt_error_rows(row)
+    if not row["queries"] and not row.get("boxes") and not refused:
         return [{**base, "record_id": row["image_id"]}]
+    return (
+        [
+            {**base, "record_id": rid, "query": q, "prompt": "text"}
+            for rid, q in zip(row["record_ids"], row["queries"], strict=True)
+        ]
+        + [{**base, "record_id": rid, "prompt": "box"} for rid in row.get("box_record_ids") or []]
+        + refused
+    )
+
+
+def prompt_error_rows(row: dict) -> list[dict]:
+    """The prompts refused when the image was decoded (bad_box, query_and_box): one error row each."""
     return [
-        {**base, "record_id": rid, "query": q}
-        for rid, q in zip(row["record_ids"], row["queries"], strict=True)
+        {**_error_base(row), **e, "prompt": "box", "stage": "decode"} for e in row.get("prompt_errors") or []
     ]
 
 
@@ -290,21 +328,39 @@ def result_rows(row: dict, stage, early_reject: bool, model_info: dict) -> list[
     return out
 
 
-def result_row(row: dict, j: int, result, decoded: bool, model_info: dict) -> dict:
-    """Output row of query j of an image row; its mask comes as RLE text (None when rejected)."""
+BOX_PROMPT = QueryEncoding(0, None, None, None, None, None)  # what a box prompt has of the MLLM: nothing
+
+
+def box_result_rows(row: dict, model_info: dict) -> list[dict]:
+    """Output rows of the image's box prompts: the decoder's mask for the box, no query, answer or
+    verdict (the MLLM and the verifier did not run)."""
+    q = len(row["queries"])
+    out = []
+    for k in range(len(row.get("boxes") or [])):
+        decoded = decoded_of(row, q + k)
+        result = assemble(BOX_PROMPT, None, decoded, None, None)
+        out.append(result_row(row, k, result, decoded is not None, model_info, prompt="box"))
+    return out
+
+
+def result_row(row: dict, j: int, result, decoded: bool, model_info: dict, prompt: str = "text") -> dict:
+    """Output row of query j (or box prompt j, `prompt="box"`) of an image row; its mask comes as
+    RLE text (None when rejected)."""
+    text = prompt == "text"
     return {
         "status": "result",
-        "record_id": row["record_ids"][j],
+        "record_id": row["record_ids" if text else "box_record_ids"][j],
         **{
             k: row.get(k)
             for k in ("image_id", "source", "series_uid", "sop_uid", "slice_index", "height", "width")
         },
+        "prompt": prompt,
         "query": result.query,
         "answer": result.answer,
         "found": result.found,
         "verdict": result.verdict,
         "decided_by": result.decided_by,
-        "judged": result.decided_by == "judge",
+        "judged": result.decided_by == "judge" if text else None,
         "strength": result.strength,
         "compactness": result.compactness,
         "purity": result.purity,

@@ -1,11 +1,12 @@
 """Exactly-once output: a partition is written whole, then marked done.
 
     <output>/_job.json              what this output was made from (input, queries, model, options, plan)
-    <output>/results/<partition>.parquet   one row per query (schema.RESULT_SCHEMA)
-    <output>/errors/<partition>.parquet    one row per failed input or query (schema.ERROR_SCHEMA)
+    <output>/results/<partition>.parquet   one row per query or box prompt (schema.RESULT_SCHEMA)
+    <output>/errors/<partition>.parquet    one row per failed input, query or box prompt (schema.ERROR_SCHEMA)
     <output>/overlays/<image>-<hash>.png   optional sample
     <output>/dicom_seg/<series>-<hash>.dcm, <output>/nifti_labels/<volume>-<hash>.nii.gz (+ .json)
-                                           optional; the names follow the partition key
+                                           optional; the names follow the partition key; text
+                                           queries only (a box prompt has no query to name a segment)
     <output>/_done/<partition>.json        the commit marker, with the partition's counts
     <output>/_staging/<partition>/<piece>.parquet   rows of a partition not yet complete (see below)
 
@@ -190,8 +191,9 @@ def partition_summary(partition: str, rows, results, errors, extra: dict) -> dic
         "results": len(results),
         "errors": len(errors),
         "images": len(images),
-        "verdicts": dict(Counter(r["verdict"] for r in results)),
-        "decided_by": dict(Counter(r["decided_by"] for r in results)),
+        "verdicts": dict(Counter(r["verdict"] for r in results if r["verdict"] is not None)),
+        "decided_by": dict(Counter(r["decided_by"] for r in results if r["decided_by"] is not None)),
+        "prompts": dict(Counter(r["prompt"] for r in results if r.get("prompt"))),  # text | box
         "decoded": sum(1 for r in results if r["decoded"]),
         "error_reasons": dict(Counter(r["reason"] for r in errors)),
         "skipped": json.loads(rows[0].get("partition_skipped") or "{}"),
@@ -207,8 +209,10 @@ def _image_time(results: list[dict], key: str) -> float:
 
 
 def write_volume_outputs(partition: str, results: list[dict], options: WriterOptions) -> dict:
-    """DICOM SEG per series / NIfTI label volume per volume, when asked for; the names written."""
+    """DICOM SEG per series / NIfTI label volume per volume, when asked for, of the text queries;
+    the names written."""
     written = {}
+    results = [r for r in results if r.get("prompt") != "box"]
     if options.dicom_seg and partition.startswith("dicom-") and results:
         from medisee.scoring.volume_outputs import write_dicom_seg
 
