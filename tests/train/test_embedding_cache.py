@@ -1,4 +1,5 @@
-"""The SAM image-embedding cache: same losses as computing the embeddings, reuse, and its budget."""
+"""The image-encoding cache (SAM embeddings and vision-tower tokens): same losses as computing
+them, reuse, and its budget."""
 
 from __future__ import annotations
 
@@ -45,14 +46,18 @@ def test_cached_embeddings_give_the_same_losses(model, rows):
                 assert torch.allclose(cached[key], value, atol=1e-6), key
     assert (cache.hits, cache.misses) == (1, 3)
     assert cache.stats()["image_cache/hit_rate"] == pytest.approx(0.25)
-    assert torch.equal(cache.entries[second.image_keys[0]], cache.attach(model, second).image_embeddings[0])
+    again = cache.attach(model, second)
+    assert torch.equal(cache.entries[second.image_keys[0]], again.image_embeddings[0])
+    assert torch.equal(cache.tokens[second.image_keys[0]], again.vision_tokens[0])
+    assert torch.equal(again.vision_tokens, model.vision_tokens(second.clip_image))
 
 
 def test_the_least_recently_used_image_leaves_when_the_budget_is_full(model, rows):
     images = list(by_image(rows).values())
     one = batch_of(model, images[0][:1])
-    embedding = ImageEmbeddingCache(1.0).attach(model, one).image_embeddings[0]
-    entry_gib = embedding.numel() * embedding.element_size() / GIB
+    attached = ImageEmbeddingCache(1.0).attach(model, one)
+    embedding, tokens = attached.image_embeddings[0], attached.vision_tokens[0]
+    entry_gib = (embedding.numel() * embedding.element_size() + tokens.numel() * tokens.element_size()) / GIB
     cache = ImageEmbeddingCache(2.5 * entry_gib)  # room for two images
     keys = []
     for rows_of_image in images[:2]:
@@ -63,6 +68,7 @@ def test_the_least_recently_used_image_leaves_when_the_budget_is_full(model, row
     third = batch_of(model, images[2][:1])
     cache.attach(model, third)
     assert list(cache.entries) == [keys[0], third.image_keys[0]]
+    assert sorted(cache.tokens) == sorted(cache.entries)
     assert cache.used_bytes <= cache.budget_bytes
     too_small = ImageEmbeddingCache(0.5 * entry_gib)
     assert too_small.attach(model, one).image_embeddings is not None and not too_small.entries

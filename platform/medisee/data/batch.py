@@ -69,6 +69,7 @@ class TrainingBatch:
     pair_index: torch.Tensor  # (B,) long: the referring row of the same (image, class), or -1
     image_keys: tuple[str, ...] = ()  # (M,) the images' ids (keys of an image-embedding cache)
     image_embeddings: torch.Tensor | None = None  # (M, P, g, g) SAM embeddings, when already known
+    vision_tokens: torch.Tensor | None = None  # (M, N, v) MLLM vision-tower tokens, when already known
 
     def to(self, device, non_blocking: bool = False) -> TrainingBatch:
         """On `device`; `non_blocking` copies to a GPU from pinned memory while the GPU keeps working."""

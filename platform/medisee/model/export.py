@@ -5,6 +5,8 @@
     <dir>/heads.safetensors   seg_router, box_router, text_projection, box_decoder
     <dir>/export.json         format, preset, tokens, SAM config, sha256 of every file, key report
 
+medisee-lite exports in its own tools' layouts instead (medisee.model.export_lite).
+
 `load_export` rebuilds the model and fails on any sha256 difference or missing / unexpected /
 shape-mismatched key.
 """
@@ -47,6 +49,11 @@ def export_model(model: MediSee, output_dir: str | Path, *, max_shard_size: str 
     folder = Path(output_dir)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} is not empty")
+    if preset == "medisee-lite":  # its own layouts: a Llama folder and a LiteMedSAM .pth
+        from medisee.model.export_lite import export_lite
+
+        folder.mkdir(parents=True, exist_ok=True)
+        return _write_manifest(folder, export_lite(model, folder))
     spec = model.text
     tokens = candidate_tokens(len(spec.candidate_ids))
     ids = list(spec.candidate_ids)
@@ -79,6 +86,10 @@ def export_model(model: MediSee, output_dir: str | Path, *, max_shard_size: str 
         "files": file_digests(folder),
         "keys": keys,
     }
+    return _write_manifest(folder, manifest)
+
+
+def _write_manifest(folder: Path, manifest: dict) -> dict:
     text = json.dumps(manifest, indent=2)
     (folder / MANIFEST).write_text(text)
     return json.loads(text)  # exactly what the file holds (lists, not tuples)
@@ -88,6 +99,10 @@ def load_export(path: str | Path) -> MediSee:
     """Rebuild the model from an export directory (eval mode, frozen)."""
     folder = Path(path)
     manifest = read_manifest(folder)
+    if manifest["preset"] == "medisee-lite":
+        from medisee.model.export_lite import load_lite_export
+
+        return load_lite_export(folder, manifest)
     llava, tokenizer = load_llava_dir(str(folder / LLAVA_DIR))
     raise_on(llava_report(llava, llava.state_dict(), folder / LLAVA_DIR), str(folder / LLAVA_DIR))
     ids = manifest["candidate_ids"]

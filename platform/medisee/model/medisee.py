@@ -120,20 +120,35 @@ class MediSee(nn.Module):
         return torch.autocast(device, dtype=dtype)
 
     # ----- MLLM side -------------------------------------------------------------------------
-    def image_features(self, clip_images: torch.Tensor) -> torch.Tensor:
-        """(M, C, C, 3) uint8 CLIP inputs -> (M, N, d) projected image-token features."""
+    def image_features(
+        self, clip_images: torch.Tensor, vision_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(M, C, C, 3) uint8 MLLM-side inputs -> (M, N, d) projected image-token features.
+
+        `vision_tokens`: the frozen tower's output for these images when already known (the
+        training cache, medisee.train.embedding_cache); only the projector then runs.
+        """
+        if vision_tokens is None:
+            vision_tokens = self.vision_tokens(clip_images)
+        return self.llava.model.multi_modal_projector(vision_tokens)
+
+    def vision_tokens(self, clip_images: torch.Tensor) -> torch.Tensor:
+        """(M, C, C, 3) uint8 -> (M, N, v): the vision tower's tokens at LLaVA's feature layer (CLS
+        dropped under the "default" strategy), before the projector; what transformers'
+        get_image_features selects."""
         config = self.llava.config
         if self.mllm_normalize == "minmax":
             x = clip_images.permute(0, 3, 1, 2).float()
             pixels = _min_max(x, torch.ones_like(x[:, :1], dtype=torch.bool))
         else:
             pixels = normalize_clip(clip_images)
-        out = self.llava.model.get_image_features(
-            pixel_values=pixels.to(self.llava.dtype),
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        out = self.llava.model.vision_tower(
+            pixels.to(self.llava.dtype), output_hidden_states=True, return_dict=True
         )
-        return torch.stack(list(out.pooler_output))
+        tokens = out.hidden_states[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
+            tokens = tokens[:, 1:]
+        return tokens
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor, image_index: torch.Tensor):
         """Token embeddings with each row's image features in its image-token positions."""
@@ -279,7 +294,7 @@ class MediSee(nn.Module):
         """Losses for a TrainingBatch (see medisee.data.batch)."""
         w = self.loss_weights
         with self.autocast():
-            features = self.image_features(batch.clip_image)
+            features = self.image_features(batch.clip_image, batch.vision_tokens)
             out = self.language(
                 batch.input_ids, batch.attention_mask, features, batch.image_index, batch.labels
             )

@@ -76,6 +76,7 @@ class AppArgs(BaseModel):
     ready_ttl_s: float = Field(15.0, ge=0)  # /readyz re-runs its check when the last one is older
     max_queries: int = Field(16, ge=1)
     max_query_chars: int = Field(500, ge=1)
+    max_boxes: int = Field(16, ge=1)  # boxes of one box-prompt request (`box`: a list of boxes)
     api_keys_env: str = "MEDISEE_API_KEYS"  # comma-separated keys
     api_keys_file: str | None = None  # one key per line; re-read when it changes (rotation)
     allow_anonymous: bool = False  # without keys the ingress refuses to start unless this is set

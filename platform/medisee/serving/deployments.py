@@ -1,6 +1,7 @@
 """The three model deployments. Each wraps one of the Predictor's stage classes; MLLM and decoder
 batch requests dynamically (`@serve.batch`) and serve several registered versions of one base
-(`@serve.multiplexed`: the model id is the version's reference)."""
+(`@serve.multiplexed`: the model id is the version's reference). The decoder also answers box-prompt
+requests (`segment_boxes`: a user's boxes, no text), batched on their own."""
 
 from __future__ import annotations
 
@@ -32,21 +33,24 @@ class _Versioned:
 
         self.args = args
         self.resident = VersionedPart(args.model, self.part, _settings(args), args.tracking_uri)
-        options = getattr(args, "mllm" if self.part == "mllm" else "decoder")
-        self.batch_wait_s = options.batch_wait_timeout_s if args.batching else 0.0
+        self.stage_options = getattr(args, "mllm" if self.part == "mllm" else "decoder")
+        self.batch_wait_s = self.stage_options.batch_wait_timeout_s if args.batching else 0.0
         self.in_flight = 0
-        # decorated here, not on the class, so that the application's settings reach Serve's batcher
-        # and multiplexer (neither can be changed after decoration)
-        self._batched = serve.batch(
-            max_batch_size=options.max_batch_size if args.batching else 1,
-            batch_wait_timeout_s=self.batch_wait_s,
-            max_concurrent_batches=options.max_concurrent_batches,
-        )(self._batch)
+        self._batched = self._batcher(self._batch)
 
         async def load(ref: str):  # a function, not a bound method: Serve keeps its cache on it
             return await asyncio.to_thread(self.resident.weights_of, ref)
 
         self.weights = serve.multiplexed(max_num_models_per_replica=args.multiplexed_models_per_replica)(load)
+
+    def _batcher(self, fn):
+        """`fn` batched with the application's settings: decorated here, not on the class, so that
+        they reach Serve's batcher and multiplexer (neither can be changed after decoration)."""
+        return serve.batch(
+            max_batch_size=self.stage_options.max_batch_size if self.args.batching else 1,
+            batch_wait_timeout_s=self.batch_wait_s,
+            max_concurrent_batches=self.stage_options.max_concurrent_batches,
+        )(fn)
 
     async def _run(self, fn, *inputs):
         ref = serve.get_multiplexed_model_id() or self.args.model
@@ -68,13 +72,16 @@ class _Versioned:
         return {name: int(getattr(self.resident.model, name))}
 
     async def __call__(self, *request):
+        return await self._submit(self._batched, *request)
+
+    async def _submit(self, batched, *request):
         # Serve's batcher closes a batch batch_wait_timeout_s after its first request, even when
         # nothing else is coming. Wait only while other requests are in flight on this replica: a
         # lone request runs at once, under load the batch fills.
         self.in_flight += 1
         try:
-            self._batched.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
-            return await self._batched(*request)
+            batched.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+            return await batched(*request)
         finally:
             self.in_flight -= 1
 
@@ -106,11 +113,24 @@ class DecoderDeployment(_Versioned):
 
         super().__init__(args)
         self.stage = DecoderStage(self.resident.model, args.mask_threshold)
+        self._batched_boxes = self._batcher(self._box_batch)
 
     async def _batch(self, images: list, candidates: list[np.ndarray]):  # PreparedImage or array
-        index = [i for i, c in enumerate(candidates) for _ in range(len(c))]
-        stacked = np.concatenate([c for c in candidates if len(c)]) if index else np.zeros((0,))
-        decoded = await self._run(self.stage, images, index, stacked) if index else []
+        return await self._decode(self.stage, images, candidates)
+
+    async def segment_boxes(self, image, boxes: np.ndarray) -> list:
+        """Box-prompt mode: boxes (Q, 4) pixel xyxy of the (prepared) image, checked by the ingress ->
+        one Decoded per box, its mask as RLE."""
+        return await self._submit(self._batched_boxes, image, boxes)
+
+    async def _box_batch(self, images: list, boxes: list[np.ndarray]):
+        return await self._decode(self.stage.segment_boxes, images, boxes)
+
+    async def _decode(self, fn, images: list, prompts: list[np.ndarray]) -> list[list]:
+        """`fn(images, image_index, stacked prompts)` for a batch of requests, one list per request."""
+        index = [i for i, c in enumerate(prompts) for _ in range(len(c))]
+        stacked = np.concatenate([c for c in prompts if len(c)]) if index else np.zeros((0,))
+        decoded = await self._run(fn, images, index, stacked) if index else []
         from medisee.data.codec import mask_to_rle
 
         out: list[list] = [[] for _ in images]

@@ -1,7 +1,8 @@
 """The HTTP ingress: validates and decodes a request, then MLLM -> verifier -> decoder (unless
 rejected) -> final verdict, each on its own deployment; the image of a multi-query request is
 encoded once by each stage. The final verdict goes back to the verifier only for queries its rule
-left uncertain (the others are settled by the screening)."""
+left uncertain (the others are settled by the screening). A box-prompt request (`box`, no queries)
+goes to the decoder alone: one mask per box."""
 
 import asyncio
 import logging
@@ -192,6 +193,16 @@ class Ingress:
         t4 = time.perf_counter()
         return results, {"mllm_s": t1 - t0, "verifier_s": (t2 - t1) + (t4 - t3), "decoder_s": t3 - t2}
 
+    async def answer_boxes(self, image: np.ndarray, boxes: list, version: str) -> tuple[list, dict]:
+        """Box-prompt mode: one Decoded (mask as RLE) per box, from the decoder deployment alone. As in
+        `answer`, only the prepared image and the boxes (pixel xyxy, checked) cross to the replica."""
+        t0 = time.perf_counter()
+        prepared = await self.prepare(image)
+        decoder = self.decoder.options(multiplexed_model_id=version)
+        prompts = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        decoded = await call_stage(lambda: decoder.segment_boxes.remote(prepared, prompts), "decoder")
+        return decoded, {"decoder_s": time.perf_counter() - t0}
+
     # ----- endpoints -----------------------------------------------------------------------------
     @api.post("/v1/segment", openapi_extra=openapi_request_body())
     async def segment(self, request: Request):
@@ -216,9 +227,12 @@ class Ingress:
         try:
             req = await parse_request(request.headers, body, self.args, self.run)
             version = self.version(req.model_version, request.headers.get("serve_multiplexed_model_id"))
-            results, timings = await asyncio.wait_for(
-                self.answer(req.image, req.queries, version), self.args.request_timeout_s
+            graph = (
+                self.answer_boxes(req.image, req.boxes, version)
+                if req.boxes is not None
+                else self.answer(req.image, req.queries, version)
             )
+            results, timings = await asyncio.wait_for(graph, self.args.request_timeout_s)
             parts = await self.run(response_parts, results, req.image, req, self.args.max_render_side)
         except ApiError as exc:
             return error(exc.status, exc.message, request_id, exc.headers)
@@ -232,8 +246,12 @@ class Ingress:
         except Exception as exc:  # the graph's own failures: overload first, then anything else
             return graph_error(exc, request_id)
         total = time.perf_counter() - started
-        log.info("request %s: %d queries, %.3f s%s", request_id, len(req.queries), total,
-                 f", queries {req.queries}" if self.args.log_payloads else "")  # fmt: skip
+        if req.boxes is not None:
+            log.info("request %s: %d boxes, %.3f s%s", request_id, len(req.boxes), total,
+                     f", boxes {req.boxes}" if self.args.log_payloads else "")  # fmt: skip
+        else:
+            log.info("request %s: %d queries, %.3f s%s", request_id, len(req.queries), total,
+                     f", queries {req.queries}" if self.args.log_payloads else "")  # fmt: skip
         return {
             "request_id": request_id,
             "model_version": version,

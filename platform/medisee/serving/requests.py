@@ -1,7 +1,11 @@
 """Reading and checking a /v1/segment request: every problem becomes an ApiError with a clear status.
 
 400 unreadable image        413 too large (Content-Length, while streaming, or pixel count)
-415 unsupported type        422 invalid fields (queries, model version, options)
+415 unsupported type        422 invalid fields (queries, boxes, model version, options)
+
+A request holds queries (each answered through MLLM -> verifier -> decoder) or, in box-prompt mode,
+boxes: pixel xyxy of the uploaded image (last pixel inclusive), each prompting the mask decoder
+alone, MedSAM-style (no text, no MLLM, no verifier). Not both.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import binascii
 import functools
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
 from medisee.data.prompts import reserved_tokens
+from medisee.infer.results import BadBox, check_box
 from medisee.serving.args import AppArgs
 
 
@@ -28,14 +33,26 @@ class ReturnOptions(BaseModel):
     overlay: bool = False
 
 
+Box = Annotated[list[float], PydanticField(min_length=4, max_length=4)]
+BOX_DESCRIPTION = (
+    "box-prompt mode, instead of queries: [x0, y0, x1, y1] in pixels of the uploaded image (last pixel "
+    "inclusive), or a list of such boxes (at most max_boxes, 16 by default); each box alone prompts "
+    "the mask decoder (no text, no MLLM, no verifier) and gets one mask"
+)
+
+
 class SegmentJSON(BaseModel):
-    """The JSON form of POST /v1/segment (documented in the OpenAPI schema; checked by parse_request)."""
+    """The JSON form of POST /v1/segment (documented in the OpenAPI schema; checked by parse_request):
+    `queries` or, in box-prompt mode, `box`; both in one request is a 422."""
 
     image: str = PydanticField(
         description="base64 of a PNG, JPEG, TIFF, BMP or DICOM file (a data: URL is fine)"
     )
-    queries: list[str] = PydanticField(
-        min_length=1, description="questions about the image, answered separately"
+    queries: Annotated[list[str], PydanticField(min_length=1)] | None = PydanticField(
+        None, description="questions about the image, answered separately (required unless 'box' is given)"
+    )
+    box: Box | Annotated[list[Box], PydanticField(min_length=1)] | None = PydanticField(
+        None, description=BOX_DESCRIPTION
     )
     model_version: str | None = PydanticField(
         None, description="a served version (GET /v1/models); default: the served one"
@@ -60,13 +77,20 @@ def inline_refs(schema: dict) -> dict:
 
 
 def openapi_request_body() -> dict:
-    """OpenAPI requestBody of /v1/segment: JSON or multipart (the image as a file)."""
+    """OpenAPI requestBody of /v1/segment: JSON or multipart (the image as a file), each with queries
+    or, in box-prompt mode, a box (one object schema per form: OpenAPI tools handle a multipart
+    `anyOf` poorly, and both carry the same options)."""
     multipart = {
         "type": "object",
-        "required": ["image", "query"],
+        "required": ["image"],
         "properties": {
             "image": {"type": "string", "format": "binary"},
-            "query": {"type": "array", "items": {"type": "string"}},
+            "query": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "repeated, one question each (required unless 'box' is given)",
+            },
+            "box": {"type": "string", "description": f"once, JSON text: {BOX_DESCRIPTION}"},
             "model_version": {"type": "string"},
             "mask_format": {"type": "string", "enum": ["rle", "png"]},
             "heatmap": {"type": "boolean"},
@@ -93,15 +117,16 @@ class ApiError(Exception):
 @dataclass
 class SegmentRequest:
     image: np.ndarray  # uint8 H×W×3
-    queries: list[str]
+    queries: list[str]  # empty in box-prompt mode
     model_version: str | None = None
     mask_format: str = "rle"  # rle | png
     heatmap: bool = False
     overlay: bool = False
+    boxes: list[list[float]] | None = None  # box-prompt mode: pixel xyxy, each checked against the image
 
 
-MULTIPART_SINGLE = ("model_version", "mask_format", "heatmap", "overlay")
-JSON_FIELDS = ("image", "queries", "model_version", "return")
+MULTIPART_SINGLE = ("box", "model_version", "mask_format", "heatmap", "overlay")
+JSON_FIELDS = ("image", "queries", "box", "model_version", "return")
 RETURN_FIELDS = ("mask_format", "heatmap", "overlay")
 BODY_GRACE_S = 5.0  # the minimum rate applies after this long (a connection's slow start)
 
@@ -161,11 +186,29 @@ async def parse_request(headers, body: bytes, args: AppArgs, run=asyncio.to_thre
             415,
             f"unsupported content type {content_type or 'none'!r}: send multipart/form-data or application/json",
         )
-    queries = check_queries(fields.get("queries"), args)  # bad fields refused before the costly decode
+    # bad fields refused before the costly decode; a box's bounds need the image's size: after it
+    boxes = fields.get("box")
+    if boxes is not None:
+        if fields.get("queries") is not None:
+            raise ApiError(
+                422,
+                "give 'box' (box-prompt mode: the box alone prompts the mask decoder) or 'queries' "
+                "(repeated 'query' fields in a form), not both",
+            )
+        boxes, queries = check_boxes(boxes, args), []
+    else:
+        queries = check_queries(fields.get("queries"), args)
     image = await run(decode_upload, image_bytes, args.max_image_pixels, args.max_image_bytes)
+    if boxes is not None:
+        for box in boxes:
+            try:
+                check_box(box, image.shape[:2])
+            except BadBox as exc:
+                raise ApiError(422, str(exc)) from None
     return SegmentRequest(
         image=image,
         queries=queries,
+        boxes=boxes,
         model_version=_text(fields.get("model_version"), "model_version") or None,
         mask_format=_choice(fields.get("mask_format", "rle"), ("rle", "png"), "mask_format"),
         heatmap=_flag(fields.get("heatmap", False), "heatmap"),
@@ -229,6 +272,8 @@ async def _multipart(headers, body: bytes) -> tuple[dict, bytes]:
             raise ApiError(422, f"multipart field {name!r} must be text, not a file")
         if name in ("query", "queries"):
             fields.setdefault("queries", []).extend(_multipart_queries(value, names.count(name) == 1))
+        elif name == "box":
+            fields["box"] = _multipart_box(value)
         else:
             fields[name] = value
     return fields, await upload.read()
@@ -243,6 +288,19 @@ def _multipart_queries(value: str, only_one: bool) -> list:
         if isinstance(parsed, list):
             return parsed
     return [value]
+
+
+def _multipart_box(value: str):
+    """The form's `box` field: JSON text of one box or a list of boxes (checked by check_boxes)."""
+    try:
+        parsed = json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        parsed = None
+    if parsed is None:  # a `box` field given is box-prompt mode: `null` is no box either
+        raise ApiError(
+            422, "field 'box' must be JSON: [x0, y0, x1, y1] or a list of such boxes, e.g. [10, 20, 80, 70]"
+        )
+    return parsed
 
 
 def _no_duplicate_keys(pairs: list[tuple]) -> dict:
@@ -287,7 +345,11 @@ def check_queries(queries, args: AppArgs) -> list[str]:
     if isinstance(queries, str):
         queries = [queries]
     if not isinstance(queries, list) or not queries:
-        raise ApiError(422, "at least one query is required ('queries': [...] or repeated 'query' fields)")
+        raise ApiError(
+            422,
+            "at least one query is required ('queries': [...] or repeated 'query' fields), "
+            "or a 'box' for box-prompt mode",
+        )
     if len(queries) > args.max_queries:
         raise ApiError(422, f"{len(queries)} queries: at most {args.max_queries} per request")
     out = []
@@ -300,6 +362,29 @@ def check_queries(queries, args: AppArgs) -> list[str]:
             raise ApiError(422, f"a query holds {reserved[0]!r}, a token reserved by the model's template")
         out.append(q.strip())
     return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_boxes(value, args: AppArgs) -> list[list[float]]:
+    """`box` as one box [x0, y0, x1, y1] or a list of boxes -> the list of boxes, at most
+    `max_boxes`, each a list of JSON numbers; the rest of the check (four finite numbers, order, inside
+    the image) is `check_box`'s, once the image's size is known."""
+    if not isinstance(value, list) or not value:
+        raise ApiError(
+            422, f"box must be [x0, y0, x1, y1] or a list of such boxes, got {json.dumps(value)[:100]}"
+        )
+    boxes = value if all(isinstance(b, list) for b in value) else [value]
+    if len(boxes) > args.max_boxes:
+        raise ApiError(422, f"{len(boxes)} boxes: at most {args.max_boxes} per request")
+    for box in boxes:
+        if not all(_is_number(v) for v in box):  # json's strings and booleans are no coordinates
+            raise ApiError(
+                422, f"box must be four finite numbers [x0, y0, x1, y1], got {json.dumps(box)[:100]}"
+            )
+    return boxes
 
 
 def _text(value, name: str) -> str | None:
