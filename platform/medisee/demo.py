@@ -37,6 +37,8 @@ DEMO_PRESETS = {
          "trainer.eval_every=150", "trainer.checkpoint_every=150", "trainer.eval_limit=60"],
     ),
 }  # fmt: skip
+# phantoms of another seed for the verifier benchmark: medisee-lite's image encoder is ~40x tiny's
+VERIFIER_IMAGES = {"tiny": 150, "lite": 40}
 
 
 def demo_config(root: Path, overrides: list[str], preset: str = "tiny"):
@@ -59,7 +61,7 @@ def demo_config(root: Path, overrides: list[str], preset: str = "tiny"):
     )
 
 
-def prepare_data(cfg, root: Path, settings) -> tuple[str, str]:
+def prepare_data(cfg, root: Path, settings, verifier_images: int = 150) -> tuple[str, str]:
     """Training shards, and verifier shards from another seed (every image held out, two false queries each)."""
     from medisee.data.prepare import prepare
 
@@ -73,7 +75,7 @@ def prepare_data(cfg, root: Path, settings) -> tuple[str, str]:
     verifier_prepare = cfg.prepare.model_copy(
         update={
             "seed": cfg.prepare.seed + 1,
-            "phantom_images": 150,
+            "phantom_images": verifier_images,
             "val_fraction": 0.999,
             "false_queries_per_image": 2,
         }
@@ -148,7 +150,7 @@ def main(workdir: str = ".medisee/demo", overrides: list[str] | None = None, pre
     settings = StorageSettings.from_config(cfg.storage)
     ensure_ray()
     started = time.time()
-    shards, verifier_shards = prepare_data(cfg, root, settings)
+    shards, verifier_shards = prepare_data(cfg, root, settings, VERIFIER_IMAGES[preset])
 
     eval_rows = load_eval_rows(shards, "val", settings, limit=cfg.trainer.eval_limit)
     before = evaluate_rows(build_from_config(cfg), eval_rows, reduce=False)
