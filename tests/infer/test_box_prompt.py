@@ -70,3 +70,25 @@ def test_boxes_on_several_images_equal_one_at_a_time(predictor, image):
 def test_a_box_that_cannot_prompt_is_refused_with_a_reason(predictor, image, box, words):
     with pytest.raises(BadBox, match=words):
         predictor.segment_box(image, box)
+
+
+def test_queries_and_boxes_together_encode_each_image_once_and_equal_separate_calls(predictor, image):
+    from medisee.infer.decoder_stage import DecoderStage
+
+    stage = DecoderStage(predictor.model)
+    encoding = predictor.mllm([image], [["Where is the liver?", "Segment the spleen."]])
+    candidates = np.stack([e.candidates for e in encoding])
+    boxes = np.array([[10, 20, 80, 70], [0, 0, 50, 50]], dtype=np.float64)
+    calls = []
+    handle = predictor.model.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for_queries, for_boxes = stage.decode([image], [0, 0], candidates, [0, 0], boxes)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    for a, b in zip(for_queries, stage([image], [0, 0], candidates), strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.box == pytest.approx(b.box)
+    for a, b in zip(for_boxes, stage.segment_boxes([image], [0, 0], boxes), strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.iou_score == pytest.approx(b.iou_score, abs=1e-5)

@@ -19,7 +19,7 @@ from medisee.model import boxes as box_ops
 
 @dataclass
 class _Encoded:
-    local: torch.Tensor  # (Q,) index of each query's image among the encoded ones
+    local: torch.Tensor  # (Q,) index of each prompt's image among the encoded ones
     shapes: list[tuple[int, int]]  # original (h, w) of each encoded image
     resized: list[tuple[int, int]]  # its (h, w) inside the SAM frame
     image_hw: torch.Tensor  # (M, 2) the same, on the model's device
@@ -30,46 +30,66 @@ class DecoderStage:
     def __init__(self, model, mask_threshold: float = 0.0):
         self.model, self.mask_threshold = model, mask_threshold
 
-    @torch.no_grad()
     def __call__(
         self, images: list[np.ndarray | PreparedImage], image_index: list[int], candidates: np.ndarray
     ) -> list[Decoded]:
         """candidates (Q, n, d) for queries about images[image_index[q]]; only those images are encoded."""
-        if len(image_index) == 0:
-            return []
-        model = self.model
-        states = torch.as_tensor(np.asarray(candidates), dtype=torch.float32, device=model.device)
-        with model.autocast():
-            encoded = self._encode(images, image_index)
-            box_norm, prompt_tokens = model.heads(states)
-            box_frame = box_ops.normalized_to_frame(box_norm.float(), encoded.image_hw[encoded.local])
-            low_res, iou = model.decode_masks(encoded.embeddings, encoded.local, box_frame, prompt_tokens)
-            logits = model.frame_logits(low_res)
-        original = torch.tensor([encoded.shapes[j] for j in encoded.local.tolist()], device=model.device)
-        unclipped = box_ops.normalized_to_original(box_norm.float(), original, clip=False).cpu().numpy()
-        clipped = box_ops.normalized_to_original(box_norm.float(), original).cpu().numpy()
-        return self._results(encoded, logits, iou, clipped, unclipped)
+        return self.decode(images, image_index, candidates)[0]
 
-    @torch.no_grad()
     def segment_boxes(
         self, images: list[np.ndarray | PreparedImage], image_index: list[int], boxes: np.ndarray
     ) -> list[Decoded]:
         """boxes (Q, 4) pixel xyxy (last pixel inclusive) in images[image_index[q]] -> one mask each."""
-        if len(image_index) == 0:
-            return []
+        return self.decode(images, [], None, image_index, boxes)[1]
+
+    @torch.no_grad()
+    def decode(
+        self,
+        images: list[np.ndarray | PreparedImage],
+        image_index: list[int],
+        candidates: np.ndarray | None,
+        box_index: list[int] = (),
+        boxes: np.ndarray | None = None,
+    ) -> tuple[list[Decoded], list[Decoded]]:
+        """Queries (their candidate states) and box prompts together, every image they are about
+        encoded once: (one Decoded per query, one per box)."""
+        image_index, box_index = list(image_index), list(box_index)
+        if box_index:
+            boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+            if len(boxes) != len(box_index):
+                raise ValueError(f"{len(boxes)} boxes for {len(box_index)} image indices")
+        if not image_index and not box_index:
+            return [], []
         model = self.model
-        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        if len(boxes) != len(image_index):
-            raise ValueError(f"{len(boxes)} boxes for {len(image_index)} image indices")
         with model.autocast():
-            encoded = self._encode(images, image_index)
-            # one scale for both axes, as MedSAM / LiteMedSAM map their box prompts into the frame
-            scale = [model.sam_size / max(encoded.shapes[j]) for j in encoded.local.tolist()]
-            box_frame = torch.as_tensor(boxes * np.asarray(scale)[:, None], dtype=torch.float32)
-            box_frame = box_frame.to(model.device)
-            low_res, iou = model.decode_masks(encoded.embeddings, encoded.local, box_frame, None)
-            logits = model.frame_logits(low_res)
-        return self._results(encoded, logits, iou, boxes, boxes)
+            encoded = self._encode(images, image_index + box_index)
+            split = len(image_index)
+            queries = self._query_outputs(encoded, encoded.local[:split], candidates) if split else None
+            prompted = self._box_outputs(encoded, encoded.local[split:], boxes) if box_index else None
+        return (
+            self._results(encoded, *queries) if queries else [],
+            self._results(encoded, *prompted) if prompted else [],
+        )
+
+    def _query_outputs(self, encoded: _Encoded, local: torch.Tensor, candidates):
+        model = self.model
+        states = torch.as_tensor(np.asarray(candidates), dtype=torch.float32, device=model.device)
+        box_norm, prompt_tokens = model.heads(states)
+        box_frame = box_ops.normalized_to_frame(box_norm.float(), encoded.image_hw[local])
+        low_res, iou = model.decode_masks(encoded.embeddings, local, box_frame, prompt_tokens)
+        logits = model.frame_logits(low_res)
+        original = torch.tensor([encoded.shapes[j] for j in local.tolist()], device=model.device)
+        unclipped = box_ops.normalized_to_original(box_norm.float(), original, clip=False).cpu().numpy()
+        clipped = box_ops.normalized_to_original(box_norm.float(), original).cpu().numpy()
+        return local, logits, iou, clipped, unclipped
+
+    def _box_outputs(self, encoded: _Encoded, local: torch.Tensor, boxes: np.ndarray):
+        model = self.model
+        # one scale for both axes, as MedSAM / LiteMedSAM map their box prompts into the frame
+        scale = [model.sam_size / max(encoded.shapes[j]) for j in local.tolist()]
+        box_frame = torch.as_tensor(boxes * np.asarray(scale)[:, None], dtype=torch.float32).to(model.device)
+        low_res, iou = model.decode_masks(encoded.embeddings, local, box_frame, None)
+        return local, model.frame_logits(low_res), iou, boxes, boxes
 
     def _encode(self, images, image_index: list[int]) -> _Encoded:
         model = self.model
@@ -81,9 +101,9 @@ class DecoderStage:
         embeddings = model.image_embeddings(torch.from_numpy(np.stack(sam_images)).to(model.device), image_hw)
         return _Encoded(local, [original_shape(images[i]) for i in used], resized, image_hw, embeddings)
 
-    def _results(self, encoded: _Encoded, logits, iou, clipped, unclipped) -> list[Decoded]:
+    def _results(self, encoded: _Encoded, local, logits, iou, clipped, unclipped) -> list[Decoded]:
         out = []
-        for q, j in enumerate(encoded.local.tolist()):
+        for q, j in enumerate(local.tolist()):
             h, w = encoded.resized[j]
             crop = logits[q : q + 1, :h, :w].unsqueeze(0)
             full = F.interpolate(crop, encoded.shapes[j], mode="bilinear", align_corners=False)[0, 0]

@@ -204,9 +204,10 @@ class DecoderStep:
                 box_slots.append((i, q + k))
             prompts = q + len(row.get("boxes") or [])
             row.update({k: [None] * prompts for k in DECODED_LISTS})
-        decoded = self.stage(images, image_index, np.stack(candidates)) if candidates else []
-        if boxes:
-            decoded += self.stage.segment_boxes(images, box_index, np.asarray(boxes, dtype=np.float64))
+        for_queries, for_boxes = self.stage.decode(  # each image encoded once for both
+            images, image_index, np.stack(candidates) if candidates else None, box_index, boxes
+        )
+        decoded = for_queries + for_boxes
         for (i, j), d in zip(slots + box_slots, decoded, strict=True):
             row = rows[i]
             row["box"][j], row["box_unclipped"][j] = list(d.box), list(d.box_unclipped)
