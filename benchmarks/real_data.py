@@ -74,7 +74,7 @@ def all_rows(shards: str, settings, include_false: bool) -> list[dict]:
     return rows
 
 
-def train(preset: str, shards: str, root: Path, steps: int, name: str):
+def train(preset: str, shards: str, root: Path, steps: int, name: str, overrides: tuple[str, ...] = ()):
     """Train `preset` through the platform's recipe and load the registered artifact."""
     from medisee.artifact.model_dir import load_model_dir
     from medisee.config import load_config
@@ -92,6 +92,7 @@ def train(preset: str, shards: str, root: Path, steps: int, name: str):
             f"trainer.checkpoint_every={steps}",
             "trainer.eval_limit=40",
             f"trainer.warmup_steps={max(1, steps // 10)}",
+            *overrides,
         ],
     )
     started = time.time()
@@ -195,6 +196,7 @@ def main() -> None:
     parser.add_argument(
         "--false-per-image", type=int, default=8, help="absent-class queries per scored image"
     )
+    parser.add_argument("--lite-set", nargs="*", default=[], help="config overrides for the lite run, a.b=c")
     args = parser.parse_args()
 
     from medisee.console import quiet_logs
@@ -218,7 +220,7 @@ def main() -> None:
         "litemedsam_gt_box": box_prompt_metrics(scored, whole_image=False),
         "litemedsam_whole_image_box": box_prompt_metrics(scored, whole_image=True),
     }
-    lite = train("medisee-lite", train_shards, root, args.lite_steps, "real-data-lite")
+    lite = train("medisee-lite", train_shards, root, args.lite_steps, "real-data-lite", tuple(args.lite_set))
     figures["lite_trained"] = model_metrics(lite, scored)
     verifier = verifier_report(lite, calibration, scored_with_false)
     tiny = train("tiny", train_shards, root, args.tiny_steps, "real-data-tiny")
@@ -258,6 +260,7 @@ def main() -> None:
         "dice",
         0.10,
         lite_steps=args.lite_steps,
+        lite_set=args.lite_set,
         tiny_steps=args.tiny_steps,
         seconds=round(time.time() - started, 1),
     )

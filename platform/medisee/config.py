@@ -128,6 +128,7 @@ class ModelConfig(Section):
     llava_path: str | None = None
     sam_checkpoint: str | None = None
     image_token_grid: int = Field(8, ge=1, le=64)  # medisee-lite: the image embedding pooled to g × g tokens
+    train_mask_decoder: bool = True  # false: a pretrained mask decoder (MedSAM, LiteMedSAM) stays frozen
     # Stage two starts from stage one's model artifact (models:/NAME@ALIAS, runs:/<id>/model, s3://, a
     # folder): its trained weights, with a fresh optimiser and step; the new run records it as parent.
     init_from: str | None = None

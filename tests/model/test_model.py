@@ -236,3 +236,10 @@ def test_mask_losses_on_a_padded_frame_equal_the_losses_on_the_cropped_image():
         crop = (logits[i : i + 1, :h, :w], target[i : i + 1, :h, :w])
         assert torch.allclose(bce_loss(logits, target, valid)[i], bce_loss(*crop)[0], atol=1e-6)
         assert torch.allclose(dice_loss(logits, target, valid=valid)[i], dice_loss(*crop)[0], atol=1e-6)
+
+
+def test_a_pretrained_mask_decoder_can_stay_frozen():
+    model = build_model("tiny", finetune="lora", train_mask_decoder=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(n.startswith("sam.") for n in trainable)
+    assert any(n.startswith("box_decoder.") for n in trainable)

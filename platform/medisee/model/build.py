@@ -78,6 +78,7 @@ def build_model(
     random_weights: bool = False,
     parts: tuple[str, ...] = MODEL_PARTS,
     image_token_grid: int = 8,
+    train_mask_decoder: bool = True,
 ) -> MediSee:
     """Build MediSee. `finetune` = "lora" | "full" sets what is trainable (None: everything frozen).
 
@@ -158,7 +159,9 @@ def build_model(
     if quantize == "nf4" and llava is not None:
         quantize_lm_nf4(llava, compute_dtype or default_compute_dtype(device), device)
     if finetune:
-        configure_trainable(model, finetune, lora_r, lora_alpha, lora_dropout, spec.train_projector)
+        configure_trainable(
+            model, finetune, lora_r, lora_alpha, lora_dropout, spec.train_projector, train_mask_decoder
+        )
     else:
         model.requires_grad_(False)
     model.train()  # a new module trains; MediSee.train keeps the frozen image encoders in eval mode
@@ -291,18 +294,20 @@ def configure_trainable(
     alpha: int = 16,
     dropout: float = 0.05,
     train_projector: bool = False,
+    train_mask_decoder: bool = True,
 ) -> None:
     """LoRA on the LM's q_proj/v_proj (or the full LM) + embed_tokens, lm_head, mask decoder, heads.
 
     Frozen: the vision tower, SAM image and prompt encoders, and the projector unless
-    `train_projector` (medisee-lite, whose projector starts untrained).
+    `train_projector` (medisee-lite, whose projector starts untrained); the mask decoder too
+    unless not `train_mask_decoder`.
     """
     model.requires_grad_(False)
     if model.llava is not None:
         _trainable_mllm(model, finetune, r, alpha, dropout)
         if train_projector:
             model.llava.model.multi_modal_projector.requires_grad_(True)
-    if model.sam is not None:
+    if model.sam is not None and train_mask_decoder:
         model.sam.mask_decoder.requires_grad_(True)
     for module in (model.text_projection, model.box_decoder, model.seg_router, model.box_router):
         module.requires_grad_(True)
@@ -374,4 +379,5 @@ def build_from_config(
         seed=cfg.run.seed,
         parts=parts,
         image_token_grid=m.image_token_grid,
+        train_mask_decoder=m.train_mask_decoder,
     )
