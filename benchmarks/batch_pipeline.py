@@ -1,6 +1,9 @@
-"""Batch scoring benchmark (tiny preset, CPU): `score_archive` on Ray Data vs. the Predictor.
+"""Batch scoring benchmark (CPU): `score_archive` on Ray Data vs. the Predictor, tiny or medisee-lite.
 
-Side by side in one run, on the same archive of 128×128 phantom PNGs (template queries, 4 classes):
+Side by side in one run, on the same archive of phantom PNGs at the preset's image size (128 px tiny,
+256 px lite; template queries, 4 classes). `--preset lite` runs medisee-lite (SmolLM2 + LiteMedSAM,
+real weights, untrained heads: throughput only) on a smaller archive (16 images, no large archive,
+no memory check by default), with its own preset's settings:
   (a) the platform pipeline: `medisee.scoring.pipeline.score_archive` on a local Ray (started
       beforehand and timed apart; actor start-up and model loading are inside the timed call),
       records/s = result rows / wall seconds of `score_archive`;
@@ -36,12 +39,20 @@ from pathlib import Path
 
 CLASSES = "liver,spleen,left_kidney,right_kidney"
 QUERIES = f"template=Segment the {{class}}.;classes={CLASSES}"
-# Settings of (a) on top of the tiny preset (see docs/benchmarks.md for the ones tried).
-PIPELINE_SETTINGS = [
-    "scoring.images_per_partition=64",
-    "scoring.mllm_batch_images=16",
-    "scoring.decoder_batch_images=16",
-]
+PRESETS = {"tiny": "tiny", "lite": "medisee-lite"}
+# Settings of (a) on top of the preset (see docs/benchmarks.md for the ones tried).
+PIPELINE_SETTINGS = {
+    "tiny": [
+        "scoring.images_per_partition=64",
+        "scoring.mllm_batch_images=16",
+        "scoring.decoder_batch_images=16",
+    ],
+    "lite": [
+        "scoring.images_per_partition=8",
+        "scoring.mllm_batch_images=4",
+        "scoring.decoder_batch_images=4",
+    ],
+}
 
 
 def log(*parts) -> None:
@@ -52,43 +63,43 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def make_artifact(folder: Path) -> Path:
+def make_artifact(folder: Path, preset: str) -> Path:
     from medisee.artifact.model_dir import save_model_dir
     from medisee.config import load_config
     from medisee.model.build import build_from_config
 
-    cfg = load_config("tiny")
+    cfg = load_config(preset)
     save_model_dir(build_from_config(cfg), cfg, folder)
     return folder
 
 
-def make_archive(folder: Path, images: int, seed: int = 7) -> Path:
+def make_archive(folder: Path, images: int, size: int, seed: int = 7) -> Path:
     from PIL import Image
 
     from medisee.data.phantom import generate
 
     folder.mkdir(parents=True)
     for i in range(images):
-        Image.fromarray(generate(seed=seed, index=i, size=128)[0]).save(folder / f"p{i:05d}.png")
+        Image.fromarray(generate(seed=seed, index=i, size=size)[0]).save(folder / f"p{i:05d}.png")
     return folder
 
 
-def pipeline_config(archive: Path, output: Path, artifact: Path, settings: list[str]):
+def pipeline_config(archive: Path, output: Path, artifact: Path, settings: list[str], preset: str):
     from medisee.config import load_config
 
     cfg = load_config(
-        "tiny",
+        preset,
         [f"scoring.input={archive}", f"scoring.output={output}", f"scoring.model={artifact}", *settings],
     )
     cfg.scoring.queries = QUERIES  # as the CLI does (the value holds '=' and ';')
     return cfg
 
 
-def run_pipeline(archive: Path, output: Path, artifact: Path, settings: list[str]) -> dict:
+def run_pipeline(archive: Path, output: Path, artifact: Path, settings: list[str], preset: str) -> dict:
     """(a) once: score_archive on the running Ray; wall seconds and what the output shows."""
     from medisee.scoring.pipeline import score_archive
 
-    cfg = pipeline_config(archive, output, artifact, settings)
+    cfg = pipeline_config(archive, output, artifact, settings, preset)
     started_wall, t0 = time.time(), time.perf_counter()
     summary = score_archive(cfg, log=lambda m: log("    " + m))
     seconds = time.perf_counter() - t0
@@ -170,7 +181,9 @@ def child_rss(args) -> None:
 
     before = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **proc_status()}
     window = reset_peak_rss()
-    result = run_pipeline(Path(args.archive), Path(args.output), Path(args.model), args.settings)
+    result = run_pipeline(
+        Path(args.archive), Path(args.output), Path(args.model), args.settings, PRESETS[args.preset]
+    )
     after = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **proc_status()}
     ray.shutdown()
     out = {
@@ -208,12 +221,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def measure_driver_rss(archive: Path, artifact: Path, work: Path, settings: list[str], tag: str) -> dict:
+def measure_driver_rss(
+    archive: Path, artifact: Path, work: Path, settings: list[str], preset: str, tag: str
+) -> dict:
     ray_tmp = tempfile.mkdtemp(prefix="bpm", dir="/tmp")  # short: Ray's socket paths must fit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
     cmd = [
         sys.executable, __file__, "--child-rss", "--archive", str(archive), "--model", str(artifact),
-        "--output", str(work / f"out-rss-{tag}"), "--settings", *settings,
+        "--output", str(work / f"out-rss-{tag}"), "--preset", preset, "--settings", *settings,
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -229,19 +244,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=500, help="images in the archive (× 4 queries)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--images", type=int, help="images in the archive (× 4 queries); 500 tiny, 16 lite")
     parser.add_argument(
-        "--large-images", type=int, default=2000,
-        help="(a) also on an archive this large (start-up amortised); 0 to skip",
+        "--large-images", type=int,
+        help="(a) also on an archive this large (start-up amortised); 0 to skip; 2000 tiny, 0 lite",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads of (b) and (c)")
     parser.add_argument("--batch-images", type=int, default=8, help="images per predict_batch call in (b)")
     parser.add_argument("--reps", type=int, default=1, help="repetitions of (a), (b), (c), order alternated")
     parser.add_argument("--variants", default="abc", help="which of (a), (b), (c) to run, e.g. 'a'")
     parser.add_argument(
-        "--settings", nargs="*", default=PIPELINE_SETTINGS, help="scoring.* overrides of (a) (tiny preset)"
+        "--settings", nargs="*", help="scoring.* overrides of (a); default: the preset's PIPELINE_SETTINGS"
     )
-    parser.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--memory-check", action=argparse.BooleanOptionalAction, help="default: on for tiny, off for lite"
+    )
     parser.add_argument("--memory-images", type=int, nargs=2, default=(250, 1000), metavar=("SMALL", "LARGE"))
     parser.add_argument("--smoke", action="store_true", help="24 and 48 images; memory check with 40 and 80")
     parser.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
@@ -249,11 +267,19 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    lite = args.preset == "lite"
+    defaults = dict(images=16 if lite else 500, large_images=0 if lite else 2000, memory_check=not lite)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.settings is None:
+        args.settings = PIPELINE_SETTINGS[args.preset]
+    preset = PRESETS[args.preset]
     if args.child_rss:
         child_rss(args)
         return
     if args.smoke:
-        args.images, args.large_images, args.memory_images = 24, 48, (40, 80)
+        args.images, args.large_images, args.memory_images = (8, 0, (8, 16)) if lite else (24, 48, (40, 80))
 
     load_start = loadavg()
     # Our own Ray temp folder: isolated from any other Ray on the box, and its leftovers findable.
@@ -266,6 +292,7 @@ def main() -> None:
     import torch
 
     from medisee.artifact.model_dir import load_predictor
+    from medisee.config import PRESET_IMAGE_SIZES
     from medisee.data.codec import decode_image
     from medisee.raylib import ensure_ray
     from medisee.scoring.queries import parse_query_spec
@@ -274,9 +301,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="batch-pipeline-"))
     try:
         t0 = time.perf_counter()
-        artifact = make_artifact(work / "model")
-        archive = make_archive(work / "archive", args.images)
-        large = make_archive(work / "archive-large", args.large_images) if args.large_images else None
+        size = PRESET_IMAGE_SIZES[preset]["sam_image_size"]
+        artifact = make_artifact(work / "model", preset)
+        archive = make_archive(work / "archive", args.images, size)
+        large = make_archive(work / "archive-large", args.large_images, size) if args.large_images else None
         paths = sorted(archive.glob("*.png"))
         queries = parse_query_spec(QUERIES, str(archive)).template_queries
         images = [decode_image(p.read_bytes()) for p in paths]  # (b) works on pre-decoded images
@@ -285,7 +313,7 @@ def main() -> None:
             f"{len(paths)} images × {len(queries)} queries = {records} records; archive and model made in "
             f"{time.perf_counter() - t0:.1f} s; load average {load_start}"
         )
-        log(f"(a) settings: tiny preset + {' '.join(args.settings)}; (b)/(c) torch threads {args.threads}")
+        log(f"(a) settings: {preset} + {' '.join(args.settings)}; (b)/(c) torch threads {args.threads}")
 
         predictor = load_predictor(str(artifact), early_reject=True)
         t0 = time.perf_counter()
@@ -301,13 +329,15 @@ def main() -> None:
             for name in order if rep % 2 == 0 else order[::-1]:
                 if name == "a":
                     log(f"[rep {rep + 1}] (a) score_archive ...")
-                    a = run_pipeline(archive, work / f"out-{rep}", artifact, args.settings)
+                    a = run_pipeline(archive, work / f"out-{rep}", artifact, args.settings, preset)
                     assert a["results"] == records, (a["results"], records)
                     a_runs.append(a)
                     log_pipeline(a)
                     if large and rep == 0:
                         log(f"[rep {rep + 1}] (a) score_archive on {args.large_images} images ...")
-                        a_large.append(run_pipeline(large, work / "out-large", artifact, args.settings))
+                        a_large.append(
+                            run_pipeline(large, work / "out-large", artifact, args.settings, preset)
+                        )
                         log_pipeline(a_large[-1])
                 elif name == "b":  # at the given threads and at 1 (2 threads suffer most from a busy box)
                     for threads in sorted({args.threads, 1}, reverse=True):
@@ -330,8 +360,8 @@ def main() -> None:
             small, large = args.memory_images
             rss = {}
             for n in (small, large):
-                folder = make_archive(work / f"archive-{n}", n)  # made here: not in the child's RSS
-                rss[n] = measure_driver_rss(folder, artifact, work, args.settings, str(n))
+                folder = make_archive(work / f"archive-{n}", n, size)  # made here: not in the child's RSS
+                rss[n] = measure_driver_rss(folder, artifact, work, args.settings, args.preset, str(n))
                 log(f"driver memory, {n} images × {len(queries)} queries: {rss[n]}")
     finally:
         ray.shutdown()
@@ -345,6 +375,7 @@ def main() -> None:
     c_rps = statistics.median(c_runs) if c_runs else float("nan")
     steady = [r["steady_records_s"] for r in a_runs if r["steady_records_s"]]
     details = {
+        "preset": preset,
         "records": records,
         "settings": args.settings,
         "threads_b_c": args.threads,
@@ -386,6 +417,7 @@ def main() -> None:
         lines += [(f"batch_vs_naive_loop_{big}_records", big_rps / c_rps, 3.0)]
         lines += [(f"batch_vs_bare_predictor_{big}_records", big_rps / b_rps, 0.7)]
     for name, value, target in lines:
+        name = f"lite_{name}" if lite else name
         print(json.dumps({"name": name, "value": round(value, 3), "unit": "x", "target": target}), flush=True)
 
 

@@ -1,18 +1,21 @@
 """Real images, real figures: medisee-lite (SmolLM2 + LiteMedSAM) trained on a real CT volume, scored on
 the CT slices of other patients, beside LiteMedSAM alone and the tiny preset trained the same way.
 
-Data (../shared/data, Apache-2.0): training on the 30 axial slices of TotalSegmentator's
+Data (../shared/data, Apache-2.0): training on 25 of the 30 axial slices of TotalSegmentator's
 `example_ct_sm.nii.gz` with its label map (every slice x class pair a class-name query; the label map
-is TotalSegmentator's model output, so these are reference masks, not manual ground truth); scoring on
+is TotalSegmentator's model output, so these are reference masks, not manual ground truth; every 6th
+slice held out and scored in-domain); scoring on
 the 30 CT masks of `sam_med2d_demo` (4 slices of other patients) with class queries, and, for the
 verifier, on false queries: TotalSegmentator classes absent from the slice (8 per slice by default).
 
 Side by side in one run, all through the platform's own code (prepare -> Ray Train recipe -> registered
 artifact -> Predictor; the box-prompt rows through DecoderStage.segment_boxes):
-  - trained medisee-lite: Dice / gIoU / box IoU;
+  - trained medisee-lite: Dice / gIoU / box IoU, and its own mask decoder prompted with the
+    ground-truth boxes (is the decoder still LiteMedSAM's after training?);
   - LiteMedSAM prompted with each mask's ground-truth box (an upper bound for the decoder);
   - LiteMedSAM prompted with the whole-image box (the baseline a box-free user would get);
   - the tiny preset trained on the same shards for the same wall-clock order of steps;
+  - both trained models on the held-out slices of the training volume (in-domain);
   - MedVeriSeg's verifier on the trained lite model: calibrated on the training volume's true and
     false queries, reported on the scoring slices (AUROC of each signal, balanced accuracy).
 JSON lines; the last is the headline:
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+HELD_OUT_EVERY = 6  # every 6th slice of the training volume is held out (5 of 30)
 
 
 def log(message: str) -> None:
@@ -58,11 +62,35 @@ def prepare_shards(shared: Path, root: Path, settings) -> tuple[str, str]:
     train_shards, score_shards = str(root / "shards" / "ts"), str(root / "shards" / "demo")
     written = prepare("nifti", str(index_dir), train_shards, PrepareConfig(val_fraction=0.1), settings)
     log(f"training shards: {written['rows_written']} rows {written['rows_by_split']}")
+    train_shards = hold_out_slices(train_shards, root / "shards" / "ts-split", HELD_OUT_EVERY)
     written = prepare(
         "sam-med2d-demo", str(shared / "sam_med2d_demo"), score_shards, PrepareConfig(), settings
     )
     log(f"scoring shards: {written['rows_written']} rows {written['rows_by_split']}")
     return train_shards, score_shards
+
+
+def hold_out_slices(shards: str, out: Path, every: int) -> str:
+    """The volume's shards split by slice: every `every`-th slice to "val" (held out from training,
+    scored in-domain), the others to "train"; plain split folders (no manifest), as the reader lists them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(Path(shards, "train").glob("*.parquet")))
+    slices = sorted(set(table.column("image_id").to_pylist()))
+    held = pa.array(slices[::every])
+    for split, rows in (("val", pc.is_in(table.column("image_id"), held)),
+                        ("train", pc.invert(pc.is_in(table.column("image_id"), held)))):  # fmt: skip
+        (out / split).mkdir(parents=True, exist_ok=True)
+        part = (
+            table.filter(rows)
+            .drop(["split"])
+            .append_column("split", pa.array([split] * int(pc.sum(rows).as_py()), pa.string()))
+        )
+        pq.write_table(part, out / split / "part-00000.parquet")
+    log(f"held out {len(held)} of {len(slices)} slices ({slices[::every]}) for in-domain scoring")
+    return str(out)
 
 
 def all_rows(shards: str, settings, include_false: bool) -> list[dict]:
@@ -112,14 +140,15 @@ def model_metrics(model, rows: list[dict]) -> dict[str, float]:
     return evaluate_rows(model, rows)
 
 
-def box_prompt_metrics(rows: list[dict], whole_image: bool) -> dict[str, float]:
-    """LiteMedSAM alone, each row's image prompted with its mask's box or the whole image."""
+def box_prompt_metrics(rows: list[dict], whole_image: bool, model=None) -> dict[str, float]:
+    """A mask decoder alone (LiteMedSAM's, or `model`'s), each row's image prompted with its mask's
+    box or the whole image."""
     from medisee.data.codec import decode_image, row_mask
     from medisee.infer.decoder_stage import DecoderStage
     from medisee.metrics import MetricSums
     from medisee.model.build import build_box_prompt_model
 
-    stage = DecoderStage(build_box_prompt_model())
+    stage = DecoderStage(model if model is not None else build_box_prompt_model())
     sums = MetricSums()
     by_image: dict[str, list[dict]] = {}
     for row in rows:
@@ -202,6 +231,7 @@ def main() -> None:
     from medisee.console import quiet_logs
     from medisee.raylib import apply_env_defaults, ensure_ray
     from medisee.storage import StorageSettings
+    from medisee.train.evaluate import load_eval_rows
 
     shared, root = Path(args.shared), Path(args.workdir).absolute()
     if not (shared / "totalsegmentator_ref").is_dir() or not (shared / "sam_med2d_demo").is_dir():
@@ -215,6 +245,7 @@ def main() -> None:
     scored = all_rows(score_shards, settings, include_false=False)
     scored_with_false = scored + absent_class_queries(scored, shared, args.false_per_image)
     calibration = balanced(all_rows(train_shards, settings, include_false=True), args.calibration_rows)
+    held_out = load_eval_rows(train_shards, "val", settings)  # slices of the training volume not trained on
 
     figures = {
         "litemedsam_gt_box": box_prompt_metrics(scored, whole_image=False),
@@ -222,9 +253,12 @@ def main() -> None:
     }
     lite = train("medisee-lite", train_shards, root, args.lite_steps, "real-data-lite", tuple(args.lite_set))
     figures["lite_trained"] = model_metrics(lite, scored)
+    held = {"lite_trained": model_metrics(lite, held_out)}
+    figures["lite_trained_decoder_gt_box"] = box_prompt_metrics(scored, whole_image=False, model=lite)
     verifier = verifier_report(lite, calibration, scored_with_false)
     tiny = train("tiny", train_shards, root, args.tiny_steps, "real-data-tiny")
     figures["tiny_trained"] = model_metrics(tiny, scored)
+    held["tiny_trained"] = model_metrics(tiny, held_out)
 
     log(
         f"{len(scored)} scored masks; {verifier['false_queries']} false queries; {time.time() - started:.0f} s"
@@ -232,6 +266,19 @@ def main() -> None:
     print("| model | Dice | gIoU | box IoU |\n|---|---|---|---|")
     for name, m in figures.items():
         print(f"| {name} | {m['dice']:.3f} | {m['giou']:.3f} | {m['box_iou']:.3f} |")
+    for name, m in held.items():
+        print(
+            f"| {name}, held-out slices of the training volume | {m['dice']:.3f} | {m['giou']:.3f} | {m['box_iou']:.3f} |"
+        )
+    for name, m in held.items():
+        emit(
+            f"{name}_held_out_slices_dice",
+            round(m["dice"], 4),
+            "dice",
+            giou=round(m["giou"], 4),
+            box_iou=round(m["box_iou"], 4),
+            rows=len(held_out),
+        )
     for name, m in figures.items():
         emit(
             f"{name}_dice",

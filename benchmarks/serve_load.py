@@ -1,6 +1,8 @@
-"""Online serving benchmark (tiny preset, CPU, real HTTP): the Serve application under load.
+"""Online serving benchmark (CPU, real HTTP): the Serve application under load, tiny or medisee-lite.
 
-One run builds the tiny model's artifact in a temporary folder, starts a local Ray (2 CPUs) and Serve
+One run builds the model's artifact (`--preset tiny`, the default, or `lite`: medisee-lite with its
+real SmolLM2 and LiteMedSAM weights and untrained heads, phantoms at 256 px, longer windows, a
+single round, no (d)) in a temporary folder, starts a local Ray (2 CPUs) and Serve
 on a free 127.0.0.1 port, and measures, side by side:
 
   (a) dynamic batching on vs. off (`AppArgs(batching=False)`): throughput and p50/p99 latency at
@@ -30,13 +32,15 @@ Last lines, one per figure (the last is the headline):
   {"name": "serve_overhead_p50_ms_batching_off", "value": <ms>, "unit": "ms", "target": 15}
   {"name": "early_reject_rejected_share", "value": <% of the answers>, "unit": "%", "target": null}
   {"name": "early_reject_saving", "value": <% less time per request>, "unit": "%", "target": null}
-  {"name": "serve_proxy_p50_ms" / "serve_handle_call_p50_ms", ...}  (d): Serve's own cost, no model
   {"name": "model_batching_ceiling", "value": <the model stages in-process, 8 requests one at a time
                                                over one batch of 8: batching's limit>, "unit": "x", "target": null}
+  {"name": "serve_proxy_p50_ms" / "serve_handle_call_p50_ms", ...}  (d): Serve's own cost, no model
   {"name": "serve_large_<side>px_rps_c<n>" / "serve_large_<side>px_p50_ms_c<n>" /
    "serve_small_128px_rps_c<n>", ...}  (d): --large-side² vs. 128² uploads at --large-concurrency
   {"name": "serve_large_<side>px_errors", "value": <requests>, "unit": "requests", "target": 0}
   {"name": "serve_batching_speedup_c32", "value": <ratio>, "unit": "x", "target": 2.5}
+With --preset lite the names start with "lite_", (d) is left out and (a)'s figures come per level
+("lite_serve_rps_c<n>", "lite_serve_p50_ms_c<n>", "lite_serve_p99_ms_c<n>", "lite_serve_batching_speedup_c<n>").
 """
 
 from __future__ import annotations
@@ -64,6 +68,13 @@ os.environ.pop("MEDISEE_API_KEYS", None)  # no API key: the benchmark measures t
 
 IMAGES = 8
 SEED = 7
+# Per preset: the model preset, the phantoms' side, request timeouts and the defaults of the windows.
+PRESETS = {
+    "tiny": dict(model_preset="tiny", image_size=128, timeout=120.0, seconds=8.0, warmup=3.0, rounds=2,
+                 calls=40, ceiling_rounds=5, large=True),
+    "lite": dict(model_preset="medisee-lite", image_size=256, timeout=900.0, seconds=90.0, warmup=30.0,
+                 rounds=1, calls=6, ceiling_rounds=1, large=False),
+}  # fmt: skip
 
 
 def log(*args) -> None:
@@ -100,13 +111,13 @@ def body(image, query: str) -> bytes:
     return json.dumps({"image": base64.b64encode(png_bytes(image)).decode(), "queries": [query]}).encode()
 
 
-def request_mix():
+def request_mix(size: int):
     """Per phantom image: a query about an organ it shows (true) and one about an organ it lacks (false)."""
     from medisee.data import phantom
 
     images, true_pairs, false_pairs = [], [], []
     for index in range(IMAGES):
-        image, masks = phantom.generate(SEED, index, 128)
+        image, masks = phantom.generate(SEED, index, size)
         present = sorted(masks)
         absent = [o for o in phantom.ORGAN_NAMES if o not in masks]
         images.append(image)
@@ -148,7 +159,7 @@ class Window:
 
 
 async def closed_loop(
-    url: str, bodies: list[bytes], concurrency: int, seconds: float, warmup: float
+    url: str, bodies: list[bytes], concurrency: int, seconds: float, warmup: float, timeout: float
 ) -> Window:
     """`concurrency` clients, each sending its next request when the previous one is answered; the
     requests answered within [warm-up end, warm-up end + seconds] are measured."""
@@ -157,7 +168,7 @@ async def closed_loop(
     window = Window()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         started = time.perf_counter()
         begin, end = started + warmup, started + warmup + seconds
 
@@ -316,7 +327,7 @@ def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float
     return {role: round(1000 * seconds / max(requests, 1), 1) for role, seconds in ranked}
 
 
-def batching_ceiling(predictor, pairs: list[tuple], rounds: int = 5) -> float:
+def batching_ceiling(predictor, pairs: list[tuple], rounds: int) -> float:
     """Per-request time of the model stages in this process, 8 requests one at a time over 8 as one
     batch (1 thread, as a replica): what batching could give if serving cost nothing."""
     pairs = pairs[:8]
@@ -405,6 +416,7 @@ def large_images(url: str, small: list[bytes], large: list[bytes], args) -> dict
                     args.large_concurrency,
                     args.seconds,
                     args.warmup,
+                    args.timeout,
                 )
             )
             windows[kind].add(w)
@@ -414,13 +426,13 @@ def large_images(url: str, small: list[bytes], large: list[bytes], args) -> dict
     return windows
 
 
-async def sequential(url: str, one: bytes, n: int) -> tuple[list[float], list[dict]]:
+async def sequential(url: str, one: bytes, n: int, timeout: float) -> tuple[list[float], list[dict]]:
     """(b): `n` requests one after the other (after one unmeasured): their seconds and stage times."""
     import httpx
 
     seconds, timings = [], []
     headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(timeout=60) as client:
+    async with httpx.AsyncClient(timeout=timeout) as client:
         await client.post(url, content=one, headers=headers)
         for _ in range(n):
             t0 = time.perf_counter()
@@ -448,38 +460,47 @@ class PlainResults:
     batching: BatchingRuns
     overhead_ms: dict[str, float]
     ceiling: float
-    large: dict[str, Window]
-    hops: dict[str, float]
+    large: dict[str, Window] | None  # (d): not run for lite
+    hops: dict[str, float] | None
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--smoke", action="store_true", help="a short run (seconds, not minutes)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per window")
-    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each window")
-    parser.add_argument("--rounds", type=int, default=2, help="alternated repetitions of every comparison")
+    parser.add_argument("--seconds", type=float, help="measured seconds per window (8 tiny, 90 lite)")
+    parser.add_argument(
+        "--warmup", type=float, help="unmeasured seconds before each window (3 tiny, 30 lite)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="alternated repetitions of every comparison (2 tiny, 1 lite)"
+    )
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels of (a)")
-    parser.add_argument("--calls", type=int, default=40, help="requests per round and variant in (b)")
+    parser.add_argument("--calls", type=int, help="requests per round and variant in (b) (40 tiny, 6 lite)")
     parser.add_argument("--large-side", type=int, default=2048, help="side of the PNG uploads of (d)")
     parser.add_argument("--large-concurrency", type=int, default=8, help="concurrency of (d)")
     parser.add_argument("--reject-concurrency", type=int, default=8, help="concurrency of (c)")
     args = parser.parse_args()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if args.smoke:
-        args.seconds, args.warmup, args.rounds, args.calls = 3.0, 1.5, 1, 8
+        lite = args.preset == "lite"
+        args.seconds, args.warmup, args.rounds, args.calls = (20.0, 10.0, 1, 2) if lite else (3.0, 1.5, 1, 8)
     args.levels = [int(x) for x in args.levels.split(",")]
     return args
 
 
-def save_artifacts(tmp: Path, images, mix: list[tuple[int, str]]) -> tuple[str, str, float]:
-    """The tiny model's artifact, plain and with (c)'s calibration; and the share of the mix that
+def save_artifacts(tmp: Path, images, mix: list[tuple[int, str]], preset: str) -> tuple[str, str, float]:
+    """The model's artifact, plain and with (c)'s calibration; and the share of the mix that
     the calibration's rule rejects in-process."""
     from medisee.artifact.model_dir import save_model_dir
     from medisee.config import load_config
     from medisee.model.build import build_from_config
 
-    cfg = load_config("tiny")
+    cfg = load_config(preset)
     model = build_from_config(cfg)
     plain = str(tmp / "plain")
     save_model_dir(model, cfg, plain)
@@ -513,13 +534,13 @@ def reject_half(model, images, mix: list[tuple[int, str]]):
     return calibration, expected
 
 
-def start_serve() -> tuple[str, int]:
+def start_serve(timeout: float) -> tuple[str, int]:
     """Serve's HTTP proxy on a free loopback port: its base URL, and the port of Ray's metrics."""
     import ray
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": timeout})
     return f"http://127.0.0.1:{port}", ray._private.worker._global_node.metrics_export_port
 
 
@@ -536,13 +557,16 @@ def bench_plain(base: str, metrics_port: int, plain: str, images, true_pairs, ar
     one = body(image, query)
     local = load_predictor(plain, early_reject=True)
     seconds, timings = time_overhead(urls, one, local, image, query, args)
-    ceiling = batching_ceiling(local, [(images[i], q) for i, q in true_pairs])
+    ceiling = batching_ceiling(local, [(images[i], q) for i, q in true_pairs], args.ceiling_rounds)
     overhead_ms = overhead_from(seconds, timings, local, image, query)
-    large_bodies = [body(upscaled(images[i], args.large_side), q) for i, q in true_pairs]
-    large = large_images(urls["on"], bodies, large_bodies, args)
+    large = hops = None
+    if args.large:
+        large_bodies = [body(upscaled(images[i], args.large_side), q) for i, q in true_pairs]
+        large = large_images(urls["on"], bodies, large_bodies, args)
     for name in ("on", "off"):
         serve.delete(name)
-    hops = hop_costs(base, one, image, args.rounds, 2 * args.calls)
+    if args.large:
+        hops = hop_costs(base, one, image, args.rounds, 2 * args.calls)
     return PlainResults(batching, overhead_ms, ceiling, large, hops)
 
 
@@ -553,7 +577,9 @@ def measure_batching(urls: dict[str, str], bodies: list[bytes], metrics_port: in
         for level in args.levels:
             for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 before, cpu_before = batch_counters(metrics_port), cpu_seconds(name)
-                w = asyncio.run(closed_loop(urls[name], bodies, level, args.seconds, args.warmup))
+                w = asyncio.run(
+                    closed_loop(urls[name], bodies, level, args.seconds, args.warmup, args.timeout)
+                )
                 runs.cpu[(name, level)].append(cpu_per_request(cpu_before, cpu_seconds(name), w.sent))
                 time.sleep(2.5)
                 after = batch_counters(metrics_port)
@@ -581,7 +607,7 @@ def time_overhead(urls: dict[str, str], one: bytes, local, image, query: str, ar
             local.predict(image, [query])
             seconds["in-process"].append(time.perf_counter() - t0)
         for name in ("on", "off"):
-            times, stages = asyncio.run(sequential(urls[name], one, args.calls))
+            times, stages = asyncio.run(sequential(urls[name], one, args.calls, args.timeout))
             seconds[name] += times
             timings[name] += stages
     return seconds, timings
@@ -617,7 +643,9 @@ def bench_reject(base: str, calibrated: str, images, true_pairs, false_pairs, ar
     for r in range(args.rounds):
         for level in (1, args.reject_concurrency):
             for name in ("reject", "no_reject") if r % 2 == 0 else ("no_reject", "reject"):
-                w = asyncio.run(closed_loop(urls[name], mix_bodies, level, args.seconds, args.warmup))
+                w = asyncio.run(
+                    closed_loop(urls[name], mix_bodies, level, args.seconds, args.warmup, args.timeout)
+                )
                 reject[(name, level)].add(w)
                 log(f"(c) round {r + 1} c={level} {name:>9}: {w.rps:6.1f} req/s, mean "
                     f"{1000 * statistics.mean(w.latencies):6.1f} ms, errors {w.errors}, stages {w.stage_ms()}, "
@@ -679,20 +707,32 @@ def summarize_reject(reject: dict, level: int, expected: float) -> tuple[float, 
     return share, saving
 
 
-def report(name: str, value: float | int, unit: str, target: float | None) -> None:
-    """One figure: one JSON line on stdout."""
-    print(json.dumps({"name": name, "value": value, "unit": unit, "target": target}), flush=True)
-
-
 def report_figures(plain: PlainResults, share: float, saving: float, speedup: dict[int, float], args) -> None:
-    """Every figure, in the order of the module's docstring; the last line is the headline."""
+    """Every figure, in the order of the module's docstring (lite: each name prefixed "lite_", (d)
+    left out, p50/p99 and req/s of every level of (a) added); the last line is the headline."""
+    prefix = "lite_" if args.preset == "lite" else ""
+
+    def report(name: str, value: float | int, unit: str, target: float | None) -> None:
+        print(json.dumps({"name": prefix + name, "value": value, "unit": unit, "target": target}), flush=True)
+
     report("serve_overhead_p50_ms", round(plain.overhead_ms["on"], 1), "ms", 15)
     report("serve_overhead_p50_ms_batching_off", round(plain.overhead_ms["off"], 1), "ms", 15)
     report("early_reject_rejected_share", round(100 * share, 1), "%", None)
     report("early_reject_saving", round(saving, 1), "%", None)
+    report("model_batching_ceiling", round(plain.ceiling, 2), "x", None)
+    if plain.large is None:
+        for level in args.levels:
+            on = plain.batching.windows[("on", level)]
+            report(f"serve_rps_c{level}", round(on.rps, 3), "req/s", None)
+            report(f"serve_p50_ms_c{level}", round(on.ms(50), 1), "ms", None)
+            report(f"serve_p99_ms_c{level}", round(on.ms(99), 1), "ms", None)
+        for level in args.levels[1:-1]:
+            report(f"serve_batching_speedup_c{level}", round(speedup[level], 2), "x", None)
+        top = args.levels[-1]
+        report(f"serve_batching_speedup_c{top}", round(speedup[top], 2), "x", 2.5)
+        return
     report("serve_proxy_p50_ms", round(plain.hops["proxy_ms"], 1), "ms", None)
     report("serve_handle_call_p50_ms", round(plain.hops["handle_call_ms"], 1), "ms", None)
-    report("model_batching_ceiling", round(plain.ceiling, 2), "x", None)
     side, level = args.large_side, args.large_concurrency
     large_w, small_w = plain.large["large"], plain.large["small"]
     report(f"serve_large_{side}px_rps_c{level}", round(large_w.rps, 2), "req/s", None)
@@ -716,9 +756,9 @@ def main() -> None:
     run_started, load_start = time.perf_counter(), os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="serve_load_"))
     atexit.register(shutil.rmtree, tmp, True)
-    images, true_pairs, false_pairs = request_mix()
-    plain, calibrated, expected = save_artifacts(tmp, images, true_pairs + false_pairs)
-    base, metrics_port = start_serve()
+    images, true_pairs, false_pairs = request_mix(args.image_size)
+    plain, calibrated, expected = save_artifacts(tmp, images, true_pairs + false_pairs, args.model_preset)
+    base, metrics_port = start_serve(args.timeout)
     served = bench_plain(base, metrics_port, plain, images, true_pairs, args)
     reject = bench_reject(base, calibrated, images, true_pairs, false_pairs, args)
     serve.shutdown()
@@ -726,7 +766,8 @@ def main() -> None:
     log_run(args, run_started, load_start)
     speedup = summarize_batching(served.batching, args.levels)
     log_cpu(served.batching, args.levels)
-    log_large(served.large, args)
+    if served.large is not None:
+        log_large(served.large, args)
     share, saving = summarize_reject(reject, args.reject_concurrency, expected)
     report_figures(served, share, saving, speedup, args)
 

@@ -129,6 +129,9 @@ class ModelConfig(Section):
     sam_checkpoint: str | None = None
     image_token_grid: int = Field(8, ge=1, le=64)  # medisee-lite: the image embedding pooled to g × g tokens
     train_mask_decoder: bool = True  # false: a pretrained mask decoder (MedSAM, LiteMedSAM) stays frozen
+    # In training, which box prompts the mask decoder: the predicted one (the reference) or the target
+    # (MedSAM's own training; the box head then learns from the box losses alone). Inference: predicted.
+    mask_prompt_box: Literal["predicted", "target"] = "predicted"
     # Stage two starts from stage one's model artifact (models:/NAME@ALIAS, runs:/<id>/model, s3://, a
     # folder): its trained weights, with a fresh optimiser and step; the new run records it as parent.
     init_from: str | None = None

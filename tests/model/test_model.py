@@ -163,14 +163,12 @@ def test_forward_with_similarity_loss_pairs_reasoning_with_referring():
     losses["loss"].backward()
 
 
-def test_the_mask_loss_reaches_the_box_decoder_through_the_box_prompt():
-    """As in the reference, the predicted box enters SAM's prompt encoder without detach."""
+def one_row_batch(model, seed: int = 1):
     from medisee.data.batch import collate
 
-    model = build_model("tiny", finetune="full", seed=2)
     s, c = model.sam_size, model.clip_size
-    rng = np.random.default_rng(1)
-    batch = collate(
+    rng = np.random.default_rng(seed)
+    return collate(
         {
             "query": np.array(["Can you segment and locate the liver in this image?"], object),
             "answer": np.array(["[SEG] and [BBOX]."], object),
@@ -186,10 +184,50 @@ def test_the_mask_loss_reaches_the_box_decoder_through_the_box_prompt():
         },
         model.text,
     )
-    losses = model(batch)
+
+
+def box_decoder_grad(model) -> torch.Tensor | None:
+    return [m for m in model.box_decoder.modules() if isinstance(m, torch.nn.Linear)][-1].weight.grad
+
+
+def test_the_mask_loss_reaches_the_box_decoder_through_the_box_prompt():
+    """As in the reference, the predicted box enters SAM's prompt encoder without detach."""
+    model = build_model("tiny", finetune="full", seed=2)
+    losses = model(one_row_batch(model))
     (losses["bce"] + losses["dice"]).backward()
-    last = [m for m in model.box_decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
-    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0
+    grad = box_decoder_grad(model)
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_with_target_box_prompts_the_mask_loss_is_the_ground_truth_boxs_and_leaves_the_box_head():
+    from medisee.model.medisee import LossWeights
+
+    predicted = build_model("tiny", finetune="full", seed=2)
+    target = build_model("tiny", finetune="full", seed=2, mask_prompt_box="target")
+    predicted.eval(), target.eval()  # no dropout: the by-hand decoding below must see the same states
+    batch = one_row_batch(target)
+    losses = target(batch)
+    (losses["bce"] + losses["dice"]).backward()
+    grad = box_decoder_grad(target)
+    assert grad is None or grad.abs().sum() == 0
+    assert losses["box_l1"].requires_grad  # the box head still learns from its own losses
+
+    # the same mask loss as decoding the ground-truth box by hand
+    embeddings = target.image_embeddings(batch.sam_image, batch.image_resized_hw)
+    _, prompt_tokens = target.heads(target.candidate_states(*_hidden_and_ids(target, batch))[0])
+    low_res, _ = target.decode_masks(embeddings, batch.image_index, batch.box_sam.float(), prompt_tokens)
+    logits = target.frame_logits(low_res)
+    by_hand = bce_loss(logits, batch.mask).mean()
+    assert losses["bce"].item() == pytest.approx(by_hand.item(), rel=1e-4)
+    assert predicted(batch)["bce"].item() != pytest.approx(by_hand.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="mask_prompt_box"):
+        build_model("tiny", mask_prompt_box="given", loss_weights=LossWeights())
+
+
+def _hidden_and_ids(model, batch):
+    features = model.image_features(batch.clip_image)
+    out = model.language(batch.input_ids, batch.attention_mask, features, batch.image_index, batch.labels)
+    return out.hidden_states[-1], batch.input_ids
 
 
 @pytest.mark.parametrize("preset", ["tiny"])

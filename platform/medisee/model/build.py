@@ -16,7 +16,7 @@ import torch
 
 from medisee.config import MediSeeConfig
 from medisee.model import checkpoint as ckpt
-from medisee.model.medisee import LossWeights, MediSee, default_compute_dtype
+from medisee.model.medisee import MASK_PROMPT_BOXES, LossWeights, MediSee, default_compute_dtype
 from medisee.model.mllm import (
     LLAVA_MED_MISTRAL_7B,
     MLLM_LITE,
@@ -79,6 +79,7 @@ def build_model(
     parts: tuple[str, ...] = MODEL_PARTS,
     image_token_grid: int = 8,
     train_mask_decoder: bool = True,
+    mask_prompt_box: str = "predicted",
 ) -> MediSee:
     """Build MediSee. `finetune` = "lora" | "full" sets what is trainable (None: everything frozen).
 
@@ -90,7 +91,13 @@ def build_model(
     the trainable ones stay fp32 master weights (`hold_weights`).
     `quantize="nf4"`: the LM's decoder linear layers in 4-bit NF4 (QLoRA), placed on `device`.
     `image_token_grid`: medisee-lite's image tokens (the LiteMedSAM embedding pooled to g × g).
+    `mask_prompt_box`: in training, the predicted box (the reference) or the target box prompts the
+    mask decoder (MediSee.target_losses).
     """
+    if mask_prompt_box not in MASK_PROMPT_BOXES:
+        raise ValueError(
+            f"mask_prompt_box must be one of {', '.join(MASK_PROMPT_BOXES)}, not {mask_prompt_box!r}"
+        )
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, not {quantize!r}")
     if quantize != "none" and finetune == "full":
@@ -154,6 +161,7 @@ def build_model(
     )
     model.preset = preset
     model.compute_dtype = compute_dtype
+    model.mask_prompt_box = mask_prompt_box
     if official_release:
         ckpt.load_official_release(model, official_release, settings)
     if quantize == "nf4" and llava is not None:
@@ -380,4 +388,5 @@ def build_from_config(
         parts=parts,
         image_token_grid=m.image_token_grid,
         train_mask_decoder=m.train_mask_decoder,
+        mask_prompt_box=m.mask_prompt_box,
     )

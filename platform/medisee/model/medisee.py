@@ -33,6 +33,9 @@ def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+MASK_PROMPT_BOXES = ("predicted", "target")
+
+
 @dataclass
 class LossWeights:
     ce: float = 1.0
@@ -76,6 +79,7 @@ class MediSee(nn.Module):
         self.sam_normalize = sam_normalize  # see medisee.model.sam.SamConfig.normalize
         self.mllm_normalize = mllm_normalize  # clip | minmax (medisee-lite's TinyViT tower)
         self.compute_dtype: torch.dtype | None = None  # None: default_compute_dtype(device)
+        self.mask_prompt_box = "predicted"  # in training: the box that prompts the mask decoder
         ids = text.candidate_ids if text is not None else [-1] * num_candidates
         self.register_buffer("candidate_ids", torch.tensor(ids), persistent=False)
 
@@ -317,7 +321,11 @@ class MediSee(nn.Module):
         """Box L1 + GIoU and mask BCE + Dice for rows with a target whose answer holds the tokens.
 
         The predicted box enters SAM's prompt encoder without detach, as in the reference: the mask
-        loss also trains the box decoder, the box router and the LM through it.
+        loss also trains the box decoder, the box router and the LM through it. With
+        `mask_prompt_box = "target"` the ground-truth box prompts the decoder instead (MedSAM's own
+        training), and the box head learns from the box losses alone: a pretrained decoder prompted
+        by an untrained box head learns to answer background whatever the box, and so does the
+        [SEG] token (measured with medisee-lite, docs/benchmarks.md "real_data").
         Every row is decoded and the losses averaged over the rows that count: selecting those rows
         first would make the host wait for the GPU to learn how many there are.
 
@@ -342,7 +350,8 @@ class MediSee(nn.Module):
         embeddings = batch.image_embeddings
         if embeddings is None:
             embeddings = self.image_embeddings(batch.sam_image, batch.image_resized_hw)
-        box_frame = box_ops.normalized_to_frame(box_pred.float(), resized)
+        prompt_box = box_true if self.mask_prompt_box == "target" else box_pred.float()
+        box_frame = box_ops.normalized_to_frame(prompt_box, resized)
         low_res, _ = self.decode_masks(embeddings, batch.image_index, box_frame, prompt_tokens)
         logits = self.frame_logits(low_res)
         valid = _inside_images(logits.shape[-2:], resized)  # the image inside the frame: padding excluded
