@@ -70,9 +70,10 @@ IMAGES = 8
 SEED = 7
 # Per preset: the model preset, the phantoms' side, request timeouts and the defaults of the windows.
 PRESETS = {
-    "tiny": dict(model_preset="tiny", image_size=128, timeout=120.0, seconds=8.0, warmup=3.0, rounds=2,
+    # timeout: the client's and the proxy's; app_timeout: the application's own (AppArgs.request_timeout_s)
+    "tiny": dict(model_preset="tiny", image_size=128, timeout=120.0, app_timeout=30.0, seconds=8.0, warmup=3.0, rounds=2,
                  calls=40, ceiling_rounds=5, large=True),
-    "lite": dict(model_preset="medisee-lite", image_size=256, timeout=900.0, seconds=90.0, warmup=30.0,
+    "lite": dict(model_preset="medisee-lite", image_size=256, timeout=900.0, app_timeout=880.0, seconds=90.0, warmup=30.0,
                  rounds=1, calls=6, ceiling_rounds=1, large=False),
 }  # fmt: skip
 
@@ -550,7 +551,10 @@ def bench_plain(base: str, metrics_port: int, plain: str, images, true_pairs, ar
 
     from medisee.artifact.model_dir import load_predictor
 
-    urls = deploy(base, {"on": two_apps_args(plain), "off": two_apps_args(plain, batching=False)})
+    timeout = {"request_timeout_s": args.app_timeout}
+    urls = deploy(
+        base, {"on": two_apps_args(plain, **timeout), "off": two_apps_args(plain, batching=False, **timeout)}
+    )
     bodies = [body(images[i], q) for i, q in true_pairs]
     batching = measure_batching(urls, bodies, metrics_port, args)
     image, query = images[true_pairs[0][0]], true_pairs[0][1]
@@ -634,7 +638,10 @@ def bench_reject(base: str, calibrated: str, images, true_pairs, false_pairs, ar
     {(variant, concurrency): Window}."""
     urls = deploy(
         base,
-        {"reject": two_apps_args(calibrated), "no_reject": two_apps_args(calibrated, early_reject=False)},
+        {
+            "reject": two_apps_args(calibrated, request_timeout_s=args.app_timeout),
+            "no_reject": two_apps_args(calibrated, early_reject=False, request_timeout_s=args.app_timeout),
+        },
     )
     mix_bodies = [
         body(images[i], q) for i, q in (p for pair in zip(true_pairs, false_pairs, strict=True) for p in pair)

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 API_KEY = "lite-key-0123456789"
 QUERIES = ["Segment the liver.", "Where is the aorta?"]
-TIMEOUT_S = 300  # a lite request takes seconds on one replica thread; the first one loads the models
+TIMEOUT_S = 300  # a lite request takes seconds on one replica thread, more on a loaded machine
 
 
 class LiteServed:
@@ -43,7 +43,11 @@ def lite_served(ray_local, lite_artifact, tmp_path_factory):
     keys.write_text(API_KEY + "\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": TIMEOUT_S})
-    serve.run(build_app(AppArgs(model=lite_artifact, api_keys_file=str(keys))), name="lite", route_prefix="/")
+    serve.run(
+        build_app(AppArgs(model=lite_artifact, api_keys_file=str(keys), request_timeout_s=TIMEOUT_S - 10)),
+        name="lite",
+        route_prefix="/",
+    )
     served = LiteServed(f"http://127.0.0.1:{port}", lite_artifact)
     wait_for_http(served.url + "/healthz", timeout=TIMEOUT_S)
     yield served

@@ -92,7 +92,7 @@ def build_model(
     `quantize="nf4"`: the LM's decoder linear layers in 4-bit NF4 (QLoRA), placed on `device`.
     `image_token_grid`: medisee-lite's image tokens (the LiteMedSAM embedding pooled to g × g).
     `mask_prompt_box`: in training, the predicted box (the reference) or the target box prompts the
-    mask decoder (MediSee.target_losses).
+    mask decoder (MediSee.target_losses); the medisee-lite config preset sets "target".
     """
     if mask_prompt_box not in MASK_PROMPT_BOXES:
         raise ValueError(
