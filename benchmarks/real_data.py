@@ -270,22 +270,16 @@ def main() -> None:
         print(
             f"| {name}, held-out slices of the training volume | {m['dice']:.3f} | {m['giou']:.3f} | {m['box_iou']:.3f} |"
         )
-    for name, m in held.items():
+    named = [(f"{n}_held_out_slices_dice", m, {"rows": len(held_out)}) for n, m in held.items()]
+    named += [(f"{n}_dice", m, {}) for n, m in figures.items()]
+    for name, m, extra in named:
         emit(
-            f"{name}_held_out_slices_dice",
+            name,
             round(m["dice"], 4),
             "dice",
             giou=round(m["giou"], 4),
             box_iou=round(m["box_iou"], 4),
-            rows=len(held_out),
-        )
-    for name, m in figures.items():
-        emit(
-            f"{name}_dice",
-            round(m["dice"], 4),
-            "dice",
-            giou=round(m["giou"], 4),
-            box_iou=round(m["box_iou"], 4),
+            **extra,
         )
     for key in ("auroc_strength", "auroc_compactness", "auroc_purity", "auroc_combined"):
         if key in verifier:
