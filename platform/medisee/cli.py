@@ -349,7 +349,10 @@ def evaluate_verifier_cmd(
         from medisee.verify.judge import judged_verdicts
 
         similarities = [p.similarity for p in preds]
-        verdicts = judged_verdicts(judge, verifier, evidence, rows, similarities, loaded.model.clip_size)
+        verdicts = judged_verdicts(
+            judge, verifier, evidence, rows, similarities, loaded.model.clip_size,
+            loaded.model.shares_image_encoder,
+        )  # fmt: skip
     report = evaluate_verifier(verifier, evidence, present, verdicts)
     save_calibration(cfg, settings, _run_id(loaded, model_uri), verifier, report)
     table = markdown_table(report)

@@ -166,14 +166,12 @@ def test_the_manifest_holds_the_models_input_sizes_and_jobs_take_them_from_it(cf
     described = describe_model(str(tmp_path / "m"))
     assert (
         described["inputs"]
-        == {"sam_size": trained.sam_size, "clip_size": trained.clip_size}
-        == {
-            "sam_size": 128,
-            "clip_size": 128,
-        }
+        == {"sam_size": trained.sam_size, "clip_size": trained.clip_size, "padded_map": False}
+        == {"sam_size": 128, "clip_size": 128, "padded_map": False}
     )
+    assert described["manifest"]["hidden_size"] == trained.hidden_size
     # an artifact written before the manifest recorded them: the preset's architecture fixes them
-    assert input_sizes({"preset": "medisee-7b"}) == {"sam_size": 1024, "clip_size": 336}
+    assert input_sizes({"preset": "medisee-7b"}) == {"sam_size": 1024, "clip_size": 336, "padded_map": False}
 
     check_job_names_the_model(load_config(None), described)  # no model section: the artifact's facts
     check_job_names_the_model(load_config("tiny"), described)

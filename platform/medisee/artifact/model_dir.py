@@ -118,7 +118,12 @@ def save_model_dir(
         "num_image_tokens": text.num_image_tokens,
         "vocab_size": len(text.tokenizer),
         "quantize": cfg.model.quantize,
-        "inputs": {"sam_size": model.sam_size, "clip_size": model.clip_size},
+        "inputs": {
+            "sam_size": model.sam_size,
+            "clip_size": model.clip_size,
+            "padded_map": model.shares_image_encoder,  # the similarity map covers the SAM frame
+        },
+        "hidden_size": model.hidden_size,  # a decoder-only load needs no LM folder for it
         "base": base_references(cfg, settings),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "source": source,
@@ -198,7 +203,14 @@ def load_local(local: Path, ref: str, run_id, settings, device, dtype, parts) ->
     cfg = stored_config((local / "config.yaml").read_text())
     check_base_digests(cfg, manifest, settings, parts)
     tokenizer = load_tokenizer(local / "tokenizer") if "mllm" in parts else None
-    model = build_from_config(cfg, settings, tokenizer=tokenizer, parts=parts, device=device)
+    model = build_from_config(
+        cfg,
+        settings,
+        tokenizer=tokenizer,
+        parts=parts,
+        device=device,
+        hidden_size=manifest.get("hidden_size"),
+    )
     check_tokens(model, manifest, ref)
     model.load_trainable_state_dict(weights_for(model, local / WEIGHTS), source=ref)
     model.requires_grad_(False)
@@ -265,12 +277,14 @@ def describe_model(
 
 
 def input_sizes(manifest: dict) -> dict[str, int]:
-    """{"sam_size", "clip_size"}: the image sizes the model takes. Artifacts written before the
-    manifest recorded them hold a preset's architecture, whose sizes the preset fixes."""
+    """{"sam_size", "clip_size", "padded_map"}: the image sizes the model takes, and whether its
+    similarity map covers the padded SAM frame (medisee-lite) rather than the CLIP crop. Artifacts
+    written before the manifest recorded them hold a preset's architecture, whose sizes the preset
+    fixes."""
     if "inputs" in manifest:
-        return dict(manifest["inputs"])
+        return {"padded_map": False, **manifest["inputs"]}
     sizes = PRESET_IMAGE_SIZES[manifest["preset"]]
-    return {"sam_size": sizes["sam_image_size"], "clip_size": sizes["clip_image_size"]}
+    return {"sam_size": sizes["sam_image_size"], "clip_size": sizes["clip_image_size"], "padded_map": False}
 
 
 def read_manifest(local: Path, ref: str) -> dict:

@@ -1,5 +1,7 @@
 """Decoder stage: SAM's image encoder once per image, then routers, box decoder and mask decoder
-for every query about it. Boxes and masks come back in original-image pixels.
+for every query about it. Boxes and masks come back in original-image pixels. An image whose
+embedding the MLLM stage already computed (medisee-lite: `embeddings`, or a PreparedImage's
+`embedding`) is not encoded again.
 
 `segment_boxes` is MedSAM's interactive mode on the same stage: a user's box, no text, straight to
 the mask decoder (no [SEG] prompt token), the box returned as given."""
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medisee.infer.images import PreparedImage, original_shape, sam_of
+from medisee.infer.images import PreparedImage, embedding_of, original_shape, sam_of
 from medisee.infer.results import Decoded
 from medisee.model import boxes as box_ops
 
@@ -31,10 +33,15 @@ class DecoderStage:
         self.model, self.mask_threshold = model, mask_threshold
 
     def __call__(
-        self, images: list[np.ndarray | PreparedImage], image_index: list[int], candidates: np.ndarray
+        self,
+        images: list[np.ndarray | PreparedImage],
+        image_index: list[int],
+        candidates: np.ndarray,
+        embeddings: torch.Tensor | None = None,
     ) -> list[Decoded]:
-        """candidates (Q, n, d) for queries about images[image_index[q]]; only those images are encoded."""
-        return self.decode(images, image_index, candidates)[0]
+        """candidates (Q, n, d) for queries about images[image_index[q]]; only those images are encoded.
+        `embeddings`: (len(images), P, g, g) already computed for these images (MLLMStage.encode)."""
+        return self.decode(images, image_index, candidates, embeddings=embeddings)[0]
 
     def segment_boxes(
         self, images: list[np.ndarray | PreparedImage], image_index: list[int], boxes: np.ndarray
@@ -50,9 +57,11 @@ class DecoderStage:
         candidates: np.ndarray | None,
         box_index: list[int] = (),
         boxes: np.ndarray | None = None,
+        embeddings: torch.Tensor | list[torch.Tensor | None] | None = None,
     ) -> tuple[list[Decoded], list[Decoded]]:
         """Queries (their candidate states) and box prompts together, every image they are about
-        encoded once: (one Decoded per query, one per box)."""
+        encoded once: (one Decoded per query, one per box). `embeddings[i]`: images[i]'s SAM
+        embedding when already computed (None: encode it)."""
         image_index, box_index = list(image_index), list(box_index)
         if box_index:
             boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -62,7 +71,7 @@ class DecoderStage:
             return [], []
         model = self.model
         with model.autocast():
-            encoded = self._encode(images, image_index + box_index)
+            encoded = self._encode(images, image_index + box_index, embeddings)
             split = len(image_index)
             queries = self._query_outputs(encoded, encoded.local[:split], candidates) if split else None
             prompted = self._box_outputs(encoded, encoded.local[split:], boxes) if box_index else None
@@ -91,15 +100,29 @@ class DecoderStage:
         low_res, iou = model.decode_masks(encoded.embeddings, local, box_frame, None)
         return local, model.frame_logits(low_res), iou, boxes, boxes
 
-    def _encode(self, images, image_index: list[int]) -> _Encoded:
+    def _encode(self, images, image_index: list[int], given=None) -> _Encoded:
         model = self.model
         used = sorted(set(image_index))
         local = torch.tensor([used.index(i) for i in image_index], device=model.device)
         sam_images, frames = zip(*(sam_of(images[i], model.sam_size) for i in used), strict=True)
         resized = [f.resized_hw for f in frames]
         image_hw = torch.tensor(resized, device=model.device)
-        embeddings = model.image_embeddings(torch.from_numpy(np.stack(sam_images)).to(model.device), image_hw)
+        known = [given[i] if given is not None else _as_tensor(embedding_of(images[i])) for i in used]
+        embeddings = self._embeddings(known, sam_images, image_hw)
         return _Encoded(local, [original_shape(images[i]) for i in used], resized, image_hw, embeddings)
+
+    def _embeddings(self, known: list, sam_images, image_hw: torch.Tensor) -> torch.Tensor:
+        """(M, P, g, g): the known embeddings, the others (None in `known`) encoded in one pass."""
+        model = self.model
+        todo = [j for j, e in enumerate(known) if e is None]
+        if todo:
+            pixels = torch.from_numpy(np.stack([sam_images[j] for j in todo])).to(model.device)
+            fresh = model.image_embeddings(pixels, image_hw[todo])
+            if len(todo) == len(known):
+                return fresh
+            for j, embedding in zip(todo, fresh, strict=True):
+                known[j] = embedding
+        return torch.stack([e.to(model.device, known[0].dtype) for e in known])
 
     def _results(self, encoded: _Encoded, local, logits, iou, clipped, unclipped) -> list[Decoded]:
         out = []
@@ -119,3 +142,7 @@ class DecoderStage:
                 )
             )
         return out
+
+
+def _as_tensor(embedding: np.ndarray | None) -> torch.Tensor | None:
+    return None if embedding is None else torch.from_numpy(np.asarray(embedding, np.float32))

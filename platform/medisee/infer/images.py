@@ -4,11 +4,14 @@ A stage takes either the decoded image or a `PreparedImage`: the model-sized inp
 from it, plus the original size. The prepared form is what crosses between processes (Serve
 replicas, a batch job's handle calls): its size depends on the model, not on the image, so a 4k
 radiograph costs what a 128 px phantom does (and stays far below gRPC's message limit).
+
+For a model whose MLLM shares the SAM image encoder (medisee-lite), the MLLM stage returns each
+image's embedding; `with_embedding` attaches it, and the decoder stage then does not encode again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -46,6 +49,7 @@ class PreparedImage:
     sam: np.ndarray  # sam_size × sam_size × 3 uint8 (longest side resized, padded bottom / right)
     height: int  # of the original image: boxes and masks come back in its pixels
     width: int
+    embedding: np.ndarray | None = None  # (P, g, g) float32 SAM image embedding, once computed
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,7 +57,16 @@ class PreparedImage:
 
     @property
     def nbytes(self) -> int:
-        return self.clip.nbytes + self.sam.nbytes
+        extra = self.embedding.nbytes if self.embedding is not None else 0
+        return self.clip.nbytes + self.sam.nbytes + extra
+
+
+def with_embedding(image: PreparedImage, embedding: np.ndarray | None) -> PreparedImage:
+    return image if embedding is None else replace(image, embedding=np.asarray(embedding, np.float32))
+
+
+def embedding_of(image: np.ndarray | PreparedImage) -> np.ndarray | None:
+    return image.embedding if isinstance(image, PreparedImage) else None
 
 
 def prepare_image(image: np.ndarray, clip_size: int, sam_size: int) -> PreparedImage:

@@ -1,7 +1,9 @@
 """MLLM stage: CLIP once per image, then the LM over every query of the batch in one pass.
 
 Output per query: the answer text, whether it holds the candidate tokens, the states before them
-and the [SEG]-to-image similarity map (what the verifier and the decoder stage need).
+and the [SEG]-to-image similarity map (what the verifier and the decoder stage need). A model that
+shares its image encoder (medisee-lite) encodes the SAM frame instead of a CLIP crop; `encode` also
+returns those embeddings, for the decoder stage to reuse.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import numpy as np
 import torch
 
 from medisee.data import prompts
-from medisee.infer.images import PreparedImage, clip_of, flatten_queries
+from medisee.infer.images import PreparedImage, clip_of, flatten_queries, sam_of
 from medisee.infer.results import QueryEncoding
 
 MODES = ("teacher_forced", "generate")
@@ -23,25 +25,42 @@ class MLLMStage:
         self.model, self.mode, self.max_new_tokens = model, mode, max_new_tokens
         self.candidate_tokens = model.text.tokenizer.convert_ids_to_tokens(list(model.text.candidate_ids))
 
-    @torch.no_grad()
     def __call__(
         self, images: list[np.ndarray | PreparedImage], queries: list[list[str]], mode: str | None = None
     ) -> list[QueryEncoding]:
         """images[i] with its queries[i]; results in the order of the flattened queries."""
+        return self.encode(images, queries, mode)[0]
+
+    @torch.no_grad()
+    def encode(
+        self, images: list[np.ndarray | PreparedImage], queries: list[list[str]], mode: str | None = None
+    ) -> tuple[list[QueryEncoding], torch.Tensor | None]:
+        """(the query encodings, each image's SAM embedding when the model shares its image encoder,
+        else None)."""
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         image_index, flat = flatten_queries(queries)
         if not flat:
-            return []
+            return [], None
         model = self.model
-        clip = np.stack([clip_of(im, model.clip_size) for im in images])
         index = torch.tensor(image_index, device=model.device)
         with model.autocast():
-            features = model.image_features(torch.from_numpy(clip).to(model.device))
+            features, embeddings = self._image_features(images)
             if mode == "generate":
-                return self._generate(features, index, image_index, flat)
-            return self._teacher_forced(features, index, image_index, flat)
+                return self._generate(features, index, image_index, flat), embeddings
+            return self._teacher_forced(features, index, image_index, flat), embeddings
+
+    def _image_features(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+        model = self.model
+        if not model.shares_image_encoder:
+            clip = np.stack([clip_of(im, model.clip_size) for im in images])
+            return model.image_features(torch.from_numpy(clip).to(model.device)), None
+        frames = [sam_of(im, model.sam_size) for im in images]
+        pixels = torch.from_numpy(np.stack([f[0] for f in frames])).to(model.device)
+        resized = torch.tensor([f[1].resized_hw for f in frames], device=model.device)
+        embeddings = model.image_embeddings(pixels, resized)
+        return model.image_features(None, model.pooled_vision_tokens(embeddings)), embeddings
 
     def _teacher_forced(self, features, index, image_index, queries) -> list[QueryEncoding]:
         model = self.model

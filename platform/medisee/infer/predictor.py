@@ -38,7 +38,7 @@ class Predictor:
     ):
         self.model = model
         self.mllm = MLLMStage(model, mode, max_new_tokens)
-        self.verifier = VerifierStage(calibration, judge, model.clip_size)
+        self.verifier = VerifierStage(calibration, judge, model.clip_size, model.shares_image_encoder)
         self.decoder = DecoderStage(model, mask_threshold)
         self.early_reject = early_reject
         self.artifact = artifact  # medisee.artifact.model_dir.LoadedModel when loaded from one
@@ -72,7 +72,7 @@ class Predictor:
             raise ValueError(f"{len(images)} images but {len(queries)} query lists")
         images = [as_rgb_uint8(im) for im in images]
         started = time.perf_counter()
-        encodings = self.mllm(images, queries, mode)
+        encodings, embeddings = self.mllm.encode(images, queries, mode)  # embeddings: lite's, reused
         after_mllm = time.perf_counter()
         screenings = self.verifier.screen(encodings)
         to_decode = [i for i, s in enumerate(screenings) if wants_decoder(s, self.early_reject)]
@@ -84,6 +84,7 @@ class Predictor:
                     images,
                     [encodings[i].image_index for i in to_decode],
                     np.stack([encodings[i].candidates for i in to_decode]) if to_decode else [],
+                    embeddings,
                 ),
                 strict=True,
             )

@@ -18,20 +18,25 @@ from medisee.verify.verifier import verify
 
 
 class VerifierStage:
-    def __init__(self, calibration: CalibratedVerifier | None, judge, clip_size: int):
-        """`clip_size`: the model's CLIP input size (the judge's heatmap overlay is drawn at it)."""
+    def __init__(
+        self, calibration: CalibratedVerifier | None, judge, clip_size: int, padded_map: bool = False
+    ):
+        """`clip_size`: the model's CLIP input size (the judge's heatmap overlay is drawn at it);
+        `padded_map`: the model's map covers the padded SAM frame instead (medisee-lite)."""
         self.calibration = calibration or CalibratedVerifier()
-        self.judge, self.clip_size = judge, clip_size
+        self.judge, self.clip_size, self.padded_map = judge, clip_size, padded_map
 
     @classmethod
-    def from_json(cls, calibration_json: str | None, clip_size: int, verifier_cfg=None) -> VerifierStage:
+    def from_json(
+        cls, calibration_json: str | None, clip_size: int, verifier_cfg=None, padded_map: bool = False
+    ) -> VerifierStage:
         """The stage of an artifact's `verifier.json` text (None: uncalibrated defaults) and, when a
         `verifier` config section names a judge endpoint, that judge."""
         from medisee.verify.judge import judge_from_config
 
         calibration = CalibratedVerifier.from_json(calibration_json) if calibration_json else None
         judge = judge_from_config(verifier_cfg) if verifier_cfg is not None else None
-        return cls(calibration, judge, clip_size)
+        return cls(calibration, judge, clip_size, padded_map)
 
     def screen(self, encodings: list[QueryEncoding]) -> list[Screening | None]:
         """None for a query whose answer has no candidate tokens (there is no map to score)."""
@@ -70,6 +75,7 @@ class VerifierStage:
             similarity=encoding.similarity if encoding else None,
             query=encoding.query if encoding else "",
             clip_size=self.clip_size,
+            padded_map=self.padded_map,
         )
         return decision.verdict.value, decision.source
 

@@ -80,6 +80,7 @@ def build_model(
     image_token_grid: int = 8,
     train_mask_decoder: bool = True,
     mask_prompt_box: str = "predicted",
+    hidden_size: int | None = None,
 ) -> MediSee:
     """Build MediSee. `finetune` = "lora" | "full" sets what is trainable (None: everything frozen).
 
@@ -93,6 +94,8 @@ def build_model(
     `image_token_grid`: medisee-lite's image tokens (the LiteMedSAM embedding pooled to g × g).
     `mask_prompt_box`: in training, the predicted box (the reference) or the target box prompts the
     mask decoder (MediSee.target_losses); the medisee-lite config preset sets "target".
+    `hidden_size`: the LM width, for a decoder-only build (an artifact records it): the LM folder
+    is then not read at all.
     """
     if mask_prompt_box not in MASK_PROMPT_BOXES:
         raise ValueError(
@@ -121,9 +124,10 @@ def build_model(
     held = compute_dtype if cast_frozen and compute_dtype not in (None, torch.float32) else None
     torch.manual_seed(seed)
     lite = spec.mllm.vision == "lite_medsam"
+    reads_lm = "mllm" in parts or hidden_size is None
     if lite:
-        llava_path, sam_checkpoint = packaged_defaults(llava_path, sam_checkpoint)
-    llava, text, hidden = None, None, spec.mllm.hidden
+        llava_path, sam_checkpoint = packaged_defaults(llava_path, sam_checkpoint, with_lm=reads_lm)
+    llava, text, hidden = None, None, hidden_size or spec.mllm.hidden
     if "mllm" in parts and lite:
         llava, text = _build_lite_mllm(
             spec,
@@ -139,7 +143,7 @@ def build_model(
     elif "mllm" in parts:
         llava, text = _build_mllm(spec, llava_path, tokenizer, num_candidate_tokens, settings, held)
         hidden = llava.config.text_config.hidden_size
-    elif llava_path:
+    elif llava_path and hidden_size is None:
         hidden = _llava_hidden_size(llava_path, settings)
     sam = None
     if "decoder" in parts:
@@ -147,6 +151,8 @@ def build_model(
         sam = build_sam(spec.sam)
         if sam_checkpoint:
             ckpt.load_sam_checkpoint(sam, sam_checkpoint, settings)
+        if lite and llava is not None:  # one TinyViT for both sides (the tower's weights are these)
+            sam.image_encoder = llava.model.vision_tower.encoder
     torch.manual_seed(seed + 2)
     model = MediSee(
         llava,
@@ -157,7 +163,6 @@ def build_model(
         spec.sam.prompt_dim,
         loss_weights,
         sam_normalize=spec.sam.normalize,
-        mllm_normalize="minmax" if lite else "clip",
     )
     model.preset = preset
     model.compute_dtype = compute_dtype
@@ -210,8 +215,9 @@ def hold_weights(model: MediSee, dtype: torch.dtype) -> None:
     """
     if model.llava is None:
         return
+    sam_params = {id(p) for p in model.sam.parameters()} if model.sam is not None else set()
     for param in model.llava.parameters():
-        if param.is_floating_point():
+        if param.is_floating_point() and id(param) not in sam_params:  # medisee-lite's shared TinyViT
             param.data = param.data.to(torch.float32 if param.requires_grad else dtype)
 
 
@@ -238,11 +244,16 @@ def _build_mllm(spec: Preset, llava_path, tokenizer, num_candidate_tokens: int, 
     return llava, TextSpec(tokenizer, image_token_id, candidate_ids, num_image_tokens(llava))
 
 
-def packaged_defaults(llava_path: str | None, sam_checkpoint: str | None) -> tuple[str, str]:
-    """medisee-lite's base weights: the given ones, else those its packages ship."""
+def packaged_defaults(
+    llava_path: str | None, sam_checkpoint: str | None, with_lm: bool = True
+) -> tuple[str | None, str]:
+    """medisee-lite's base weights: the given ones, else those its packages ship (the LM converted
+    once, and only `with_lm`)."""
     from medisee.model.weights import converted_lm, lite_medsam_checkpoint
 
-    return llava_path or str(converted_lm()), sam_checkpoint or str(lite_medsam_checkpoint())
+    if with_lm and not llava_path:
+        llava_path = str(converted_lm())
+    return llava_path, sam_checkpoint or str(lite_medsam_checkpoint())
 
 
 def _build_lite_mllm(
@@ -362,8 +373,10 @@ def build_from_config(
     parts: tuple[str, ...] = MODEL_PARTS,
     precision: str | None = None,
     device: torch.device | str = "cpu",
+    hidden_size: int | None = None,
 ) -> MediSee:
     """The model a config describes. Loss weights and gradient checkpointing only matter for training.
+    `hidden_size`: see build_model (a decoder-only load from an artifact).
 
     `precision` (resolved: bf16 | fp16 | fp32; see medisee.model.precision) sets the compute dtype and,
     outside FSDP (which casts per layer itself), the dtype frozen MLLM weights are held in.
@@ -389,4 +402,5 @@ def build_from_config(
         image_token_grid=m.image_token_grid,
         train_mask_decoder=m.train_mask_decoder,
         mask_prompt_box=m.mask_prompt_box,
+        hidden_size=hidden_size,
     )

@@ -88,13 +88,12 @@ def load_lite_export(folder: Path, manifest: dict) -> MediSee:
     common.load_strict(llava.model.multi_modal_projector, folder / PROJECTOR_FILE)
     sam = build_sam(preset.sam)
     load_state_strict(sam, state, str(folder / SAM_FILE))
+    sam.image_encoder = encoder  # one TinyViT for both sides, as build_model makes it
     text = TextSpec(
         tokenizer, manifest["image_token_id"], ids, manifest["num_image_tokens"], manifest["chat_template"]
     )
     hidden = llava.config.text_config.hidden_size
-    model = MediSee(
-        llava, sam, text, hidden, len(ids), preset.sam.prompt_dim, None, preset.sam.normalize, "minmax"
-    )
+    model = MediSee(llava, sam, text, hidden, len(ids), preset.sam.prompt_dim, None, preset.sam.normalize)
     common.load_strict(common.heads_of(model), folder / common.HEADS_FILE)
     model.preset = manifest["preset"]
     return model.requires_grad_(False).eval()

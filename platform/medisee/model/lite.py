@@ -2,7 +2,9 @@
 default) whose vision tower is LiteMedSAM's frozen TinyViT image encoder.
 
 The 64 × 64 × 256 embedding is average-pooled to a `grid` × `grid` token grid and goes through
-LLaVA's two-layer MLP projector (trained: there is no pretrained one). transformers' LLaVA then
+LLaVA's two-layer MLP projector (trained: there is no pretrained one). Both sides take the same
+input, the SAM frame (min-max normalised, longest side 256, zero padding), so the MediSee model
+encodes an image once and pools the decoder's own embedding for the LM (`MediSee.shares_image_encoder`). transformers' LLaVA then
 does what it does for CLIP (placing the image tokens, generation, the loss), so the lite model runs
 the same MediSee code as the 7B one. The vision config recorded in the LLaVA config describes the
 grid (image_size / patch_size = grid, hidden_size = 256); it is never used to build a CLIP tower.
@@ -29,10 +31,12 @@ class PooledImageEncoder(nn.Module):
         self.patch_size = LITE_IMAGE_SIZE // grid  # what LLaVA's image_sizes splitting would read
 
     def forward(self, pixel_values: torch.Tensor, **_) -> BaseModelOutputWithPooling:
-        embedding = self.encoder(pixel_values)  # (M, C, 64, 64)
-        pooled = F.adaptive_avg_pool2d(embedding, self.grid)
-        tokens = pooled.flatten(2).transpose(1, 2)  # (M, grid², C), row-major like CLIP's patches
+        tokens = self.pool(self.encoder(pixel_values))
         return BaseModelOutputWithPooling(last_hidden_state=tokens, hidden_states=(tokens,))
+
+    def pool(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(M, C, 64, 64) image embedding -> (M, grid², C) tokens, row-major like CLIP's patches."""
+        return F.adaptive_avg_pool2d(embedding, self.grid).flatten(2).transpose(1, 2)
 
 
 def build_lite_llava(language_model, image_encoder: nn.Module, grid: int, image_token_id: int):

@@ -8,12 +8,14 @@ resizing and result assembly live in `medisee.infer` (the stages and the Predict
     image_features / language / generate    -> the MLLM side (CLIP once per image, then the LM)
     image_embeddings / heads / decode_masks -> the decoder side (SAM once per image)
 
-`llava` or `sam` may be None in a model built for one stage only.
+`llava` or `sam` may be None in a model built for one stage only. In medisee-lite the MLLM's vision
+tower is the SAM image encoder itself (`shares_image_encoder`): an image is encoded once, in the SAM
+frame, and the LM's image tokens are that embedding pooled (`pooled_vision_tokens`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -65,19 +67,18 @@ class MediSee(nn.Module):
         prompt_dim: int,
         loss_weights: LossWeights | None = None,
         sam_normalize: str = "sam",
-        mllm_normalize: str = "clip",
     ):
         super().__init__()
         self.llava = llava
         self.sam = sam
         self.text = text
+        self.hidden_size = hidden_size
         self.seg_router = Router(hidden_size, num_candidates)
         self.box_router = Router(hidden_size, num_candidates)
         self.text_projection = TextProjection(hidden_size, prompt_dim)
         self.box_decoder = BoxDecoder(hidden_size)
         self.loss_weights = loss_weights or LossWeights()
         self.sam_normalize = sam_normalize  # see medisee.model.sam.SamConfig.normalize
-        self.mllm_normalize = mllm_normalize  # clip | minmax (medisee-lite's TinyViT tower)
         self.compute_dtype: torch.dtype | None = None  # None: default_compute_dtype(device)
         self.mask_prompt_box = "predicted"  # in training: the box that prompts the mask decoder
         ids = text.candidate_ids if text is not None else [-1] * num_candidates
@@ -99,10 +100,24 @@ class MediSee(nn.Module):
             encoders.append(self.llava.model.vision_tower)
         return [e for e in encoders if not any(p.requires_grad for p in e.parameters())]
 
+    @property
+    def shares_image_encoder(self) -> bool:
+        """medisee-lite: the vision tower pools the SAM image embedding (medisee.model.lite)."""
+        from medisee.model.lite import PooledImageEncoder
+
+        return self.llava is not None and isinstance(self.llava.model.vision_tower, PooledImageEncoder)
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        """SAM's image encoder; in an MLLM-only medisee-lite model, the vision tower's (the same weights)."""
+        if self.sam is not None:
+            return self.sam.image_encoder
+        return self.llava.model.vision_tower.encoder
+
     # ----- sizes -----------------------------------------------------------------------------
     @property
     def sam_size(self) -> int:
-        return self.sam.image_encoder.img_size
+        return self.image_encoder.img_size
 
     @property
     def clip_size(self) -> int:
@@ -136,16 +151,19 @@ class MediSee(nn.Module):
             vision_tokens = self.vision_tokens(clip_images)
         return self.llava.model.multi_modal_projector(vision_tokens)
 
+    def pooled_vision_tokens(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """medisee-lite: (M, P, g, g) SAM-frame image embeddings -> (M, N, P) vision-tower tokens."""
+        return self.llava.model.vision_tower.pool(image_embeddings).to(self.llava.dtype)
+
     def vision_tokens(self, clip_images: torch.Tensor) -> torch.Tensor:
         """(M, C, C, 3) uint8 -> (M, N, v): the vision tower's tokens at LLaVA's feature layer (CLS
         dropped under the "default" strategy), before the projector; what transformers'
-        get_image_features selects."""
+        get_image_features selects. Not for a model that shares its image encoder: its tokens come
+        from the SAM-frame embedding (`pooled_vision_tokens`)."""
+        if self.shares_image_encoder:
+            raise ValueError("this model's vision tokens are pooled from its SAM-frame image embedding")
         config = self.llava.config
-        if self.mllm_normalize == "minmax":
-            x = clip_images.permute(0, 3, 1, 2).float()
-            pixels = _min_max(x, torch.ones_like(x[:, :1], dtype=torch.bool))
-        else:
-            pixels = normalize_clip(clip_images)
+        pixels = normalize_clip(clip_images)
         out = self.llava.model.vision_tower(
             pixels.to(self.llava.dtype), output_hidden_states=True, return_dict=True
         )
@@ -245,9 +263,9 @@ class MediSee(nn.Module):
         if self.sam_normalize == "minmax":
             x = _min_max(x, inside)
         else:
-            x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+            x = (x - self.sam.pixel_mean) / self.sam.pixel_std  # "sam": a model with SAM's own encoder
         x = x * inside
-        chunks = [self.sam.image_encoder(part) for part in x.split(SAM_IMAGES_PER_PASS)]
+        chunks = [self.image_encoder(part) for part in x.split(SAM_IMAGES_PER_PASS)]
         # contiguous: the encoder's output is channels-last, and a cached (stacked) embedding is not;
         # in bf16 the mask decoder's convolutions round differently on the two layouts
         return torch.cat(chunks).contiguous()
@@ -298,6 +316,7 @@ class MediSee(nn.Module):
         """Losses for a TrainingBatch (see medisee.data.batch)."""
         w = self.loss_weights
         with self.autocast():
+            batch = self.with_shared_encodings(batch)
             features = self.image_features(batch.clip_image, batch.vision_tokens)
             out = self.language(
                 batch.input_ids, batch.attention_mask, features, batch.image_index, batch.labels
@@ -316,6 +335,19 @@ class MediSee(nn.Module):
             + w.similarity * losses["similarity"]
         )
         return losses
+
+    def with_shared_encodings(self, batch: TrainingBatch) -> TrainingBatch:
+        """medisee-lite: the batch's SAM embeddings (computed here unless cached) and, pooled from
+        them, its vision tokens; the image encoder runs once for both sides."""
+        if not self.shares_image_encoder or batch.vision_tokens is not None:
+            return batch
+        embeddings = batch.image_embeddings
+        if embeddings is None:
+            with torch.no_grad():
+                embeddings = self.image_embeddings(batch.sam_image, batch.image_resized_hw)
+        return replace(
+            batch, image_embeddings=embeddings, vision_tokens=self.pooled_vision_tokens(embeddings)
+        )
 
     def target_losses(self, batch: TrainingBatch, candidates, found) -> dict[str, torch.Tensor]:
         """Box L1 + GIoU and mask BCE + Dice for rows with a target whose answer holds the tokens.

@@ -54,6 +54,10 @@ ENCODED = [
     ("candidate_shape", pa.list_(pa.int32())),
     ("similarity", pa.binary()),  # float32 (Q, side, side)
     ("similarity_side", pa.int32()),
+    # medisee-lite: the SAM image embedding the MLLM computed, float32 (P, g, g), for the decoder
+    # step to reuse (each image encoded once); emptied once decoded
+    ("image_embedding", pa.large_binary()),
+    ("image_embedding_shape", pa.list_(pa.int32())),
     ("t_mllm", pa.float64()),
 ]
 

@@ -2,7 +2,8 @@
 
     MLLMStep      actor: MLLMStage (CLIP once per image + one LM pass over all queries of the batch)
     screen_rows   task:  VerifierStage.screen (MedVeriSeg scores and the rule's verdict)
-    DecoderStep   actor: DecoderStage (SAM once per image) for the queries that are not rejected,
+    DecoderStep   actor: DecoderStage (SAM once per image, or the MLLM's embedding of it when the
+                         model shares its image encoder) for the queries that are not rejected,
                          and DecoderStage.segment_boxes for the image's box prompts
     finish_rows   task:  VerifierStage.decide, then one output row per query and box prompt (or
                          per failed input)
@@ -105,12 +106,15 @@ class MLLMStep:
         return schema.table(rows, schema.ENCODED_ROW)
 
     def _encode(self, rows: list[dict]) -> None:
-        encodings = self.stage([image_of(r) for r in rows], [r["queries"] for r in rows])
+        encodings, embeddings = self.stage.encode([image_of(r) for r in rows], [r["queries"] for r in rows])
         per_image: list[list[QueryEncoding]] = [[] for _ in rows]
         for enc in encodings:
             per_image[enc.image_index].append(enc)
-        for row, encs in zip(rows, per_image, strict=True):
+        for i, (row, encs) in enumerate(zip(rows, per_image, strict=True)):
             row.update(pack_encodings(encs, self.stage.model))
+            if embeddings is not None:
+                embedding = embeddings[i].float().cpu().numpy()
+                row.update(image_embedding=embedding.tobytes(), image_embedding_shape=list(embedding.shape))
 
 
 def pack_encodings(encs: list[QueryEncoding], model) -> dict:
@@ -143,12 +147,14 @@ def unpack_encodings(row: dict) -> list[QueryEncoding]:
 
 
 # ----- verifier ----------------------------------------------------------------------------------
-def screen_rows(batch: pa.Table, calibration_json: str | None, clip_size: int) -> pa.Table:
+def screen_rows(
+    batch: pa.Table, calibration_json: str | None, clip_size: int, padded_map: bool = False
+) -> pa.Table:
     from medisee.infer.verifier_stage import VerifierStage
 
     rows = batch.to_pylist()
     started = time.perf_counter()
-    stage = VerifierStage.from_json(calibration_json, clip_size)
+    stage = VerifierStage.from_json(calibration_json, clip_size, padded_map=padded_map)
     for row in rows:
         if not scoreable(row):
             continue
@@ -186,10 +192,11 @@ class DecoderStep:
     def _decode(self, rows: list[dict]) -> None:
         """Text queries from their candidate states, then box prompts (`segment_boxes`); each list
         of DECODED holds the queries' entries, then the boxes'."""
-        images, image_index, candidates, slots = [], [], [], []
+        images, embeddings, image_index, candidates, slots = [], [], [], [], []
         box_index, boxes, box_slots = [], [], []
         for i, row in enumerate(rows):
             images.append(image_of(row))
+            embeddings.append(embedding_of(row))
             q = len(row["queries"])
             if q:
                 encs = unpack_encodings(row)
@@ -205,8 +212,10 @@ class DecoderStep:
             prompts = q + len(row.get("boxes") or [])
             row.update({k: [None] * prompts for k in DECODED_LISTS})
         for_queries, for_boxes = self.stage.decode(  # each image encoded once for both
-            images, image_index, np.stack(candidates) if candidates else None, box_index, boxes
+            images, image_index, np.stack(candidates) if candidates else None, box_index, boxes, embeddings
         )
+        for row in rows:
+            row.update(image_embedding=None, image_embedding_shape=None)  # not carried any further
         decoded = for_queries + for_boxes
         for (i, j), d in zip(slots + box_slots, decoded, strict=True):
             row = rows[i]
@@ -214,6 +223,16 @@ class DecoderStep:
             row["mask_rle"][j] = mask_to_rle(d.mask)
             row["mask_score"][j], row["iou_score"][j] = d.mask_score, d.iou_score
             row["area_fraction"][j] = d.area_fraction
+
+
+def embedding_of(row: dict):
+    """The SAM embedding the MLLM step left in the row (medisee-lite), as a tensor; else None."""
+    if not row.get("image_embedding"):
+        return None
+    import torch
+
+    data = np.frombuffer(row["image_embedding"], np.float32).reshape(row["image_embedding_shape"])
+    return torch.from_numpy(data.copy())
 
 
 DECODED_LISTS = ("box", "box_unclipped", "mask_rle", "mask_score", "iou_score", "area_fraction")
@@ -243,11 +262,12 @@ def finish_rows(
     early_reject: bool = True,
     model_info: dict | None = None,
     overlay_fraction: float = 0.0,
+    padded_map: bool = False,
 ) -> pa.Table:
-    """`clip_size`: the model's (its artifact's), where the judge's overlays are drawn."""
+    """`clip_size`, `padded_map`: the model's (its artifact's), where the judge's overlays are drawn."""
     from medisee.infer.verifier_stage import VerifierStage
 
-    stage = VerifierStage.from_json(calibration_json, clip_size, judge_config)
+    stage = VerifierStage.from_json(calibration_json, clip_size, judge_config, padded_map)
 
     def results_of(row: dict) -> list[dict]:
         results = result_rows(row, stage, early_reject, model_info or {}) if row["queries"] else []

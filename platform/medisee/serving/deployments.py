@@ -97,11 +97,14 @@ class MLLMDeployment(_Versioned):
         self.stage = MLLMStage(self.resident.model, args.mode, args.max_new_tokens)
 
     async def _batch(self, images: list, queries: list[list[str]]):  # PreparedImage or array
-        encodings = await self._run(self.stage, images, queries)
+        """Per request: (its encodings, its image's SAM embedding as float32 numpy when the model
+        shares its image encoder, for the decoder deployment to reuse; else None)."""
+        encodings, embeddings = await self._run(self.stage.encode, images, queries)
         per_request = [[] for _ in images]
         for enc in encodings:
             per_request[enc.image_index].append(enc)
-        return per_request
+        shared = embeddings.float().cpu().numpy() if embeddings is not None else [None] * len(images)
+        return [(encs, shared[i]) for i, encs in enumerate(per_request)]
 
 
 @serve.deployment
@@ -156,7 +159,10 @@ class VerifierDeployment:
 
             model = describe_model(ref, settings=_settings(self.args), tracking_uri=self.args.tracking_uri)
             self.stages[ref] = VerifierStage.from_json(
-                model["calibration_json"], model["inputs"]["clip_size"], self.args.verifier_config()
+                model["calibration_json"],
+                model["inputs"]["clip_size"],
+                self.args.verifier_config(),
+                model["inputs"]["padded_map"],
             )
         return self.stages[ref]
 

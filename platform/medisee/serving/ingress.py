@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from medisee.infer.images import PreparedImage, prepare_image
+from medisee.infer.images import PreparedImage, prepare_image, with_embedding
 from medisee.infer.results import assemble, wants_decoder
 from medisee.infer.verifier_stage import settled
 from medisee.serving.args import AppArgs
@@ -166,7 +166,8 @@ class Ingress:
         t0 = time.perf_counter()
         prepared = await self.prepare(image)
         mllm = self.mllm.options(multiplexed_model_id=version)
-        encodings = await call_stage(lambda: mllm.remote(prepared, queries), "MLLM")
+        encodings, embedding = await call_stage(lambda: mllm.remote(prepared, queries), "MLLM")
+        prepared = with_embedding(prepared, embedding)  # medisee-lite: the decoder does not encode again
         t1 = time.perf_counter()
         screenings = await call_stage(lambda: self.verifier.screen.remote(version, encodings), "verifier")
         t2 = time.perf_counter()

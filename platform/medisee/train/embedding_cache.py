@@ -1,6 +1,7 @@
 """Image encodings kept per image during training (trainer.image_embedding_cache_gib): the SAM
-image embedding (decoder side) and the MLLM vision tower's tokens before the projector (CLIP's, or
-medisee-lite's pooled LiteMedSAM embedding).
+image embedding (decoder side) and the MLLM vision tower's tokens before the projector (CLIP's).
+medisee-lite encodes an image once for both sides: only its LiteMedSAM embedding is kept, and the
+model pools its LM tokens from it (`MediSee.with_shared_encodings`, cheap next to the encoder).
 
 Both encoders are frozen and the reader does not augment, so an image's encodings never change:
 they are computed the first time a batch holds the image and reused by the image's other queries (a
@@ -36,7 +37,7 @@ class ImageEmbeddingCache:
         missing = [i for i, key in enumerate(batch.image_keys) if key not in self.entries]
         self.hits += len(batch.image_keys) - len(missing)
         self.misses += len(missing)
-        with_tokens = module.llava is not None
+        with_tokens = module.llava is not None and not module.shares_image_encoder
         computed, computed_tokens = {}, {}
         if missing:
             index = to_device(torch.tensor(missing), batch.sam_image.device)

@@ -82,7 +82,13 @@ class Judge:
         self.client = client or httpx.Client(timeout=config.timeout_s)
 
     def messages(
-        self, image: np.ndarray, similarity: np.ndarray, scores: Scores, query: str, clip_size: int
+        self,
+        image: np.ndarray,
+        similarity: np.ndarray,
+        scores: Scores,
+        query: str,
+        clip_size: int,
+        padded_map: bool = False,
     ) -> list:
         text = (
             f"Query: {query}\nScores: strength={scores.strength:.3f}, compactness={scores.compactness:.3f}, "
@@ -97,14 +103,22 @@ class Judge:
                     {"type": "image_url", "image_url": {"url": _png_data_url(_image_png(image))}},
                     {
                         "type": "image_url",
-                        "image_url": {"url": _png_data_url(overlay_png(image, similarity, clip_size))},
+                        "image_url": {
+                            "url": _png_data_url(overlay_png(image, similarity, clip_size, padded=padded_map))
+                        },
                     },
                 ],
             },
         ]
 
     def judge(
-        self, image: np.ndarray, similarity: np.ndarray, scores: Scores, query: str, clip_size: int
+        self,
+        image: np.ndarray,
+        similarity: np.ndarray,
+        scores: Scores,
+        query: str,
+        clip_size: int,
+        padded_map: bool = False,
     ) -> JudgeAnswer | None:
         """The judge's answer, or None when the endpoint fails, times out or never answers in valid JSON."""
         import httpx
@@ -117,7 +131,7 @@ class Judge:
             "model": self.config.model,
             "temperature": 0,
             "response_format": {"type": "json_object"},
-            "messages": self.messages(image, similarity, scores, query, clip_size),
+            "messages": self.messages(image, similarity, scores, query, clip_size, padded_map),
         }
         url = self.config.base_url.rstrip("/") + "/chat/completions"
         for _ in range(self.config.max_attempts):
@@ -154,6 +168,7 @@ def judged_verdicts(
     rows: list[dict],
     similarities: list[np.ndarray],
     clip_size: int,
+    padded_map: bool = False,
 ) -> list[Verdict]:
     """One verdict per labelled row (`image_png`, `query`), the judge asked where the calibrated
     rule is uncertain (`medisee.verify.verifier.verify`), e.g. to benchmark rejection with it."""
@@ -161,6 +176,6 @@ def judged_verdicts(
     from medisee.verify.verifier import verify  # imported here: verifier imports this module
 
     return [
-        verify(e, verifier, judge, decode_image(r["image_png"]), s, r["query"], clip_size).verdict
+        verify(e, verifier, judge, decode_image(r["image_png"]), s, r["query"], clip_size, padded_map).verdict
         for e, r, s in zip(evidence, rows, similarities, strict=True)
     ]

@@ -27,13 +27,16 @@ def verify(
     similarity: np.ndarray | None = None,
     query: str = "",
     clip_size: int = 336,
+    padded_map: bool = False,
 ) -> Decision:
+    """`clip_size`, `padded_map`: where the similarity map lies in the image (medisee.verify.heatmap),
+    for the judge's overlay."""
     rule = decide(evidence.scores, verifier.thresholds)
     if rule is not Verdict.UNCERTAIN:
         return Decision(rule, "rule")
     answer = None
     if judge is not None and image is not None and similarity is not None:
-        answer = judge.judge(image, similarity, evidence.scores, query, clip_size)
+        answer = judge.judge(image, similarity, evidence.scores, query, clip_size, padded_map)
         if answer is not None and answer.verdict is not Verdict.UNCERTAIN:
             return Decision(answer.verdict, "judge", answer)
     verdict, _ = verifier.verdict(evidence)
