@@ -95,7 +95,7 @@ def test_a_failing_image_becomes_error_rows_and_the_others_go_on(tmp_path, tiny_
     partitions = plan_partitions(str(tmp_path / "in"))
     rows = decode_partition(partitions[0], parse_query_spec(QUERIES, str(tmp_path / "in")), DecodeOptions())
     step = MLLMStep(ModelSpec(str(tiny_artifact)))
-    real = step.stage.__class__.__call__
+    real = step.stage.__class__.encode
 
     def flaky(self, images, queries, mode=None):
         if any(im.shape[0] == 128 and im[0, 0, 0] == 255 for im in images):
@@ -103,7 +103,7 @@ def test_a_failing_image_becomes_error_rows_and_the_others_go_on(tmp_path, tiny_
         return real(self, images, queries, mode)
 
     rows[1]["image"] = np.full((128, 128, 3), 255, np.uint8).tobytes()
-    monkeypatch.setattr(step.stage.__class__, "__call__", flaky)
+    monkeypatch.setattr(step.stage.__class__, "encode", flaky)
     clip_size = describe_model(str(tiny_artifact))["inputs"]["clip_size"]
     table = screen_rows(step(schema.table(rows, schema.IMAGE_ROW)), None, clip_size)
     table = DecoderStep(ModelSpec(str(tiny_artifact)))(table)

@@ -49,7 +49,7 @@ class PreparedImage:
     sam: np.ndarray  # sam_size × sam_size × 3 uint8 (longest side resized, padded bottom / right)
     height: int  # of the original image: boxes and masks come back in its pixels
     width: int
-    embedding: np.ndarray | None = None  # (P, g, g) float32 SAM image embedding, once computed
+    embedding: np.ndarray | None = None  # (P, g, g) SAM image embedding once computed (float16 in Serve)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,7 +62,7 @@ class PreparedImage:
 
 
 def with_embedding(image: PreparedImage, embedding: np.ndarray | None) -> PreparedImage:
-    return image if embedding is None else replace(image, embedding=np.asarray(embedding, np.float32))
+    return image if embedding is None else replace(image, embedding=np.asarray(embedding))
 
 
 def embedding_of(image: np.ndarray | PreparedImage) -> np.ndarray | None:

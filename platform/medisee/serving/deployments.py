@@ -97,13 +97,15 @@ class MLLMDeployment(_Versioned):
         self.stage = MLLMStage(self.resident.model, args.mode, args.max_new_tokens)
 
     async def _batch(self, images: list, queries: list[list[str]]):  # PreparedImage or array
-        """Per request: (its encodings, its image's SAM embedding as float32 numpy when the model
-        shares its image encoder, for the decoder deployment to reuse; else None)."""
+        """Per request: (its encodings, its image's SAM embedding when the model shares its image
+        encoder, for the decoder deployment to reuse; else None). The embedding travels as float16:
+        in float32 (4 MiB for LiteMedSAM's) it would not fit the 4 MiB gRPC message of Serve's
+        throughput mode; the rounding moves a mask pixel at most (tests/lite/test_lite_serving.py)."""
         encodings, embeddings = await self._run(self.stage.encode, images, queries)
         per_request = [[] for _ in images]
         for enc in encodings:
             per_request[enc.image_index].append(enc)
-        shared = embeddings.float().cpu().numpy() if embeddings is not None else [None] * len(images)
+        shared = embeddings.half().cpu().numpy() if embeddings is not None else [None] * len(images)
         return [(encs, shared[i]) for i, encs in enumerate(per_request)]
 
 
