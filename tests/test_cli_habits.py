@@ -121,11 +121,12 @@ class RecordingJudge:
     def __init__(self):
         self.calls = []
 
-    def judge(self, image, similarity, scores, query, clip_size):
+    def judge(self, image, similarity, scores, query, clip_size, padded_map=False):
         from medisee.verify import Verdict
         from medisee.verify.judge import JudgeAnswer
 
         self.calls.append((image, similarity, scores, query, clip_size))
+        self.padded_map = padded_map
         return JudgeAnswer(Verdict.ABSENT, 0.9, "nothing under the heat")
 
 

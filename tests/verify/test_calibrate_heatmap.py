@@ -71,6 +71,22 @@ def test_heatmap_undoes_the_clip_crop(hw):
     assert peak[0] - ys.min() < side / 8 + 1 and peak[1] - xs.min() < side / 8 + 1
 
 
+@pytest.mark.parametrize("hw", [(100, 200), (200, 100), (64, 64)])
+def test_a_padded_frame_map_covers_the_image_from_the_top_left_corner(hw):
+    """medisee-lite's map covers the SAM frame: a square of the image's longest side at the top-left
+    (padding right / bottom), so every image pixel has a value and the cell (i, j) lands at
+    (i, j) * longest side / grid."""
+    h, w = hw
+    side = max(h, w)
+    grid = np.zeros((8, 8))
+    grid[1, 2] = 1.0
+    heat = heatmap_on_image(grid, h, w, clip_size=256, padded=True)
+    assert not np.isnan(heat).any() and heat.shape == (h, w)
+    cell = side / 8
+    peak = np.unravel_index(np.argmax(heat), heat.shape)
+    assert abs(peak[0] - 1.5 * cell) <= cell / 2 and abs(peak[1] - 2.5 * cell) <= cell / 2
+
+
 def test_overlay_png_has_the_image_size():
     image = np.full((50, 80, 3), 100, np.uint8)
     png = overlay_png(image, np.random.default_rng(0).random((8, 8)), clip_size=64)
