@@ -138,6 +138,7 @@ def test_a_few_steps_train_the_projector_and_lora(lite, tmp_path):
 def test_the_artifact_records_the_base_weights_and_reloads_to_the_same_answers(
     lite, lite_lm_folder, tmp_path
 ):
+    import json
     import shutil
 
     from medisee.artifact.model_dir import load_model_dir, save_model_dir
@@ -164,6 +165,14 @@ def test_the_artifact_records_the_base_weights_and_reloads_to_the_same_answers(
         np.testing.assert_allclose(a.box, b.box, atol=1e-3)
         assert (a.mask != b.mask).mean() < 1e-3
     decoder_only_needs_no_lm(tmp_path, lite, image, queries, before)
+    stored = json.loads((tmp_path / "model" / "medisee.json").read_text())
+    stored["inputs"].pop("padded_map")  # an artifact whose MLLM took a centre crop
+    (tmp_path / "model" / "medisee.json").write_text(json.dumps(stored))
+    with pytest.raises(CheckpointError, match="centre-cropped"):
+        load_model_dir(tmp_path / "model")
+    assert load_model_dir(tmp_path / "model", parts=("decoder",)).model.sam is not None
+    stored["inputs"]["padded_map"] = True
+    (tmp_path / "model" / "medisee.json").write_text(json.dumps(stored))
 
     other = tmp_path / "other-lm"
     shutil.copytree(lite_lm_folder, other)
@@ -172,8 +181,6 @@ def test_the_artifact_records_the_base_weights_and_reloads_to_the_same_answers(
     cfg_other = (tmp_path / "model" / "config.yaml").read_text().replace(str(lite_lm_folder), str(other))
     (tmp_path / "model" / "config.yaml").write_text(cfg_other)
     manifest_file = tmp_path / "model" / "medisee.json"
-    import json
-
     from medisee import storage
 
     stored = json.loads(manifest_file.read_text())

@@ -212,6 +212,7 @@ def load_local(local: Path, ref: str, run_id, settings, device, dtype, parts) ->
         hidden_size=manifest.get("hidden_size"),
     )
     check_tokens(model, manifest, ref)
+    check_shared_encoder(model, manifest, ref)
     model.load_trainable_state_dict(weights_for(model, local / WEIGHTS), source=ref)
     model.requires_grad_(False)
     model.eval().to(device)
@@ -224,6 +225,18 @@ def load_local(local: Path, ref: str, run_id, settings, device, dtype, parts) ->
         else CalibratedVerifier()
     )
     return LoadedModel(model, cfg, manifest, calibration, local, ref, run_id)
+
+
+def check_shared_encoder(model, manifest: dict, ref: str) -> None:
+    """A medisee-lite MLLM pools the SAM-frame embedding; an artifact whose manifest does not say so
+    (`inputs.padded_map`) was trained on another image input, and its projector would get tokens it
+    never saw: refused rather than answering differently."""
+    if model.shares_image_encoder and not manifest.get("inputs", {}).get("padded_map"):
+        raise CheckpointError(
+            ref,
+            detail="this medisee-lite artifact's MLLM was trained on a centre-cropped image, not on the "
+            "SAM frame its LM tokens now pool (manifest inputs.padded_map); train it again",
+        )
 
 
 def check_base_digests(
