@@ -4,10 +4,11 @@ default) whose vision tower is LiteMedSAM's frozen TinyViT image encoder.
 The 64 × 64 × 256 embedding is average-pooled to a `grid` × `grid` token grid and goes through
 LLaVA's two-layer MLP projector (trained: there is no pretrained one). Both sides take the same
 input, the SAM frame (min-max normalised, longest side 256, zero padding), so the MediSee model
-encodes an image once and pools the decoder's own embedding for the LM (`MediSee.shares_image_encoder`). transformers' LLaVA then
-does what it does for CLIP (placing the image tokens, generation, the loss), so the lite model runs
-the same MediSee code as the 7B one. The vision config recorded in the LLaVA config describes the
-grid (image_size / patch_size = grid, hidden_size = 256); it is never used to build a CLIP tower.
+encodes an image once and pools the decoder's own embedding for the LM
+(`MediSee.shares_image_encoder`). transformers' LLaVA then does what it does for CLIP (placing
+the image tokens, generation, the loss), so the lite model runs the same MediSee code as the 7B one.
+The vision config recorded in the LLaVA config describes the grid (image_size / patch_size = grid,
+hidden_size = 256); it is never used to build a CLIP tower.
 """
 
 from __future__ import annotations

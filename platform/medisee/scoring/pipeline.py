@@ -169,10 +169,7 @@ def model_steps(ds, cfg, spec: ModelSpec, model: dict, info: dict):
     # of its own to start (importing torch there costs seconds) and no extra hop for the rows.
     ds = ds.map_batches(
         screen_rows, batch_format="pyarrow", num_cpus=sc.decoder_num_cpus, num_gpus=sc.decoder_num_gpus,
-        fn_kwargs={
-            "calibration_json": model["calibration_json"], "clip_size": model["inputs"]["clip_size"],
-            "padded_map": model["inputs"]["padded_map"],
-        },
+        fn_kwargs={"calibration_json": model["calibration_json"], "clip_size": model["inputs"]["clip_size"]},
     )  # fmt: skip
     ds = ds.map_batches(
         DecoderStep, fn_constructor_kwargs={"spec": spec, "mask_threshold": sc.mask_threshold, "early_reject": sc.early_reject},

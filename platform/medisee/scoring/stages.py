@@ -147,14 +147,12 @@ def unpack_encodings(row: dict) -> list[QueryEncoding]:
 
 
 # ----- verifier ----------------------------------------------------------------------------------
-def screen_rows(
-    batch: pa.Table, calibration_json: str | None, clip_size: int, padded_map: bool = False
-) -> pa.Table:
+def screen_rows(batch: pa.Table, calibration_json: str | None, clip_size: int) -> pa.Table:
     from medisee.infer.verifier_stage import VerifierStage
 
     rows = batch.to_pylist()
     started = time.perf_counter()
-    stage = VerifierStage.from_json(calibration_json, clip_size, padded_map=padded_map)
+    stage = VerifierStage.from_json(calibration_json, clip_size)
     for row in rows:
         if not scoreable(row):
             continue
@@ -196,7 +194,7 @@ class DecoderStep:
         box_index, boxes, box_slots = [], [], []
         for i, row in enumerate(rows):
             images.append(image_of(row))
-            embeddings.append(embedding_of(row))
+            embeddings.append(row_embedding(row))
             q = len(row["queries"])
             if q:
                 encs = unpack_encodings(row)
@@ -225,7 +223,7 @@ class DecoderStep:
             row["area_fraction"][j] = d.area_fraction
 
 
-def embedding_of(row: dict):
+def row_embedding(row: dict):
     """The SAM embedding the MLLM step left in the row (medisee-lite), as a tensor; else None."""
     if not row.get("image_embedding"):
         return None
